@@ -1,0 +1,1 @@
+"""DiffSeg: diffusion models for medical image segmentation."""

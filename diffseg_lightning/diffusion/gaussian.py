@@ -1,0 +1,542 @@
+"""Gaussian noise kernel for mask diffusion: forward process, training losses and strided samplers.
+
+References:
+    Ho, Jain & Abbeel (2020), "Denoising Diffusion Probabilistic Models" (DDPM): forward
+    process ``q(x_t | x_0)``, posterior ``q(x_{t-1} | x_t, x_0)``, the simple epsilon loss.
+    Song, Meng & Ermon (2021), "Denoising Diffusion Implicit Models" (DDIM): the
+    non-Markovian update with stochasticity ``eta`` (Eq. 12 and 16).
+    Nichol & Dhariwal (2021), "Improved Denoising Diffusion Probabilistic Models": cosine
+    schedule, learned variance ``log Sigma = v log beta + (1 - v) log beta_tilde`` (Eq. 15),
+    the hybrid loss ``L_simple + lambda L_vlb`` with a stop-gradient on the mean for
+    ``L_vlb`` (Sec. 3.1), the discretised Gaussian decoder, and respacing (strided
+    sampling from the noise level of ``t`` to that of ``t_prev``, Sec. 4).
+
+Where the papers are silent we followed the authors' released code (openai/improved-diffusion,
+openai/guided-diffusion) as a source of facts and wrote our own code:
+    * the vlb term is the per-timestep term ``L_t`` (no ``T`` factor), so ``vlb_weight = 1``
+      equals the paper's ``lambda = 0.001`` at ``T = 1000``;
+    * the lower log-variance bound at ``t = 0`` is ``log beta_tilde_1`` ("clipped");
+    * no clipping of ``x0`` inside the training loss; clipping (and re-deriving ``eps`` from
+      the clipped ``x0``) at sampling time, as guided-diffusion does for DDIM;
+    * the decoder uses bins of width ``2 / 255`` on ``[-1, 1]``; we evaluate the exact normal
+      CDF (``log_ndtr``) instead of the released ``tanh`` approximation.
+
+Masks live in kernel space ``[-1, 1]`` (``encode_mask``: ``x0 = 2 m - 1``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from diffseg_lightning.diffusion.schedules import SCHEDULES, make_beta_schedule
+
+__all__ = [
+    "OBJECTIVES",
+    "SAMPLERS",
+    "GaussianKernel",
+    "discretized_gaussian_log_likelihood",
+    "normal_kl",
+]
+
+#: Valid values of the ``objective`` option: what the network predicts.
+OBJECTIVES: tuple[str, ...] = ("epsilon", "x0")
+#: Valid values of the ``sampling`` option: the update used by ``GaussianKernel.step``.
+SAMPLERS: tuple[str, ...] = ("ddim", "ddpm")
+
+_LOG2 = math.log(2.0)
+# floor for log-variances whose variance is exactly 0 (the final step, t_prev = -1)
+_TINY_VAR = 1e-20
+
+
+def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
+    """Elementwise ``KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2)))`` in nats.
+
+    Nichol & Dhariwal (2021), the ``L_{t-1}`` terms of the variational bound (Eq. 6).
+
+    Args:
+        mean1: mean of the first Gaussian, any shape broadcastable with the others.
+        logvar1: log variance of the first Gaussian.
+        mean2: mean of the second Gaussian.
+        logvar2: log variance of the second Gaussian.
+
+    Returns:
+        The broadcast elementwise KL divergence.
+    """
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Tensor) -> Tensor:
+    """Log-likelihood of ``x`` in ``[-1, 1]`` under a Gaussian discretised into 256 bins.
+
+    The decoder ``L_0 = -log p(x_0 | x_1)`` of Ho et al. (2020, Eq. 13) as used by Nichol &
+    Dhariwal (2021): bin ``[x - 1/255, x + 1/255]``, with the edge bins extended to
+    ``-inf`` (``x = -1``) and ``+inf`` (``x = 1``). For binary masks only the two edge bins
+    occur. The normal CDF is evaluated exactly in log space (``torch.special.log_ndtr``).
+
+    Args:
+        x: targets in ``[-1, 1]``, shape ``(B, C, H, W)`` (any shape).
+        means: Gaussian means, broadcastable to ``x``.
+        log_scales: log standard deviations, broadcastable to ``x``.
+
+    Returns:
+        Elementwise log-probabilities in nats, shape of ``x``.
+    """
+    centered = x - means
+    inv_std = torch.exp(-log_scales)
+    plus_in = inv_std * (centered + 1.0 / 255.0)
+    min_in = inv_std * (centered - 1.0 / 255.0)
+    log_cdf_plus = torch.special.log_ndtr(plus_in)  # log P(X <= x + 1/255)
+    log_one_minus_cdf_min = torch.special.log_ndtr(-min_in)  # log P(X >= x - 1/255)
+    cdf_delta = torch.special.ndtr(plus_in) - torch.special.ndtr(min_in)
+    log_mid = torch.log(cdf_delta.clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_mid))
+
+
+class GaussianKernel(nn.Module):
+    """Gaussian diffusion over masks: ``q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)``.
+
+    Implements the noise-kernel contract of ``DESIGN.md``: forward noising (Ho et al. 2020),
+    the simple loss with an epsilon or x_0 target, optionally the hybrid loss with learned
+    variance (Nichol & Dhariwal 2021), and strided DDPM / DDIM steps (Song et al. 2021) that
+    move a sample from the noise level of ``t`` to that of ``t_prev``.
+
+    The module has no parameters; it is an ``nn.Module`` only so that its (non-persistent)
+    float32 buffers follow ``.to(device)``. All schedule quantities are computed in float64
+    and stored as float32.
+
+    Args:
+        num_train_timesteps: number of diffusion steps ``T``.
+        schedule: ``"linear"`` or ``"cosine"`` (see ``make_beta_schedule``).
+        beta_start: first beta of the linear schedule at T = 1000.
+        beta_end: last beta of the linear schedule at T = 1000.
+        objective: what the network predicts, ``"epsilon"`` or ``"x0"``.
+        learn_variance: the network outputs ``2 C`` channels ``[mean-part, v]`` with ``v`` in
+            ``[-1, 1]`` interpolating the log-variance between ``beta_tilde`` and ``beta``; the
+            loss becomes ``mse + vlb_weight * vlb`` (Nichol & Dhariwal 2021).
+        vlb_weight: weight of the vlb term (1.0 = the paper's ``lambda = 0.001`` at T = 1000).
+        sampling: the update that ``step`` uses, ``"ddim"`` or ``"ddpm"``.
+        eta: DDIM stochasticity (0 = deterministic DDIM, 1 = the DDPM posterior variance).
+        clip_x0: clamp the predicted ``x0`` to ``[-1, 1]`` when sampling.
+
+    Raises:
+        ValueError: an unknown string option (the message lists the valid values) or an
+            out-of-range number.
+    """
+
+    betas: Tensor
+    alphas_cumprod: Tensor
+    alphas_cumprod_prev: Tensor
+    log_alphas_cumprod: Tensor
+    sqrt_alphas_cumprod: Tensor
+    sqrt_one_minus_alphas_cumprod: Tensor
+    one_minus_alphas_cumprod: Tensor
+    log_betas: Tensor
+    posterior_variance: Tensor
+    posterior_log_variance_clipped: Tensor
+    posterior_mean_coef1: Tensor
+    posterior_mean_coef2: Tensor
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        schedule: str = "linear",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        objective: str = "epsilon",
+        learn_variance: bool = False,
+        vlb_weight: float = 1.0,
+        sampling: str = "ddim",
+        eta: float = 0.0,
+        clip_x0: bool = True,
+    ) -> None:
+        super().__init__()
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; valid values are {list(SCHEDULES)}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; valid values are {list(OBJECTIVES)}")
+        if sampling not in SAMPLERS:
+            raise ValueError(f"unknown sampling {sampling!r}; valid values are {list(SAMPLERS)}")
+        if not (isinstance(eta, (int, float)) and eta >= 0.0):
+            raise ValueError(f"eta must be a number >= 0, got {eta!r}")
+        if not (isinstance(vlb_weight, (int, float)) and vlb_weight >= 0.0):
+            raise ValueError(f"vlb_weight must be a number >= 0, got {vlb_weight!r}")
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
+
+        self.num_train_timesteps: int = num_train_timesteps
+        self.schedule: str = schedule
+        self.objective: str = objective
+        self.learn_variance: bool = bool(learn_variance)
+        self.vlb_weight: float = float(vlb_weight)
+        self.sampling: str = sampling
+        self.eta: float = float(eta)
+        self.clip_x0: bool = bool(clip_x0)
+
+        betas = make_beta_schedule(schedule, num_train_timesteps, beta_start, beta_end)  # float64 (T,)
+        alphas = 1.0 - betas
+        log_abar = torch.cumsum(torch.log(alphas), 0)
+        abar = torch.exp(log_abar)
+        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        one_minus_abar = -torch.expm1(log_abar)
+        post_var = betas * (1.0 - abar_prev) / one_minus_abar
+        # log(beta_tilde) is -inf at t = 0; use beta_tilde_1 there (improved DDPM's "clipped" log variance)
+        post_log_var = torch.log(torch.cat([post_var[1:2], post_var[1:]])) if num_train_timesteps > 1 else torch.log(betas)
+        tables = {
+            "betas": betas,
+            "alphas_cumprod": abar,
+            "alphas_cumprod_prev": abar_prev,
+            "log_alphas_cumprod": log_abar,
+            "sqrt_alphas_cumprod": abar.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": one_minus_abar.sqrt(),
+            "one_minus_alphas_cumprod": one_minus_abar,
+            "log_betas": torch.log(betas),
+            "posterior_variance": post_var,
+            "posterior_log_variance_clipped": post_log_var,
+            "posterior_mean_coef1": betas * abar_prev.sqrt() / one_minus_abar,
+            "posterior_mean_coef2": (1.0 - abar_prev) * alphas.sqrt() / one_minus_abar,
+        }
+        for name, value in tables.items():
+            self.register_buffer(name, value.to(torch.float32), persistent=False)
+
+    def extra_repr(self) -> str:
+        return (
+            f"T={self.num_train_timesteps}, schedule={self.schedule!r}, objective={self.objective!r}, "
+            f"learn_variance={self.learn_variance}, sampling={self.sampling!r}, eta={self.eta}, clip_x0={self.clip_x0}"
+        )
+
+    # ------------------------------------------------------------------ helpers
+    def model_output_channels(self, mask_channels: int) -> int:
+        """Channels the denoiser must output for ``mask_channels`` mask channels.
+
+        Args:
+            mask_channels: channels ``C`` of the mask ``x_t``.
+
+        Returns:
+            ``2 C`` with learned variance (Nichol & Dhariwal 2021), else ``C``.
+        """
+        return mask_channels * (2 if self.learn_variance else 1)
+
+    def encode_mask(self, mask01: Tensor) -> Tensor:
+        """Map a ``{0, 1}`` mask ``(B, C, H, W)`` to kernel space ``x0 = 2 m - 1`` in ``{-1, 1}``."""
+        return mask01.to(torch.get_default_dtype() if not mask01.is_floating_point() else mask01.dtype) * 2.0 - 1.0
+
+    def decode_mask(self, x0: Tensor) -> Tensor:
+        """Map kernel space ``(B, C, H, W)`` to a foreground probability ``((x0 + 1) / 2).clamp(0, 1)``."""
+        return ((x0 + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def _batch_t(self, t: Tensor | int, batch: int, name: str = "t") -> Tensor:
+        """Timesteps as a LongTensor ``(B,)`` on the buffers' device (a 0-dim or int is broadcast)."""
+        t = torch.as_tensor(t, dtype=torch.long, device=self.betas.device)
+        if t.ndim == 0:
+            return t.expand(batch)
+        if t.shape != (batch,):
+            raise ValueError(f"{name} must be an int, a 0-dim tensor or a LongTensor of shape ({batch},), got shape {tuple(t.shape)}")
+        return t
+
+    @staticmethod
+    def _bcast(values: Tensor, ndim: int) -> Tensor:
+        """Reshape per-sample values ``(B,)`` to ``(B, 1, ..., 1)`` with ``ndim`` dims."""
+        return values.reshape(values.shape[0], *([1] * (ndim - 1)))
+
+    def _gather(self, buf: Tensor, t: Tensor, ndim: int) -> Tensor:
+        return self._bcast(buf[t], ndim)
+
+    def split_output(self, model_output: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Split the network output into its mean part and (with learned variance) ``v``.
+
+        Args:
+            model_output: ``(B, C, H, W)``, or ``(B, 2C, H, W)`` with learned variance.
+            x_t: the noisy sample ``(B, C, H, W)``.
+
+        Returns:
+            ``(mean_part, v)``, each ``(B, C, H, W)``; ``v`` is ``None`` without learned variance.
+
+        Raises:
+            ValueError: the channel count does not match ``model_output_channels``.
+        """
+        c = x_t.shape[1]
+        want = self.model_output_channels(c)
+        if model_output.shape[1] != want or model_output.shape[0] != x_t.shape[0]:
+            raise ValueError(
+                f"model_output has shape {tuple(model_output.shape)}; expected (B={x_t.shape[0]}, {want}, ...) "
+                f"for x_t with {c} channel(s) (learn_variance={self.learn_variance})"
+            )
+        if self.learn_variance:
+            return model_output[:, :c], model_output[:, c:]
+        return model_output, None
+
+    def predict_x0_eps(
+        self, model_output: Tensor, x_t: Tensor, t: Tensor | int, clip: bool | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Derive ``(x0, eps, v)`` from the network output according to ``objective``.
+
+        ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (Ho et al. 2020, Eq. 4) links the two.
+        With ``clip``, ``x0`` is clamped to ``[-1, 1]`` and ``eps`` re-derived from the clamped
+        ``x0`` (as guided-diffusion does for DDIM).
+
+        Args:
+            model_output: ``(B, C, H, W)`` or ``(B, 2C, H, W)`` with learned variance.
+            x_t: ``(B, C, H, W)``.
+            t: LongTensor ``(B,)``, 0-dim or int.
+            clip: clamp ``x0``; ``None`` uses ``self.clip_x0``.
+
+        Returns:
+            ``x0_pred`` and ``eps_pred``, each ``(B, C, H, W)``, and ``v`` (or ``None``).
+        """
+        out, v = self.split_output(model_output, x_t)
+        t = self._batch_t(t, x_t.shape[0])
+        sa = self._gather(self.sqrt_alphas_cumprod, t, x_t.ndim)
+        s1 = self._gather(self.sqrt_one_minus_alphas_cumprod, t, x_t.ndim)
+        if self.objective == "epsilon":
+            eps = out
+            x0 = (x_t - s1 * eps) / sa
+        else:
+            x0 = out
+            eps = (x_t - sa * x0) / s1
+        if self.clip_x0 if clip is None else clip:
+            x0 = x0.clamp(-1.0, 1.0)
+            eps = (x_t - sa * x0) / s1
+        return x0, eps, v
+
+    # ------------------------------------------------------------------ forward process
+    def sample_prior(
+        self,
+        shape: tuple[int, ...] | torch.Size,
+        device: torch.device | str | None,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """Draw ``x_T ~ N(0, I)`` of ``shape`` (e.g. ``(B, C, H, W)``)."""
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+
+    def sample_timesteps(
+        self, batch_size: int, device: torch.device | str | None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Draw training timesteps uniformly from ``[0, T)``: LongTensor ``(batch_size,)`` (Ho et al. 2020, Alg. 1)."""
+        return torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator, device=device)
+
+    def q_sample(
+        self, x0: Tensor, t: Tensor | int, noise: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Draw ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (Ho et al. 2020, Eq. 4).
+
+        Args:
+            x0: clean masks in kernel space ``(B, C, H, W)``.
+            t: LongTensor ``(B,)`` (a 0-dim tensor or int is broadcast).
+            noise: ``eps`` of the shape of ``x0``; drawn from ``N(0, I)`` with ``generator`` if ``None``.
+            generator: random generator for ``noise``.
+
+        Returns:
+            ``x_t`` of the shape of ``x0``.
+        """
+        t = self._batch_t(t, x0.shape[0])
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        sa = self._gather(self.sqrt_alphas_cumprod, t, x0.ndim)
+        s1 = self._gather(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim)
+        return sa * x0 + s1 * noise
+
+    # ------------------------------------------------------------------ training loss
+    def vlb_terms(self, model_output: Tensor, x0: Tensor, x_t: Tensor, t: Tensor | int) -> Tensor:
+        """Per-sample variational-bound term ``L_t`` in bits per dimension.
+
+        ``KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t))`` for ``t > 0`` and the discretised
+        Gaussian decoder NLL ``-log p(x0 | x_1)`` for ``t = 0`` (Nichol & Dhariwal 2021, Eq. 4-6),
+        chosen per sample with ``torch.where``. The model mean is the posterior mean at the
+        predicted ``x0`` (not clipped); the model log-variance is
+        ``v' log beta_t + (1 - v') log beta_tilde_t`` with ``v' = (v + 1) / 2`` (Eq. 15), or
+        ``log beta_tilde_t`` without learned variance. Callers that want the stop-gradient of
+        the hybrid loss pass a detached mean part (``loss`` does).
+
+        Args:
+            model_output: ``(B, C, H, W)`` or ``(B, 2C, H, W)`` with learned variance.
+            x0: clean masks in kernel space ``(B, C, H, W)``.
+            x_t: noisy masks ``(B, C, H, W)``.
+            t: LongTensor ``(B,)``.
+
+        Returns:
+            ``(B,)`` vlb terms in bits per dimension.
+        """
+        x0_pred, _, v = self.predict_x0_eps(model_output, x_t, t, clip=False)
+        t = self._batch_t(t, x_t.shape[0])
+        nd = x_t.ndim
+        c1 = self._gather(self.posterior_mean_coef1, t, nd)
+        c2 = self._gather(self.posterior_mean_coef2, t, nd)
+        true_mean = c1 * x0 + c2 * x_t
+        true_logvar = self._gather(self.posterior_log_variance_clipped, t, nd)
+        model_mean = c1 * x0_pred + c2 * x_t
+        if v is None:
+            model_logvar = true_logvar.expand_as(x_t)
+        else:
+            frac = (v + 1.0) / 2.0
+            model_logvar = frac * self._gather(self.log_betas, t, nd) + (1.0 - frac) * true_logvar
+        dims = tuple(range(1, nd))
+        kl = normal_kl(true_mean, true_logvar, model_mean, model_logvar).mean(dim=dims) / _LOG2
+        nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar).mean(dim=dims) / _LOG2
+        return torch.where(t == 0, nll, kl)
+
+    def loss(self, model_output: Tensor, x0: Tensor, x_t: Tensor, t: Tensor) -> dict[str, Tensor]:
+        """Training loss terms.
+
+        ``mse``: ``|target - prediction|^2`` averaged over all elements, where the target is the
+        true ``eps`` (recovered from ``x_t``, ``x0`` and ``t``; Ho et al. 2020, Eq. 14) or ``x0``
+        per ``objective``. With ``learn_variance``: ``vlb`` = mean of ``vlb_terms`` on the
+        output with its mean part detached, and ``loss = mse + vlb_weight * vlb`` (the hybrid
+        loss of Nichol & Dhariwal 2021, Sec. 3.1).
+
+        Args:
+            model_output: ``(B, C, H, W)``, or ``(B, 2C, H, W)`` with learned variance.
+            x0: clean masks in kernel space ``(B, C, H, W)``.
+            x_t: ``q_sample(x0, t)``, ``(B, C, H, W)``.
+            t: LongTensor ``(B,)``.
+
+        Returns:
+            ``{"loss", "mse"}`` and ``"vlb"`` with learned variance; 0-dim tensors.
+        """
+        out, v = self.split_output(model_output, x_t)
+        tb = self._batch_t(t, x_t.shape[0])
+        if self.objective == "epsilon":
+            sa = self._gather(self.sqrt_alphas_cumprod, tb, x_t.ndim)
+            s1 = self._gather(self.sqrt_one_minus_alphas_cumprod, tb, x_t.ndim)
+            target = (x_t - sa * x0) / s1
+        else:
+            target = x0
+        mse = ((out - target) ** 2).mean()
+        terms: dict[str, Tensor] = {"mse": mse}
+        if v is None:
+            terms["loss"] = mse
+            return terms
+        frozen = torch.cat([out.detach(), v], dim=1)
+        vlb = self.vlb_terms(frozen, x0, x_t, tb).mean()
+        terms["vlb"] = vlb
+        terms["loss"] = mse + self.vlb_weight * vlb
+        return terms
+
+    # ------------------------------------------------------------------ sampling
+    def inference_timesteps(self, num_steps: int, device: torch.device | str | None = None) -> Tensor:
+        """The strided sequence ``t_K > ... > t_1`` for sampling with ``num_steps`` steps.
+
+        "Trailing" spacing (Lin et al. 2024, "Common diffusion noise schedules and sample steps
+        are flawed", Table 2): ``t_i = round(T (N - i) / N) - 1`` for ``i = 0 .. N-1``, computed in
+        integers. The first step is always ``T - 1`` (sampling starts at the noise level the
+        network was trained for at pure noise), the values are distinct and strictly
+        decreasing, and ``N = T`` gives ``T-1, ..., 0``. The step after the last is ``-1``.
+
+        Args:
+            num_steps: ``N`` in ``[1, T]``.
+            device: device of the result (CPU by default).
+
+        Returns:
+            LongTensor ``(N,)``.
+
+        Raises:
+            ValueError: ``num_steps`` outside ``[1, T]``.
+        """
+        T = self.num_train_timesteps
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= T:
+            raise ValueError(f"num_steps must be an int in [1, {T}] (num_train_timesteps), got {num_steps!r}")
+        i = torch.arange(num_steps, dtype=torch.long, device=device)
+        # round(T (N - i) / N) with halves rounded up, exactly in integers
+        return (2 * T * (num_steps - i) + num_steps) // (2 * num_steps) - 1
+
+    def q_posterior(
+        self, x0: Tensor, x_t: Tensor, t: Tensor | int, t_prev: Tensor | int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Posterior ``q(x_{t_prev} | x_t, x0)`` of the respaced chain, for any ``t_prev < t``.
+
+        With ``a = abar_t / abar_prev`` and ``beta = 1 - a`` (the respaced beta of Nichol &
+        Dhariwal 2021, Sec. 4; Ho et al. 2020, Eq. 6-7 with ``t - 1`` replaced by ``t_prev``):
+        ``mean = sqrt(abar_prev) beta / (1 - abar_t) x0 + sqrt(a) (1 - abar_prev) / (1 - abar_t) x_t``,
+        ``var = (1 - abar_prev) / (1 - abar_t) beta``. ``t_prev = -1`` means ``abar_prev = 1``
+        (mean ``x0``, variance 0). Ratios are computed from ``log abar`` with ``expm1`` for accuracy.
+
+        Args:
+            x0: ``(B, C, H, W)``.
+            x_t: ``(B, C, H, W)``.
+            t: LongTensor ``(B,)`` (or 0-dim / int).
+            t_prev: LongTensor ``(B,)`` (or 0-dim / int), ``-1 <= t_prev < t``.
+
+        Returns:
+            ``(mean, variance, beta)``: mean ``(B, C, H, W)``, variance and respaced beta ``(B, 1, 1, 1)``.
+        """
+        coef_x0, coef_xt, var, beta, _ = self._respaced(t, t_prev, x_t)
+        return coef_x0 * x0 + coef_xt * x_t, var, beta
+
+    def _respaced(
+        self, t: Tensor | int, t_prev: Tensor | int, x_t: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Posterior coefficients of ``t -> t_prev`` and ``log abar_prev``, each ``(B, 1, ..., 1)``."""
+        b, nd = x_t.shape[0], x_t.ndim
+        t = self._batch_t(t, b)
+        t_prev = self._batch_t(t_prev, b, "t_prev")
+        la_t = self._gather(self.log_alphas_cumprod, t, nd)
+        la_p = torch.where(
+            self._bcast(t_prev >= 0, nd), self._gather(self.log_alphas_cumprod, t_prev.clamp(min=0), nd), 0.0
+        )
+        one_m_at = self._gather(self.one_minus_alphas_cumprod, t, nd)
+        one_m_ap = -torch.expm1(la_p)
+        beta = -torch.expm1(la_t - la_p)  # 1 - abar_t / abar_prev
+        coef_x0 = torch.exp(0.5 * la_p) * beta / one_m_at
+        coef_xt = torch.exp(0.5 * (la_t - la_p)) * one_m_ap / one_m_at
+        var = one_m_ap / one_m_at * beta
+        return coef_x0, coef_xt, var, beta, la_p
+
+    def step(
+        self,
+        model_output: Tensor,
+        t: Tensor | int,
+        t_prev: Tensor | int,
+        x_t: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """One strided reverse step from the noise level of ``t`` to that of ``t_prev``.
+
+        ``"ddpm"``: a draw from ``q(x_{t_prev} | x_t, x0_pred)`` (``q_posterior``), with the
+        fixed small variance or, with learned variance, ``exp(v' log beta + (1 - v') log var)``
+        where ``beta`` and ``var`` are the respaced ones (Nichol & Dhariwal 2021, Eq. 15, Sec. 4).
+        ``"ddim"`` (Song et al. 2021, Eq. 12 and 16):
+        ``x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z`` with
+        ``sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)``; DDIM
+        ignores a learned variance. ``t_prev = -1`` is the final step: ``x_prev = x0_pred``.
+        No host synchronisation: per-sample choices use ``torch.where``. The caller guarantees
+        ``t_prev < t``.
+
+        Args:
+            model_output: ``(B, C, H, W)``, or ``(B, 2C, H, W)`` with learned variance.
+            t: LongTensor ``(B,)``; a 0-dim tensor or int is broadcast.
+            t_prev: LongTensor ``(B,)`` (or 0-dim / int); ``-1`` for the final step.
+            x_t: current sample ``(B, C, H, W)``.
+            generator: random generator for the step's noise (on ``x_t``'s device).
+
+        Returns:
+            ``(x_prev, x0_pred)``, each ``(B, C, H, W)``.
+        """
+        x0, eps, v = self.predict_x0_eps(model_output, x_t, t)
+        b, nd = x_t.shape[0], x_t.ndim
+        final = self._bcast(self._batch_t(t_prev, b, "t_prev") < 0, nd)
+        coef_x0, coef_xt, var, beta, la_p = self._respaced(t, t_prev, x_t)
+        if self.sampling == "ddim":
+            one_m_ap = -torch.expm1(la_p)
+            x_prev = torch.exp(0.5 * la_p) * x0
+            if self.eta > 0.0:
+                sigma2 = self.eta**2 * var  # eta^2 (1 - abar_prev)/(1 - abar_t) (1 - abar_t/abar_prev)
+                x_prev = x_prev + (one_m_ap - sigma2).clamp(min=0.0).sqrt() * eps
+                noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+                x_prev = x_prev + sigma2.sqrt() * noise
+            else:
+                x_prev = x_prev + one_m_ap.sqrt() * eps
+        else:
+            mean = coef_x0 * x0 + coef_xt * x_t
+            if v is None:
+                std = var.sqrt()
+            else:
+                frac = (v + 1.0) / 2.0
+                log_var = frac * torch.log(beta) + (1.0 - frac) * torch.log(var.clamp(min=_TINY_VAR))
+                std = torch.exp(0.5 * log_var)
+            noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+            x_prev = mean + torch.where(final, 0.0, std) * noise
+        x_prev = torch.where(final, x0, x_prev)
+        return x_prev, x0

@@ -1,0 +1,49 @@
+"""``diffseg-eval ckpt_path=...``: sample, fuse and score a split with a trained checkpoint."""
+
+from __future__ import annotations
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from diffseg_lightning.callbacks import SummaryWriter
+from diffseg_lightning.entry import build_all, load_checkpoint, module_from_checkpoint, save_config
+from diffseg_lightning.utils import CONFIG_DIR, DiffSegError, user_errors
+
+SPLITS = ("test", "val")
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Evaluate ``cfg.ckpt_path`` on ``cfg.split`` of the checkpoint's data (or of ``data=...``)."""
+    if cfg.split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {cfg.split!r}")
+    L.seed_everything(cfg.seed, workers=True)
+    checkpoint = load_checkpoint(cfg.ckpt_path)
+    save_config(cfg, cfg.paths.output_dir)
+    data_cfg = cfg.data if cfg.get("data") is not None else OmegaConf.create(checkpoint["diffseg_config"]["data"])
+    if cfg.split != "test":
+        data_cfg = data_cfg.copy()
+        with open_dict(data_cfg):
+            data_cfg.test = data_cfg[cfg.split]
+    if data_cfg.get("test") is None:
+        raise DiffSegError(f"the data config has no {cfg.split} split to evaluate")
+    datamodule = instantiate(data_cfg)
+    module = module_from_checkpoint(checkpoint, cfg.sampler)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=[SummaryWriter(cfg.paths.output_dir)],
+        logger=build_all(cfg.get("logger")) or False,
+    )
+    trainer.test(module, datamodule=datamodule)
+    return module.results.get("test", {})
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    with user_errors():
+        evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

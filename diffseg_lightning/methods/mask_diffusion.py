@@ -1,0 +1,182 @@
+"""Conditional mask diffusion: the paradigm of MedSegDiff, MedSegDiff-V2, BerDiff, MB-Diff and DT-UNet."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from torch import nn
+
+from diffseg_lightning.inference.sampler import DiffusionSampler
+from diffseg_lightning.metrics.segmentation import METRIC_NAMES, aggregate_cases, segmentation_metrics
+from diffseg_lightning.utils.errors import NonFiniteLossError
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, min_factor: float = 0.0):
+    """Linear warm-up, then cosine decay of the learning rate to ``min_factor`` times its base value."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class MaskDiffusionModule(L.LightningModule):
+    """Train a denoiser on masks with a noise kernel; sample, fuse and score S masks per image.
+
+    Training: x_0 is the (kernel-encoded) mask, t ~ U[0, T), x_t ~ q(x_t | x_0), and the loss is the
+    kernel's (``kernel.loss``). With several annotators per image (``batch["masks"]`` with A > 1 and a
+    one-channel mask), each training step draws one annotator per image, as the LIDC literature does.
+
+    Validation and test: the sampler draws S samples per image in one batched pass per step, fuses
+    them and computes Dice, IoU and HD95 per case against ``batch["mask"]``. The per-case rows are
+    gathered across processes, deduplicated by case index (the distributed sampler pads), and kept in
+    ``self.results[stage]`` in the ``summary.json`` layout. EMA weights are used for sampling through
+    Lightning's ``EMAWeightAveraging`` callback (see ``conf/callbacks``).
+
+    Args:
+        denoiser: ``forward(x_t, t, cond)`` with ``cond = denoiser.encode_condition(image)``.
+        kernel: a noise kernel (see ``shared/DESIGN.md``).
+        sampler: the inference recipe.
+        optimizer: a partial optimiser, called with the parameters.
+        scheduler: a partial LR scheduler, called with ``(optimizer, total_steps=...)``, or None.
+        mask_channels: C, channels of the mask.
+        spacing: pixel spacing for HD95, or None for pixels.
+    """
+
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        kernel: nn.Module,
+        sampler: DiffusionSampler,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        mask_channels: int = 1,
+        spacing: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+        self.kernel = kernel
+        self.sampler = sampler
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.mask_channels = mask_channels
+        self.spacing = spacing
+        self.run_config: dict | None = None  # the resolved Hydra config, stored in checkpoints
+        self.results: dict[str, dict] = {}
+        self.panel: dict[str, torch.Tensor] | None = None
+        self._rows: list[dict] = []
+        self._sampling_seconds = 0.0
+
+    # ----------------------------------------------------------------------------------- training
+    def training_target(self, batch: dict) -> torch.Tensor:
+        """The mask to learn: ``batch["mask"]``, or one random annotator per image when there are several."""
+        masks = batch.get("masks")
+        if masks is None or masks.shape[1] == 1 or self.mask_channels != 1:
+            return batch["mask"]
+        pick = torch.randint(masks.shape[1], (masks.shape[0],), device=masks.device)
+        return masks[torch.arange(masks.shape[0], device=masks.device), pick].unsqueeze(1)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x0 = self.kernel.encode_mask(self.training_target(batch).float())
+        t = self.kernel.sample_timesteps(x0.shape[0], device=x0.device)
+        x_t = self.kernel.q_sample(x0, t)
+        output = self.denoiser(x_t, t, self.denoiser.encode_condition(batch["image"]))
+        losses = self.kernel.loss(output.float(), x0, x_t, t)
+        if not torch.isfinite(losses["loss"]):
+            raise NonFiniteLossError(
+                f"the training loss is {losses['loss'].item()} at global step {self.global_step} "
+                f"(epoch {self.current_epoch}, batch {batch_idx}); lower the learning rate or check the data"
+            )
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=x0.shape[0])
+        return losses["loss"]
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------ sampling and metrics
+    def sample(self, image: torch.Tensor, case_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """S samples per image, fused, with uncertainty maps (see :class:`DiffusionSampler`)."""
+        return self.sampler.sample(self.denoiser, self.kernel, image, self.mask_channels, case_ids)
+
+    def _evaluate_batch(self, batch: dict, batch_idx: int) -> None:
+        start = time.perf_counter()
+        out = self.sample(batch["image"], batch["index"])
+        if out["mask"].is_cuda:
+            torch.cuda.synchronize()
+        self._sampling_seconds += time.perf_counter() - start
+        scores = segmentation_metrics(out["mask"], batch["mask"], self.spacing)
+        for i, (case, index) in enumerate(zip(batch["case"], batch["index"].tolist(), strict=True)):
+            row = {"case": case, "index": index}
+            for name in METRIC_NAMES:
+                values = scores[name][i]
+                row[name] = float(values.nanmean()) if not values.isnan().all() else float("nan")
+            self._rows.append(row)
+        if batch_idx == 0:
+            self.panel = {k: v.detach().float().cpu() for k, v in
+                          {"image": batch["image"], "mask": batch["mask"], "prediction": out["mask"],
+                           "probability": out["probability"], "entropy": out["entropy"]}.items()}
+
+    def _finish(self, stage: str) -> None:
+        rows, seconds = self._rows, self._sampling_seconds
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (rows, seconds))
+            rows = [row for part, _ in gathered for row in part]
+            seconds = sum(s for _, s in gathered)
+            num_processed = len(rows)
+        else:
+            num_processed = len(rows)
+        unique = {row["index"]: row for row in rows}  # the distributed sampler pads with repeats
+        rows = [unique[i] for i in sorted(unique)]
+        means = aggregate_cases(rows)
+        self.results[stage] = {
+            "metric_per_case": rows,
+            "mean": means,
+            "num_cases": len(rows),
+            "sampler": self.sampler.settings(),
+            "seconds_per_image": seconds / max(1, num_processed),
+        }
+        for name, value in means.items():
+            self.log(f"{stage}/{name}", value, sync_dist=False, rank_zero_only=False)
+        self._rows, self._sampling_seconds = [], 0.0
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate_batch(batch, batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish("val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate_batch(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._finish("test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Any]:
+        out = self.sample(batch["image"], batch["index"])
+        return {"case": batch["case"], "original_size": batch.get("original_size"), **out}
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states"] = _collect_rng_states()
+        if self.run_config is not None:
+            checkpoint["diffseg_config"] = self.run_config
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng_states" in checkpoint:
+            _set_rng_states(checkpoint["rng_states"])
+        self.run_config = checkpoint.get("diffseg_config", self.run_config)

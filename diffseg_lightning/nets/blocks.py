@@ -1,0 +1,457 @@
+"""Building blocks of the diffusion denoisers.
+
+The blocks follow the MedSegDiff denoiser of Wu et al., "MedSegDiff: Medical Image
+Segmentation with Diffusion Probabilistic Model", MIDL 2023, and are written to be
+reused by the other U-Net denoisers of the package:
+
+- :class:`TimestepEmbedding`: sinusoidal embedding (MONAI's ``get_timestep_embedding``)
+  followed by a two-layer MLP.
+- :class:`ResBlock`: pre-activation residual block, optionally conditioned on a timestep
+  embedding (the condition encoder uses it without one).
+- :class:`AttentionBlock`: spatial multi-head self-attention (MONAI's
+  ``SpatialAttentionBlock``).
+- :class:`Downsample` / :class:`Upsample`: factor-2 resampling (MONAI convolution and
+  upsampling blocks).
+- :class:`FFParser`: the paper's learnable frequency-domain filter.
+- :class:`DynamicConditionalEncoding`: the paper's fusion of condition and mask features.
+
+All blocks are size-agnostic (no parameter depends on the spatial size, except the
+FF-Parser map, which is resampled to the actual size) and use no Python loops over
+batch elements or pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution, SpatialAttentionBlock
+from monai.networks.blocks import Upsample as MonaiUpsample
+from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
+from torch import Tensor, nn
+
+__all__ = [
+    "AttentionBlock",
+    "Downsample",
+    "DynamicConditionalEncoding",
+    "FFParser",
+    "ResBlock",
+    "TimestepEmbedding",
+    "Upsample",
+    "conv3x3",
+    "norm_groups",
+    "zero_module",
+]
+
+
+def norm_groups(channels: int, max_groups: int = 32) -> int:
+    """Number of GroupNorm groups for ``channels``: the largest divisor of ``channels`` up to 32.
+
+    Lets the networks use any width (e.g. the tiny widths of unit tests) with the usual
+    32-group normalisation at standard widths.
+
+    Args:
+        channels: number of feature channels.
+        max_groups: upper bound on the number of groups.
+
+    Returns:
+        ``gcd(channels, max_groups)``.
+    """
+    return math.gcd(int(channels), int(max_groups))
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Set every parameter of ``module`` to zero (in place) and return it.
+
+    Args:
+        module: any module.
+
+    Returns:
+        The same module, with zeroed parameters.
+    """
+    with torch.no_grad():
+        for p in module.parameters():
+            p.zero_()
+    return module
+
+
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Module:
+    """A 2D 3x3 convolution with "same" padding (MONAI ``Convolution``, ``conv_only=True``).
+
+    Args:
+        in_channels: input channels C_in.
+        out_channels: output channels C_out.
+        stride: 1, or 2 to halve the spatial size.
+
+    Returns:
+        A module mapping (B, C_in, H, W) to (B, C_out, H / stride, W / stride).
+    """
+    return Convolution(
+        spatial_dims=2,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        strides=stride,
+        kernel_size=3,
+        padding=1,
+        conv_only=True,
+    )
+
+
+class TimestepEmbedding(nn.Module):
+    """Sinusoidal timestep embedding followed by an MLP (Ho et al. 2020; as in MedSegDiff).
+
+    Used in every residual block of the MedSegDiff denoiser (Wu et al., "MedSegDiff:
+    Medical Image Segmentation with Diffusion Probabilistic Model", MIDL 2023). The
+    sinusoid is MONAI's ``get_timestep_embedding``.
+
+    Args:
+        base_dim: dimension of the sinusoidal embedding.
+        embed_dim: output dimension (``4 * base_dim`` by convention); defaults to that.
+    """
+
+    def __init__(self, base_dim: int, embed_dim: int | None = None) -> None:
+        super().__init__()
+        self.base_dim = int(base_dim)
+        self.embed_dim = int(embed_dim) if embed_dim is not None else 4 * self.base_dim
+        self.mlp = nn.Sequential(
+            nn.Linear(self.base_dim, self.embed_dim),
+            nn.SiLU(),
+            nn.Linear(self.embed_dim, self.embed_dim),
+        )
+
+    def forward(self, t: Tensor) -> Tensor:
+        """Embed timesteps.
+
+        Args:
+            t: (B,) integer or float timesteps.
+
+        Returns:
+            (B, embed_dim) embedding, in the dtype of the MLP weights.
+        """
+        emb = get_timestep_embedding(t, self.base_dim).to(self.mlp[0].weight.dtype)
+        return self.mlp(emb)
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block with an optional timestep embedding.
+
+    ``h = conv(drop(act(norm(conv(act(norm(x))) + proj(emb))))) ; out = skip(x) + h``,
+    as in the ADM / guided-diffusion U-Net that MedSegDiff builds on (Wu et al.,
+    "MedSegDiff: Medical Image Segmentation with Diffusion Probabilistic Model", MIDL 2023).
+
+    Written here rather than taken from MONAI's ``DiffusionUNetResnetBlock`` because that
+    block has no dropout, requires a timestep embedding (the condition encoder has none)
+    and zero-initialises its second convolution, which together with the zero-initialised
+    output convolution of the network would leave most parameters without a gradient for
+    the first two optimiser steps.
+
+    Args:
+        in_channels: input channels C_in.
+        out_channels: output channels C_out (default C_in).
+        emb_channels: timestep-embedding dimension; ``None`` for a block without one.
+        dropout: dropout probability before the second convolution.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int | None = None,
+        emb_channels: int | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        out_channels = int(out_channels) if out_channels is not None else int(in_channels)
+        self.in_channels = int(in_channels)
+        self.out_channels = out_channels
+        self.norm1 = nn.GroupNorm(norm_groups(in_channels), in_channels)
+        self.conv1 = conv3x3(in_channels, out_channels)
+        self.emb_proj = nn.Linear(emb_channels, out_channels) if emb_channels is not None else None
+        self.norm2 = nn.GroupNorm(norm_groups(out_channels), out_channels)
+        self.dropout = nn.Dropout(float(dropout))
+        self.conv2 = conv3x3(out_channels, out_channels)
+        self.act = nn.SiLU()
+        self.skip: nn.Module = (
+            nn.Identity()
+            if out_channels == in_channels
+            else Convolution(2, in_channels, out_channels, kernel_size=1, padding=0, conv_only=True)
+        )
+
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        """Apply the block.
+
+        Args:
+            x: (B, C_in, H, W) features.
+            emb: (B, emb_channels) timestep embedding; required iff the block has one.
+
+        Returns:
+            (B, C_out, H, W) features.
+        """
+        h = self.conv1(self.act(self.norm1(x)))
+        if self.emb_proj is not None:
+            if emb is None:
+                raise ValueError("this ResBlock was built with a timestep embedding; pass `emb`")
+            h = h + self.emb_proj(self.act(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(self.act(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Residual multi-head self-attention over the spatial positions (MONAI ``SpatialAttentionBlock``).
+
+    ``out = x + Attn(GroupNorm(x))`` with tokens the H*W positions; used at the configured
+    levels of the MedSegDiff U-Net (Wu et al., "MedSegDiff: Medical Image Segmentation
+    with Diffusion Probabilistic Model", MIDL 2023). PyTorch's fused
+    ``scaled_dot_product_attention`` is used (MONAI's ``use_flash_attention``).
+
+    Args:
+        channels: feature channels C (divisible by ``num_heads``).
+        num_heads: number of attention heads.
+
+    Raises:
+        ValueError: if ``channels`` is not divisible by ``num_heads``.
+    """
+
+    def __init__(self, channels: int, num_heads: int = 4) -> None:
+        super().__init__()
+        if num_heads < 1 or channels % num_heads != 0:
+            raise ValueError(
+                f"attention needs channels divisible by num_heads, got channels={channels}, num_heads={num_heads}"
+            )
+        self.attn = SpatialAttentionBlock(
+            spatial_dims=2,
+            num_channels=channels,
+            num_head_channels=channels // num_heads,
+            norm_num_groups=norm_groups(channels),
+            norm_eps=1e-5,
+            use_flash_attention=True,
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply self-attention.
+
+        Args:
+            x: (B, C, H, W) features.
+
+        Returns:
+            (B, C, H, W) features (residual included).
+        """
+        return self.attn(x)
+
+
+class Downsample(nn.Module):
+    """Factor-2 downsampling by a strided 3x3 convolution (MONAI ``Convolution``).
+
+    Args:
+        channels: input channels C.
+        out_channels: output channels (default C).
+    """
+
+    def __init__(self, channels: int, out_channels: int | None = None) -> None:
+        super().__init__()
+        self.conv = conv3x3(channels, out_channels if out_channels is not None else channels, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Downsample.
+
+        Args:
+            x: (B, C, H, W) with even H, W.
+
+        Returns:
+            (B, C_out, H/2, W/2).
+        """
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Factor-2 nearest-neighbour upsampling followed by a 3x3 convolution (MONAI ``Upsample``).
+
+    Args:
+        channels: input channels C.
+        out_channels: output channels (default C).
+    """
+
+    def __init__(self, channels: int, out_channels: int | None = None) -> None:
+        super().__init__()
+        out_channels = out_channels if out_channels is not None else channels
+        self.up = MonaiUpsample(
+            spatial_dims=2,
+            in_channels=channels,
+            out_channels=channels,
+            scale_factor=2,
+            mode="nontrainable",
+            pre_conv=None,
+            post_conv=conv3x3(channels, out_channels),
+            interp_mode="nearest",
+            align_corners=None,
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Upsample.
+
+        Args:
+            x: (B, C, H, W).
+
+        Returns:
+            (B, C_out, 2H, 2W).
+        """
+        return self.up(x)
+
+
+def _as_pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return int(size), int(size)
+    size = tuple(int(s) for s in size)
+    if len(size) != 2:
+        raise ValueError(f"expected an int or a pair (H, W), got {size}")
+    return size[0], size[1]
+
+
+class FFParser(nn.Module):
+    """Frequency-domain feature filter ("FF-Parser") of MedSegDiff.
+
+    Wu et al., "MedSegDiff: Medical Image Segmentation with Diffusion Probabilistic
+    Model", MIDL 2023, Sec. 2.2: ``M = FFT2(m)``, ``M' = A ⊙ M``, ``m' = IFFT2(M')`` with a
+    learnable complex attentive map ``A`` of shape (C, H, W//2+1) (real FFT of a real
+    feature map). Here ``torch.fft.rfft2`` / ``irfft2`` with ``norm="ortho"`` and
+    ``s=(H, W)``; ``A`` is initialised to ``1 + 0j``, so that the block starts as the
+    identity (an exact identity up to floating-point rounding).
+
+    ``A`` is stored as a real parameter of shape (C, H_ref, W_ref//2+1, 2) (real and
+    imaginary parts, used through ``torch.view_as_complex``): complex parameters are not
+    supported everywhere (optimiser foreach kernels, DDP gradient buckets, gradient
+    clipping, EMA copies).
+
+    Size-agnostic: ``A`` is parameterised on the rfft grid of a reference feature size
+    ``size = (H_ref, W_ref)``. For another input size (H, W) its real and imaginary parts
+    are bilinearly resampled *in frequency coordinates*: output row ``i`` (frequency
+    ``f = i/H`` wrapped to [-1/2, 1/2)) and column ``j`` (``f = j/W``) read the reference
+    map at the same normalised frequency (rows are ``fftshift``-ed so that interpolation
+    runs along monotone frequencies; frequencies outside the reference range take the
+    nearest border value). The DC term maps exactly onto the DC term, a map linear in
+    frequency is reproduced exactly, and at the reference size no resampling happens.
+
+    The transform runs in float32 (half-precision FFTs are restricted to power-of-two
+    sizes on CUDA) and the result is cast back to the input dtype.
+
+    Args:
+        channels: feature channels C.
+        size: reference spatial size (H_ref, W_ref) of the features (an int for square).
+    """
+
+    def __init__(self, channels: int, size: int | Sequence[int]) -> None:
+        super().__init__()
+        self.channels = int(channels)
+        self.size = _as_pair(size)
+        h, w = self.size
+        if h < 1 or w < 1:
+            raise ValueError(f"FFParser reference size must be positive, got {self.size}")
+        weight = torch.zeros(self.channels, h, w // 2 + 1, 2)
+        weight[..., 0] = 1.0
+        self.weight = nn.Parameter(weight)
+
+    def attentive_map(self, height: int, width: int) -> Tensor:
+        """The complex attentive map on the rfft grid of a (height, width) feature map.
+
+        Args:
+            height: spatial height H of the features.
+            width: spatial width W of the features.
+
+        Returns:
+            (C, H, W//2+1) complex64 tensor (the parameter itself, as complex, at the
+            reference size; a frequency-consistent bilinear resampling otherwise).
+        """
+        h_ref, w_ref = self.size
+        weight = self.weight.float()
+        if (height, width) == (h_ref, w_ref):
+            return torch.view_as_complex(weight)
+        # Real and imaginary parts as 2C channels of one (1, 2C, H_ref, W_ref//2+1) image.
+        img = weight.permute(0, 3, 1, 2).reshape(1, 2 * self.channels, h_ref, w_ref // 2 + 1)
+        img = torch.fft.fftshift(img, dim=-2)  # rows: frequencies -H_ref//2 ... in increasing order
+        device = weight.device
+        # Target frequencies (shifted row order) -> fractional source indices.
+        rows = torch.arange(height, device=device, dtype=torch.float32)
+        f_rows = (rows - height // 2) / height
+        src_rows = f_rows * h_ref + h_ref // 2
+        cols = torch.arange(width // 2 + 1, device=device, dtype=torch.float32)
+        src_cols = cols / width * w_ref
+        # grid_sample with align_corners=True: index i <-> -1 + 2 i / (n - 1).
+        gy = 2.0 * src_rows / max(h_ref - 1, 1) - 1.0
+        gx = 2.0 * src_cols / max(w_ref // 2, 1) - 1.0
+        grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)[None]  # (1, H, W//2+1, 2)
+        out = F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=True)
+        out = torch.fft.ifftshift(out, dim=-2)
+        out = out.reshape(self.channels, 2, height, width // 2 + 1).permute(0, 2, 3, 1).contiguous()
+        return torch.view_as_complex(out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Filter the features in the frequency domain.
+
+        Args:
+            x: (B, C, H, W) real features.
+
+        Returns:
+            (B, C, H, W) filtered features, same dtype as ``x``.
+        """
+        if x.ndim != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"FFParser expects (B, {self.channels}, H, W) features, got {tuple(x.shape)}")
+        height, width = x.shape[-2:]
+        spec = torch.fft.rfft2(x.float(), norm="ortho")
+        spec = spec * self.attentive_map(height, width)
+        return torch.fft.irfft2(spec, s=(height, width), norm="ortho").to(x.dtype)
+
+
+class DynamicConditionalEncoding(nn.Module):
+    """Dynamic conditional encoding of MedSegDiff: fuse mask features into the condition stream.
+
+    Wu et al., "MedSegDiff: Medical Image Segmentation with Diffusion Probabilistic
+    Model", MIDL 2023, Eq. (3): ``A(m_I, m_x) = (LN(m_I) ⊙ LN(m_x)) ⊙ m_I`` with element-wise
+    products, ``m_I`` the condition (image) feature and ``m_x`` the mask-branch feature of
+    the same stage. This module returns the fused condition feature
+    ``h_I = m_I + A(m_I, m_x)`` (the paper integrates the attention into the condition
+    stream).
+
+    LN normalises over (C, H, W) per sample. ``GroupNorm(1, C)`` computes exactly that
+    (one group = all of C, H, W) and, unlike ``nn.LayerNorm([C, H, W])``, its affine
+    parameters are per channel, so the block works for any spatial size. The affine
+    parameters start at weight 1, bias 0, i.e. at the plain layer norm of the paper.
+
+    Args:
+        channels: feature channels C of both inputs.
+        eps: normalisation epsilon (that of ``torch.nn.functional.layer_norm``).
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.norm_cond = nn.GroupNorm(1, channels, eps=eps)
+        self.norm_mask = nn.GroupNorm(1, channels, eps=eps)
+
+    def attention(self, cond: Tensor, mask: Tensor) -> Tensor:
+        """The attention term ``A(m_I, m_x) = (LN(m_I) ⊙ LN(m_x)) ⊙ m_I``.
+
+        Args:
+            cond: (B, C, H, W) condition features m_I.
+            mask: (B, C, H, W) mask-branch features m_x.
+
+        Returns:
+            (B, C, H, W).
+        """
+        if cond.shape != mask.shape:
+            raise ValueError(
+                f"condition and mask features must have the same shape, got {tuple(cond.shape)} "
+                f"and {tuple(mask.shape)}"
+            )
+        return self.norm_cond(cond) * self.norm_mask(mask) * cond
+
+    def forward(self, cond: Tensor, mask: Tensor) -> Tensor:
+        """Fused condition feature ``m_I + A(m_I, m_x)``.
+
+        Args:
+            cond: (B, C, H, W) condition features m_I.
+            mask: (B, C, H, W) mask-branch features m_x.
+
+        Returns:
+            (B, C, H, W).
+        """
+        return cond + self.attention(cond, mask)

@@ -1,0 +1,47 @@
+"""``diffseg-train``: fit a method, then test its best checkpoint; everything lands in one run directory."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from diffseg_lightning.entry import build_all, build_module, load_checkpoint, save_config
+from diffseg_lightning.utils import CONFIG_DIR, user_errors
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit and (optionally) test; returns the trainer's final metrics."""
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("ckpt_path"):
+        load_checkpoint(cfg.ckpt_path)  # fail early with a clear message
+    save_config(cfg, cfg.paths.output_dir)
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg.model, cfg.noise, cfg.sampler)
+    module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=build_all(cfg.get("callbacks")),
+                                     logger=build_all(cfg.get("logger")) or False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if cfg.get("test"):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(module, datamodule=datamodule, ckpt_path=best if best and Path(best).is_file() else None)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    with user_errors():
+        metrics = train(cfg)
+    name = cfg.get("optimized_metric")
+    value = metrics.get(name) if name else None
+    return None if value is None or math.isnan(value) else value
+
+
+if __name__ == "__main__":
+    main()
