@@ -15,8 +15,13 @@ from diffseg_lightning.utils.errors import DiffSegError
 
 
 def build_module(model_cfg: DictConfig, noise_cfg: DictConfig, sampler_cfg: DictConfig) -> L.LightningModule:
-    """Instantiate the LightningModule with its kernel and inference recipe (all from Hydra configs)."""
-    return instantiate(model_cfg, kernel=instantiate(noise_cfg), sampler=instantiate(sampler_cfg))
+    """Instantiate the LightningModule with its kernel and inference recipe (all from Hydra configs).
+
+    The kernel and sampler are passed to the partial module, not merged into its config, so Hydra
+    does not turn them back into config nodes.
+    """
+    module_factory = instantiate(model_cfg, _partial_=True)
+    return module_factory(kernel=instantiate(noise_cfg), sampler=instantiate(sampler_cfg))
 
 
 def build_all(group: DictConfig | None) -> list[Any]:

@@ -73,7 +73,8 @@ _VALID_CHANNELS = (1, 3, 4)
 _MIN_SIZE = 8
 _GAP = 2  # dilation (Chebyshev radius) that a new shape may not touch: >= 3 px apart
 _TRIES_PER_SHAPE = 30
-_STRUCT8 = np.ones((3, 3), dtype=bool)
+_PARTIAL_VOLUME_SIGMA = 0.6
+_RIM_WIDTH = 2
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -149,10 +150,82 @@ def _check_size(size: Any) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
-def _unit_std(field: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
-    """Rescales ``field`` to zero mean and unit standard deviation over ``axes``."""
-    field = field - field.mean(axis=axes, keepdims=True)
-    return field / (field.std(axis=axes, keepdims=True) + 1e-8)
+def _unit_std(field: np.ndarray) -> np.ndarray:
+    """Rescales each ``(H, W)`` plane of ``field`` to zero mean and unit standard deviation.
+
+    Args:
+        field: ``(K, H, W)``.
+
+    Returns:
+        ``(K, H, W)``, same dtype.
+    """
+    field = field - field.mean(axis=(1, 2), keepdims=True)
+    return field / (field.std(axis=(1, 2), keepdims=True) + 1e-6)
+
+
+def _blur_matrix(n: int, sigma: float) -> np.ndarray:
+    """Dense 1-D Gaussian blur with zero ("constant") boundary, as a matrix.
+
+    ``B @ x`` blurs the rows axis of ``x``; ``B_h @ X @ B_w.T`` blurs a ``(H, W)`` image.
+
+    Args:
+        n: Length of the axis.
+        sigma: Standard deviation in pixels.
+
+    Returns:
+        float32 ``(n, n)``.
+    """
+    i = np.arange(n, dtype=np.float64)
+    kernel = np.exp(-0.5 * ((i[:, None] - i[None, :]) / sigma) ** 2)
+    kernel[np.abs(i[:, None] - i[None, :]) > 4.0 * sigma] = 0.0
+    return (kernel / kernel[n // 2].sum()).astype(np.float32)
+
+
+def _lattice_matrix(n: int, sigma: float) -> np.ndarray:
+    """Gaussian bumps on a coarse lattice: maps lattice white noise to a smooth field.
+
+    ``K_h @ Z @ K_w.T`` with ``Z`` white noise on the lattice is a smooth Gaussian random
+    field of correlation length ``sigma`` (a sum of Gaussian bumps of width ``sigma`` at
+    lattice spacing ``<= sigma / 2``, so the lattice does not show). The lattice extends
+    ``3 sigma`` beyond the image so the field does not fade at the border.
+
+    Args:
+        n: Length of the image axis.
+        sigma: Bump width in pixels.
+
+    Returns:
+        float32 ``(n, m)``, ``m`` the number of lattice nodes.
+    """
+    step = max(1.0, sigma / 2.0)
+    nodes = np.arange(-3.0 * sigma, n - 1 + 3.0 * sigma + step, step)
+    i = np.arange(n, dtype=np.float64)
+    dist = np.abs(i[:, None] - nodes[None, :]) / sigma
+    # Truncate at 4 sigma: besides sparsity, this keeps float32 denormals (very slow in BLAS) out.
+    return np.where(dist <= 4.0, np.exp(-0.5 * dist**2), 0.0).astype(np.float32)
+
+
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary dilation by a ``(2 radius + 1)`` square (Chebyshev ball); outside is background.
+
+    Separable shifts and ORs: much cheaper than ``scipy.ndimage.binary_dilation`` on
+    small arrays.
+
+    Args:
+        mask: bool ``(H, W)``.
+        radius: Radius in pixels, >= 0.
+
+    Returns:
+        bool ``(H, W)``.
+    """
+    out = mask.copy()
+    for axis in (0, 1):
+        src = out.copy()
+        view_out = out if axis == 0 else out.T
+        view_src = src if axis == 0 else src.T
+        for s in range(1, radius + 1):
+            view_out[s:] |= view_src[:-s]
+            view_out[:-s] |= view_src[s:]
+    return out
 
 
 class SyntheticSegmentation(Dataset):
@@ -234,6 +307,19 @@ class SyntheticSegmentation(Dataset):
         self.texture_sigma = max(1.5, side / 20.0)
         self.jitter_sigma = max(2.0, side / 16.0)
         self.max_shift = max(1.5, side / 32.0)
+        # Precomputed linear operators (small dense matrices: a matmul beats scipy's filters here).
+        self._tex_h, self._tex_w = (
+            _lattice_matrix(h, self.texture_sigma),
+            _lattice_matrix(w, self.texture_sigma),
+        )
+        self._jit_h, self._jit_w = (
+            _lattice_matrix(h, self.jitter_sigma),
+            _lattice_matrix(w, self.jitter_sigma),
+        )
+        self._pv_h, self._pv_w = (
+            _blur_matrix(h, _PARTIAL_VOLUME_SIGMA),
+            _blur_matrix(w, _PARTIAL_VOLUME_SIGMA),
+        )
         # Annotator styles: a fixed dilate (+) / erode (-) tendency per annotator.
         a = self.num_annotators
         self.annotator_styles = (
@@ -244,7 +330,7 @@ class SyntheticSegmentation(Dataset):
         # Quadratic monomials for the bias field: (6, H, W).
         self._monomials = np.stack(
             np.broadcast_arrays(np.ones_like(yy * xx), yy, xx, yy * yy, xx * xx, yy * xx)
-        ).astype(np.float64)
+        ).astype(np.float32)
 
     def __len__(self) -> int:
         """Returns the number of cases."""
@@ -292,13 +378,12 @@ class SyntheticSegmentation(Dataset):
             index += self.num_cases
         rng = np.random.default_rng((self.seed, self.split_id, index))
 
+        # Order matters for reproducibility across options: anatomy first, then annotators,
+        # then the image, so the masks do not depend on channels / noise / bias / texture.
         instances, densities = self._draw_shapes(rng)
         mask = instances > 0
+        masks = self._draw_annotators(rng, mask) if self.num_annotators > 1 else mask[None]
         image = self._draw_image(rng, instances, densities)
-        if self.num_annotators > 1:
-            masks = self._draw_annotators(rng, mask)
-        else:
-            masks = mask[None]
 
         return {
             "image": torch.from_numpy(image),
@@ -311,9 +396,7 @@ class SyntheticSegmentation(Dataset):
         }
 
     # ------------------------------------------------------------------ shapes
-    def _rasterize(
-        self, rng: np.random.Generator
-    ) -> tuple[tuple[slice, slice], np.ndarray]:
+    def _rasterize(self, rng: np.random.Generator) -> tuple[tuple[slice, slice], np.ndarray]:
         """Draws one ellipse or blob and rasterizes it in its bounding box.
 
         Args:
@@ -321,7 +404,7 @@ class SyntheticSegmentation(Dataset):
 
         Returns:
             ``((rows, cols), crop)``: the bounding-box slices into the ``(H, W)`` image and
-            the boolean shape inside them (one 4-connected component, possibly empty).
+            the boolean shape inside them (not yet reduced to one component).
         """
         h, w = self.size
         radius = math.exp(rng.uniform(math.log(self.min_radius), math.log(self.max_radius)))
@@ -335,7 +418,7 @@ class SyntheticSegmentation(Dataset):
             extent = semi_a
         else:  # irregular star-shaped blob: r(theta) = radius * (1 + sum_k a_k cos(k theta + phi_k))
             amps = rng.uniform(0.0, 1.0, 4) / np.arange(2, 6) ** 0.5
-            amps *= rng.uniform(0.2, 0.55) / amps.sum()
+            amps *= rng.uniform(0.2, 0.55) / (amps.sum() + 1e-12)
             phases = rng.uniform(0.0, 2.0 * math.pi, 4)
             extent = radius * (1.0 + amps.sum())
         y0, y1 = max(0, int(cy - extent - 1)), min(h, int(cy + extent + 2))
@@ -350,128 +433,144 @@ class SyntheticSegmentation(Dataset):
         else:
             theta = np.arctan2(dy, dx)
             k = np.arange(2, 6, dtype=np.float64)[:, None, None]
-            r_theta = radius * (1.0 + (amps[:, None, None] * np.cos(k * theta + phases[:, None, None])).sum(0))
+            r_theta = radius * (
+                1.0 + (amps[:, None, None] * np.cos(k * theta + phases[:, None, None])).sum(0)
+            )
             crop = dy * dy + dx * dx <= r_theta * r_theta
-        labels, n = ndimage.label(crop)
-        if n > 1:  # keep the largest 4-connected piece
-            counts = np.bincount(labels.ravel())
-            counts[0] = 0
-            crop = labels == counts.argmax()
         return (slice(y0, y1), slice(x0, x1)), crop
 
     def _draw_shapes(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Places ``0..max_shapes`` non-touching shapes.
+        """Places ``0..max_shapes`` shapes that neither overlap nor touch.
+
+        A drawn shape is rejected if it comes within ``_GAP`` px (Chebyshev) of a placed
+        one or is smaller than ``min_area`` once clipped; up to 30 draws per shape.
 
         Args:
             rng: The case's random stream.
 
         Returns:
             ``(instances, densities)``: int64 ``(H, W)`` with ids ``1..N`` in placement order,
-            and float64 ``(N,)``, each shape's intensity factor in ``[0.6, 1.4]``.
+            and float32 ``(N + 1,)``, a lookup table of intensity factors (``0`` for the
+            background, ``U(0.6, 1.4)`` per shape).
         """
         h, w = self.size
         instances = np.zeros((h, w), dtype=np.int64)
         if rng.random() < self.empty_fraction:
-            return instances, np.zeros(0)
+            return instances, np.zeros(1, dtype=np.float32)
         target = int(rng.integers(1, self.max_shapes + 1))
-        occupied = np.zeros((h, w), dtype=bool)  # shapes dilated by _GAP
+        occupied = np.zeros((h, w), dtype=bool)  # placed shapes dilated by _GAP
         n = 0
         for _ in range(target):
             for _ in range(_TRIES_PER_SHAPE):
                 (rows, cols), crop = self._rasterize(rng)
-                if crop.sum() < self.min_area or (crop & occupied[rows, cols]).any():
+                if (crop & occupied[rows, cols]).any():
+                    continue
+                labels, pieces = ndimage.label(crop)
+                if pieces > 1:  # keep the largest 4-connected piece
+                    counts = np.bincount(labels.ravel())
+                    counts[0] = 0
+                    crop = labels == counts.argmax()
+                if crop.sum() < self.min_area:
                     continue
                 n += 1
                 instances[rows, cols][crop] = n
-                # Mark the shape grown by _GAP px as occupied (on a padded window only).
-                py0, py1 = max(0, rows.start - _GAP), min(h, rows.stop + _GAP)
-                px0, px1 = max(0, cols.start - _GAP), min(w, cols.stop + _GAP)
-                grown = ndimage.binary_dilation(
-                    instances[py0:py1, px0:px1] == n, structure=_STRUCT8, iterations=_GAP
-                )
-                occupied[py0:py1, px0:px1] |= grown
+                occupied |= _dilate(instances == n, _GAP)
                 break
-        if n == 0:  # never happens in practice; keeps "non-empty" exact for tiny images
-            cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+        if n == 0:  # not seen in practice; keeps "non-empty" exact whatever the options
             yy, xx = np.ogrid[:h, :w]
             rad = max(1.5, self.min_radius)
-            instances[(yy - cy) ** 2 + (xx - cx) ** 2 <= rad * rad] = 1
+            instances[(yy - (h - 1) / 2.0) ** 2 + (xx - (w - 1) / 2.0) ** 2 <= rad * rad] = 1
             n = 1
-        return instances, rng.uniform(0.6, 1.4, n)
-
-    # ------------------------------------------------------------------- image
-    def _draw_image(self, rng: np.random.Generator, instances: np.ndarray, densities: np.ndarray) -> np.ndarray:
-        """Renders the multi-channel image of the anatomy.
-
-        Args:
-            rng: The case's random stream.
-            instances: int64 ``(H, W)`` instance map.
-            densities: float64 ``(N,)`` per-shape intensity factors.
-
-        Returns:
-            float32 ``(C, H, W)``, each channel z-scored.
-        """
-        h, w = self.size
-        c = self.channels
-        # Texture: shared + per-channel smoothed random fields, unit std.
-        fields = rng.standard_normal((c + 1, h, w)) if c > 1 else rng.standard_normal((1, h, w))
-        fields = ndimage.gaussian_filter(fields, sigma=(0.0, self.texture_sigma, self.texture_sigma), mode="reflect")
-        fields = _unit_std(fields, (1, 2))
-        tex = (fields[:1] + fields[1:]) * math.sqrt(0.5) if c > 1 else fields
-
-        # Lesion map with per-shape density and partial-volume blur.
-        lut = np.concatenate([[0.0], densities])
-        lesion = ndimage.gaussian_filter(lut[instances], sigma=0.6, mode="constant")
-
-        contrast = np.empty(c)
-        contrast[0] = rng.uniform(0.3, 1.2)
-        if c >= 3:
-            contrast[1] = -rng.uniform(0.3, 1.0)
-            contrast[2] = rng.uniform(0.1, 0.4)
-        tissue = 1.0 + self.texture * tex
-        tissue[: min(c, 3)] += contrast[: min(c, 3), None, None] * lesion
-        if c == 4:
-            mask = instances > 0
-            rim = mask & ~ndimage.binary_erosion(mask, structure=_STRUCT8, iterations=2, border_value=1)
-            core = mask & ~rim
-            rim_map = ndimage.gaussian_filter(
-                lut[instances] * (rng.uniform(0.5, 1.2) * rim - rng.uniform(0.1, 0.4) * core),
-                sigma=0.6,
-                mode="constant",
-            )
-            tissue[3] += rim_map
-
-        coeffs = rng.uniform(-1.0, 1.0, (c, self._monomials.shape[0]))
-        poly = np.tensordot(coeffs, self._monomials, axes=1)
-        poly /= np.abs(poly).max(axis=(1, 2), keepdims=True) + 1e-8
-        image = tissue * np.exp(self.bias_field * poly)
-        image += self.noise_std * rng.standard_normal((c, h, w))
-        return _unit_std(image, (1, 2)).astype(np.float32)
+        densities = np.concatenate([[0.0], rng.uniform(0.6, 1.4, n)]).astype(np.float32)
+        return instances, densities
 
     # -------------------------------------------------------------- annotators
     def _draw_annotators(self, rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
-        """Perturbs the reference boundary once per annotator.
+        """Perturbs the reference boundary once per annotator (level set of a shifted SDF).
 
         Args:
             rng: The case's random stream.
             mask: bool ``(H, W)`` reference.
 
         Returns:
-            bool ``(A, H, W)``; differs from ``mask`` only within ``max_shift + 0.5`` px of
-            its boundary. All empty when ``mask`` is empty.
+            bool ``(A, H, W)``; differs from ``mask`` only where the reference's signed
+            distance is below ``max_shift`` in magnitude, i.e. within ``max_shift + 0.5`` px
+            of its boundary. All empty when ``mask`` is empty (no stream consumed).
         """
         a = self.num_annotators
         h, w = self.size
         if not mask.any():
             return np.zeros((a, h, w), dtype=bool)
-        # Signed distance, + inside; boundary pixels at +-0.5.
-        inside = ndimage.distance_transform_edt(mask)
-        outside = ndimage.distance_transform_edt(~mask)
-        sdf = np.where(mask, inside - 0.5, 0.5 - outside)
         m = self.max_shift
-        field = rng.standard_normal((a, h, w))
-        field = ndimage.gaussian_filter(field, sigma=(0.0, self.jitter_sigma, self.jitter_sigma), mode="reflect")
-        field = _unit_std(field, (1, 2))
-        offset = self.annotator_styles[:, None, None] + rng.uniform(-0.2, 0.2, (a, 1, 1)) * m + 0.4 * m * field
+        field = self._jit_h @ rng.standard_normal(
+            (a, self._jit_h.shape[1], self._jit_w.shape[1]), dtype=np.float32
+        )
+        field = _unit_std(field @ self._jit_w.T)
+        offset = (
+            self.annotator_styles[:, None, None] + rng.uniform(-0.2, 0.2, (a, 1, 1)) * m + 0.4 * m * field
+        )
         np.clip(offset, -m, m, out=offset)
+        # Signed distance (+ inside, boundary pixels at +-0.5) on the mask's bounding box
+        # grown by ceil(m) + 2 px: every pixel that can change lies inside it.
+        pad = int(math.ceil(m)) + 2
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        ys = slice(max(0, rows[0] - pad), min(h, rows[-1] + pad + 1))
+        xs = slice(max(0, cols[0] - pad), min(w, cols[-1] + pad + 1))
+        crop = mask[ys, xs]
+        sdf = np.full((h, w), -np.inf)
+        sdf[ys, xs] = np.where(
+            crop,
+            ndimage.distance_transform_edt(crop) - 0.5,
+            0.5 - ndimage.distance_transform_edt(~crop),
+        )
         return sdf[None] + offset > 0.0
+
+    # ------------------------------------------------------------------- image
+    def _draw_image(
+        self, rng: np.random.Generator, instances: np.ndarray, densities: np.ndarray
+    ) -> np.ndarray:
+        """Renders the multi-channel image of the anatomy.
+
+        Args:
+            rng: The case's random stream.
+            instances: int64 ``(H, W)`` instance map.
+            densities: float32 ``(N + 1,)`` intensity factor per instance id.
+
+        Returns:
+            float32 ``(C, H, W)``, each channel z-scored.
+        """
+        h, w = self.size
+        c = self.channels
+        # Texture: smooth random fields, half of the variance shared by the channels.
+        k = c + 1 if c > 1 else 1
+        fields = rng.standard_normal((k, self._tex_h.shape[1], self._tex_w.shape[1]), dtype=np.float32)
+        fields = _unit_std(self._tex_h @ fields @ self._tex_w.T)
+        tex = (fields[:1] + fields[1:]) * np.float32(math.sqrt(0.5)) if c > 1 else fields
+
+        # Lesion maps (per-shape density; a rim / core map for channel 3), partial-volume blur.
+        density = densities[instances]
+        contrast = np.empty((min(c, 3), 1, 1), dtype=np.float32)
+        contrast[0] = rng.uniform(0.3, 1.2)
+        if c >= 3:
+            contrast[1] = -rng.uniform(0.3, 1.0)
+            contrast[2] = rng.uniform(0.1, 0.4)
+        if c == 4:
+            mask = instances > 0
+            rim = mask & _dilate(~mask, _RIM_WIDTH)
+            rim_map = density * np.where(rim, rng.uniform(0.5, 1.2), -rng.uniform(0.1, 0.4) * mask)
+            maps = self._pv_h @ np.stack([density, rim_map.astype(np.float32)]) @ self._pv_w.T
+            lesion, rim_map = maps[0], maps[1]
+        else:
+            lesion = self._pv_h @ density @ self._pv_w.T
+
+        image = 1.0 + self.texture * tex
+        image[: contrast.shape[0]] += contrast * lesion
+        if c == 4:
+            image[3] += rim_map
+
+        coeffs = rng.uniform(-1.0, 1.0, (c, self._monomials.shape[0])).astype(np.float32)
+        poly = np.tensordot(coeffs, self._monomials, axes=1)
+        poly /= np.abs(poly).max(axis=(1, 2), keepdims=True) + 1e-6
+        image *= np.exp(self.bias_field * poly)
+        image += self.noise_std * rng.standard_normal((c, h, w), dtype=np.float32)
+        return _unit_std(image).astype(np.float32, copy=False)

@@ -1,0 +1,34 @@
+"""Denoising networks (plain ``nn.Module``s: no Lightning, no Hydra, no diffusion kernels).
+
+A denoiser is called as ``forward(x_t, t, cond)`` with ``cond = denoiser.encode_condition(image)``.
+"""
+
+from __future__ import annotations
+
+from diffseg_lightning.nets.blocks import (
+    AttentionBlock,
+    Downsample,
+    DynamicConditionalEncoding,
+    FFParser,
+    ResBlock,
+    TimestepEmbedding,
+    Upsample,
+    conv3x3,
+    norm_groups,
+    zero_module,
+)
+from diffseg_lightning.nets.medsegdiff import MedSegDiffUNet
+
+__all__ = [
+    "AttentionBlock",
+    "Downsample",
+    "DynamicConditionalEncoding",
+    "FFParser",
+    "MedSegDiffUNet",
+    "ResBlock",
+    "TimestepEmbedding",
+    "Upsample",
+    "conv3x3",
+    "norm_groups",
+    "zero_module",
+]
