@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffseg_lightning.callbacks import SummaryWriter
 from diffseg_lightning.entry import build_all, load_checkpoint, module_from_checkpoint, save_config
-from diffseg_lightning.utils import CONFIG_DIR, DiffSegError, user_errors
+from diffseg_lightning.utils import CONFIG_DIR, DiffSegError, run_cli, user_errors
 
 SPLITS = ("test", "val")
 
@@ -40,9 +40,14 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     with user_errors():
         evaluate(cfg)
+
+
+def main() -> None:
+    """Console script: run with one-line reports of config errors."""
+    run_cli(hydra_main)
 
 
 if __name__ == "__main__":

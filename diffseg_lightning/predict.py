@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from diffseg_lightning.callbacks import MaskWriter
 from diffseg_lightning.data import ImageFolder, SegmentationDataModule
 from diffseg_lightning.entry import load_checkpoint, module_from_checkpoint
-from diffseg_lightning.utils import CONFIG_DIR, user_errors
+from diffseg_lightning.utils import CONFIG_DIR, run_cli, user_errors
 
 
 def predict(cfg: DictConfig) -> None:
@@ -37,9 +37,14 @@ def predict(cfg: DictConfig) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     with user_errors():
         predict(cfg)
+
+
+def main() -> None:
+    """Console script: run with one-line reports of config errors."""
+    run_cli(hydra_main)
 
 
 if __name__ == "__main__":

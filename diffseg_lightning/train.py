@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffseg_lightning.entry import build_all, build_module, load_checkpoint, save_config
-from diffseg_lightning.utils import CONFIG_DIR, user_errors
+from diffseg_lightning.utils import CONFIG_DIR, run_cli, user_errors
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -25,22 +25,32 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=build_all(cfg.get("callbacks")),
                                      logger=build_all(cfg.get("logger")) or False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    # Our checkpoints carry RNG states (numpy) and the config: not loadable with weights_only=True.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.test(module, datamodule=datamodule, ckpt_path=best if best and Path(best).is_file() else None)
+        if best and Path(best).is_file():
+            # Load the best (EMA) weights ourselves: Lightning's ckpt_path="best" would let the EMA
+            # callback, still holding its fit-time state, restore the raw weights instead.
+            module.load_state_dict(load_checkpoint(best)["state_dict"])
+        trainer.test(module, datamodule=datamodule)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     return metrics
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     with user_errors():
         metrics = train(cfg)
     name = cfg.get("optimized_metric")
     value = metrics.get(name) if name else None
     return None if value is None or math.isnan(value) else value
+
+
+def main() -> None:
+    """Console script: run with one-line reports of config errors."""
+    run_cli(hydra_main)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,16 @@ from torch import nn
 
 from diffseg_lightning.nets import DynamicConditionalEncoding, FFParser, MedSegDiffUNet
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny tensors gain nothing from intra-op threads; one thread avoids oversubscription on shared CPUs."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 TINY = dict(base_channels=8, channel_mults=(1, 2, 4), attention_levels=(False, False, True), num_heads=4)
 
 
@@ -113,7 +123,9 @@ def test_hyperparameter_validation_and_hydra_lists() -> None:
 # ---------------------------------------------------------------------------- gradients
 @pytest.mark.parametrize("dynamic", [True, False])
 def test_every_parameter_gets_a_gradient(dynamic: bool) -> None:
-    net = tiny_net(dynamic_encoding=dynamic, ff_parser=True, num_res_blocks=2, attention_levels=(False, True, True))
+    net = tiny_net(
+        dynamic_encoding=dynamic, ff_parser=True, num_res_blocks=2, attention_levels=(False, True, True)
+    )
     x_t, t, image = inputs(2, 1, 1, 32, 32)
     target = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(5))
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -127,9 +139,7 @@ def test_every_parameter_gets_a_gradient(dynamic: bool) -> None:
     assert net.out[-1].conv.weight.grad.abs().sum() > 0
     opt.step()
     backward()
-    missing = [
-        name for name, p in net.named_parameters() if p.grad is None or not torch.any(p.grad != 0)
-    ]
+    missing = [name for name, p in net.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
     assert not missing, f"parameters without gradient: {missing}"
 
 

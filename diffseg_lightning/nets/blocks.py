@@ -137,9 +137,11 @@ class TimestepEmbedding(nn.Module):
 class ResBlock(nn.Module):
     """Pre-activation residual block with an optional timestep embedding.
 
-    ``h = conv(drop(act(norm(conv(act(norm(x))) + proj(emb))))) ; out = skip(x) + h``,
-    as in the ADM / guided-diffusion U-Net that MedSegDiff builds on (Wu et al.,
-    "MedSegDiff: Medical Image Segmentation with Diffusion Probabilistic Model", MIDL 2023).
+    ``h = norm(conv(act(norm(x))))``, ``h = h * (1 + s) + b`` with ``(s, b) = proj(act(emb))``,
+    ``out = skip(x) + conv(drop(act(h)))``: the ADM / guided-diffusion block with
+    ``use_scale_shift_norm`` that MedSegDiff builds on (Wu et al., "MedSegDiff: Medical Image
+    Segmentation with Diffusion Probabilistic Model", MIDL 2023). Without an embedding
+    the scale-shift step is skipped.
 
     Written here rather than taken from MONAI's ``DiffusionUNetResnetBlock`` because that
     block has no dropout, requires a timestep embedding (the condition encoder has none)
@@ -167,7 +169,9 @@ class ResBlock(nn.Module):
         self.out_channels = out_channels
         self.norm1 = nn.GroupNorm(norm_groups(in_channels), in_channels)
         self.conv1 = conv3x3(in_channels, out_channels)
-        self.emb_proj = nn.Linear(emb_channels, out_channels) if emb_channels is not None else None
+        # Scale-shift (FiLM) conditioning after the second norm: an additive embedding before a
+        # GroupNorm with one channel per group (e.g. 32 channels, 32 groups) is removed by it.
+        self.emb_proj = nn.Linear(emb_channels, 2 * out_channels) if emb_channels is not None else None
         self.norm2 = nn.GroupNorm(norm_groups(out_channels), out_channels)
         self.dropout = nn.Dropout(float(dropout))
         self.conv2 = conv3x3(out_channels, out_channels)
@@ -188,12 +192,13 @@ class ResBlock(nn.Module):
         Returns:
             (B, C_out, H, W) features.
         """
-        h = self.conv1(self.act(self.norm1(x)))
+        h = self.norm2(self.conv1(self.act(self.norm1(x))))
         if self.emb_proj is not None:
             if emb is None:
                 raise ValueError("this ResBlock was built with a timestep embedding; pass `emb`")
-            h = h + self.emb_proj(self.act(emb))[:, :, None, None]
-        h = self.conv2(self.dropout(self.act(self.norm2(h))))
+            scale, shift = self.emb_proj(self.act(emb))[:, :, None, None].chunk(2, dim=1)
+            h = h * (1 + scale) + shift
+        h = self.conv2(self.dropout(self.act(h)))
         return self.skip(x) + h
 
 

@@ -192,7 +192,9 @@ class MedSegDiffUNet(nn.Module):
         self.use_ff_parser = bool(ff_parser)
         self.num_levels = len(mults)
         self.downsample_factor = 2 ** (self.num_levels - 1)
-        if self.use_ff_parser and (ref_size[0] % self.downsample_factor or ref_size[1] % self.downsample_factor):
+        if self.use_ff_parser and (
+            ref_size[0] % self.downsample_factor or ref_size[1] % self.downsample_factor
+        ):
             raise ValueError(
                 f"ff_parser_size {ref_size} must be divisible by the downsampling factor "
                 f"{self.downsample_factor} (= 2**(len(channel_mults)-1))"
@@ -222,7 +224,9 @@ class MedSegDiffUNet(nn.Module):
         self.cond_stages = nn.ModuleList(
             nn.Sequential(
                 *(
-                    ResBlock((chans[k - 1] if k > 0 else chans[0]) if i == 0 else chans[k], chans[k], None, drop)
+                    ResBlock(
+                        (chans[k - 1] if k > 0 else chans[0]) if i == 0 else chans[k], chans[k], None, drop
+                    )
                     for i in range(nrb)
                 )
             )
@@ -230,7 +234,9 @@ class MedSegDiffUNet(nn.Module):
         )
         # Per-level FF-Parser and dynamic conditional encoding.
         self.ff_parsers = nn.ModuleList(
-            FFParser(chans[k], (ref_size[0] // 2**k, ref_size[1] // 2**k)) if self.use_ff_parser else nn.Identity()
+            FFParser(chans[k], (ref_size[0] // 2**k, ref_size[1] // 2**k))
+            if self.use_ff_parser
+            else nn.Identity()
             for k in range(self.num_levels)
         )
         self.fusions = nn.ModuleList(DynamicConditionalEncoding(chans[k]) for k in range(self.num_levels))
@@ -300,9 +306,7 @@ class MedSegDiffUNet(nn.Module):
     def _cond_shapes(self, batch: int, height: int, width: int) -> list[tuple[int, ...]]:
         if self.dynamic_encoding:
             return [(batch, self.level_channels[0], height, width)]
-        return [
-            (batch, c, height // 2**k, width // 2**k) for k, c in enumerate(self.level_channels)
-        ]
+        return [(batch, c, height // 2**k, width // 2**k) for k, c in enumerate(self.level_channels)]
 
     def _check_cond(self, cond: Tensor | Sequence[Tensor], x_t: Tensor) -> tuple[Tensor, ...]:
         feats = (cond,) if isinstance(cond, Tensor) else tuple(cond)
@@ -389,7 +393,7 @@ class MedSegDiffUNet(nn.Module):
         feats = self._check_cond(cond, x_t)
         return (feats[0], None) if self.dynamic_encoding else (None, feats)
 
-    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | Sequence[Tensor]) -> Tensor:
+    def forward(self, x_t: Tensor, t: Tensor | int | float, cond: Tensor | Sequence[Tensor]) -> Tensor:
         """Predict from the noisy mask, the timestep and the cached condition.
 
         Args:
@@ -427,7 +431,9 @@ class MedSegDiffUNet(nn.Module):
         self._check_x_t(x_t)
         self._check_image(image)
         if image.shape[0] != x_t.shape[0] or image.shape[-2:] != x_t.shape[-2:]:
-            raise ValueError(f"image {tuple(image.shape)} does not match x_t {tuple(x_t.shape)} in batch or size")
+            raise ValueError(
+                f"image {tuple(image.shape)} does not match x_t {tuple(x_t.shape)} in batch or size"
+            )
         t = self._timesteps(t, x_t)
         return self._run(x_t, t, self.cond_stem(image), None)
 

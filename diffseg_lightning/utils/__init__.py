@@ -1,6 +1,6 @@
 """Shared helpers: user-facing errors, config resolvers, run-directory I/O."""
 
-from diffseg_lightning.utils.errors import DiffSegError, user_errors
+from diffseg_lightning.utils.errors import DiffSegError, run_cli, user_errors
 from diffseg_lightning.utils.resolvers import CONFIG_DIR, register_resolvers
 
-__all__ = ["CONFIG_DIR", "DiffSegError", "register_resolvers", "user_errors"]
+__all__ = ["CONFIG_DIR", "DiffSegError", "register_resolvers", "run_cli", "user_errors"]

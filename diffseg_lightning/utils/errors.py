@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-log = logging.getLogger("diffseg")
+from hydra.errors import HydraException, InstantiationException
+from omegaconf.errors import OmegaConfBaseException
+
+USER_ERRORS = (ValueError, FileNotFoundError)
 
 
 class DiffSegError(RuntimeError):
@@ -19,18 +21,47 @@ class NonFiniteLossError(DiffSegError):
     """The training loss became NaN or infinite."""
 
 
+def one_line(message: str) -> str:
+    """Collapse a (possibly multi-line) message to one line, dropping Hydra's search-path listing."""
+    return " ".join(message.split("Config search path")[0].split())
+
+
+def _exit_with(message: str) -> None:
+    message = one_line(message)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn :class:`DiffSegError` and option ``ValueError``s into a one-line message and exit code 1.
+    """Turn errors the user can fix into a one-line ``error: ...`` message and exit code 1.
 
-    Set ``DIFFSEG_FULL_ERROR=1`` to see the full traceback instead.
+    Covers :class:`DiffSegError`, option ``ValueError``s (also when raised inside a Hydra
+    ``instantiate``) and missing files. Set ``DIFFSEG_FULL_ERROR=1`` to get the traceback instead.
     """
     try:
         yield
-    except (DiffSegError, ValueError, FileNotFoundError) as err:
+    except InstantiationException as err:
+        cause = err.__cause__
+        if os.environ.get("DIFFSEG_FULL_ERROR") or not isinstance(cause, (DiffSegError, *USER_ERRORS)):
+            raise
+        _exit_with(f"{cause} ({one_line(str(err)).split(':')[0]})")
+    except (DiffSegError, *USER_ERRORS) as err:
         if os.environ.get("DIFFSEG_FULL_ERROR"):
             raise
-        message = " ".join(str(err).split())
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        log.error(message)
-        raise SystemExit(1) from None
+        _exit_with(str(err))
+
+
+def run_cli(hydra_main: Callable[[], object]) -> None:
+    """Run a ``@hydra.main`` function, reporting config errors (unknown option, missing group) in one line.
+
+    Hydra prints its own multi-line report unless ``HYDRA_FULL_ERROR`` is set; we set it so the
+    exception reaches us, and print its first sentence instead.
+    """
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        hydra_main()
+    except (HydraException, OmegaConfBaseException) as err:
+        if os.environ.get("DIFFSEG_FULL_ERROR"):
+            raise
+        _exit_with(str(err))

@@ -1,0 +1,68 @@
+"""Shared fixtures: Hydra compose helpers and a tiny trained checkpoint."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from diffseg_lightning.utils import CONFIG_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Settings that keep a run to seconds on 2 CPU cores; the method and code paths are the real ones.
+TINY = [
+    "data.size=32",
+    "data.num_train=32",
+    "data.num_val=8",
+    "data.num_test=8",
+    "data.batch_size=8",
+    "data.eval_batch_size=8",
+    "model.denoiser.base_channels=8",
+    "model.denoiser.channel_mults=[1,2]",
+    "model.denoiser.attention_levels=[false,true]",
+    "sampler.num_steps=2",
+    "sampler.num_samples=2",
+    "trainer.max_epochs=1",
+    "trainer.accelerator=cpu",
+    "trainer.enable_model_summary=false",
+    "logger=csv",
+    "~callbacks.progress_bar",
+]
+
+
+def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictConfig:
+    """Compose a primary config as the CLI would, with the run directory fixed to ``output_dir``."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(name, overrides=[*overrides, f"paths.output_dir={output_dir}"])
+
+
+def run_cli(script: str, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a console script (``diffseg-train`` ...) in ``cwd`` and capture its output."""
+    exe = Path(sys.executable).parent / script
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A tiny model trained for one epoch in-process; returns its run directory (with checkpoints/)."""
+    from diffseg_lightning.train import train
+
+    out = tmp_path_factory.mktemp("trained")
+    train(compose_config("train", TINY, out))
+    return out
+
+
+def shared_data(name: str) -> Path:
+    """The real data subset ``../shared/data/<name>``, or skip with the reason when it is absent."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"real data subset {path} is absent (it lives outside the repository)")
+    return path
