@@ -19,8 +19,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("ckpt_path"):
         load_checkpoint(cfg.ckpt_path)  # fail early with a clear message
-    save_config(cfg, cfg.paths.output_dir)
     datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")  # bad data fails here, before anything is written to the run directory
+    save_config(cfg, cfg.paths.output_dir)
     module = build_module(cfg.model, cfg.noise, cfg.sampler)
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=build_all(cfg.get("callbacks")),

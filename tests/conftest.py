@@ -17,11 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 # Settings that keep a run to seconds on 2 CPU cores; the method and code paths are the real ones.
-TINY = [
+TINY_MODEL = [
     "data.size=32",
-    "data.num_train=32",
-    "data.num_val=8",
-    "data.num_test=8",
     "data.batch_size=8",
     "data.eval_batch_size=8",
     "model.denoiser.base_channels=8",
@@ -35,6 +32,7 @@ TINY = [
     "logger=csv",
     "~callbacks.progress_bar",
 ]
+TINY = [*TINY_MODEL, "data.num_train=32", "data.num_val=8", "data.num_test=8"]  # for data=synthetic
 
 
 def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictConfig:

@@ -40,12 +40,14 @@ What a case looks like (all sizes scale with ``min(H, W)``; the numbers are for 
   roughly zero mean / unit scale whatever the options.
 * **Annotators.** With ``num_annotators = A > 1`` each annotator's mask is the level set
   ``sdf + offset_a > 0`` of the reference's signed distance (``+`` inside, boundary
-  pixels at ``+-0.5``), where ``offset_a`` is an annotator style (a fixed
-  dilate/erode tendency from ``-m/2`` for annotator 0 to ``+m/2`` for annotator A-1,
-  consistent across cases, like LIDC's readers), a per-case jitter and a smooth random
-  field (elastic boundary jitter), clipped to ``[-m, m]`` with
-  ``m = max(1.5, min(H, W) / 32)`` px. Annotators therefore disagree with each other
-  and with the reference only within ``m + 0.5`` px of the reference boundary.
+  pixels at ``+-0.5``). ``offset_a`` combines an annotator style (a fixed erode/dilate
+  tendency from annotator 0 to annotator A-1, consistent across cases, like LIDC's
+  readers), a per-case jitter and a smooth random field (elastic boundary jitter),
+  scaled by the nearest shape's boundary uncertainty ``clip(0.2 r, 1.25, m)`` px (``r`` its
+  equivalent radius, ``m = max(1.5, min(H, W) / 32)`` px, the ``max_shift`` attribute)
+  and bounded by it. Annotators therefore disagree with each other and with the
+  reference only within ``m + 0.5`` px of the reference boundary. No two annotators of
+  a non-empty case are identical (a one-pixel tie-break on the boundary ring).
 
 Difficulty: lesion contrast is often below the background texture's range and the bias
 field moves intensities by up to +-30 %, so a single global threshold does badly (best
@@ -57,6 +59,7 @@ learnable by a small network. Generation costs well under a millisecond per 64x6
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -136,7 +139,9 @@ def _check_size(size: Any) -> tuple[int, int]:
     """
     if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
         pair: tuple[Any, ...] = (size, size)
-    elif isinstance(size, (tuple, list)) and len(size) == 2:
+    elif (
+        isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2
+    ):  # also Hydra's ListConfig
         pair = tuple(size)
     else:
         raise ValueError(
@@ -325,7 +330,11 @@ class SyntheticSegmentation(Dataset):
         super().__init__()
         self.num_cases = _check_int("num_cases", num_cases, 1)
         self.size = _check_size(size)
-        if isinstance(channels, bool) or channels not in _VALID_CHANNELS:
+        if (
+            isinstance(channels, bool)
+            or not isinstance(channels, (int, np.integer))
+            or channels not in _VALID_CHANNELS
+        ):
             raise ValueError(
                 f"SyntheticSegmentation: channels must be one of {_VALID_CHANNELS}, got {channels!r}"
             )
@@ -359,11 +368,10 @@ class SyntheticSegmentation(Dataset):
             _lattice_matrix(h, self.jitter_sigma),
             _lattice_matrix(w, self.jitter_sigma),
         )
-        # Annotator styles: a fixed dilate (+) / erode (-) tendency per annotator.
+        # Annotator styles: a fixed erode (-) / dilate (+) tendency per annotator, in units
+        # of the boundary uncertainty of the shape (see _draw_annotators).
         a = self.num_annotators
-        self.annotator_styles = (
-            np.linspace(-0.5, 0.5, a) * self.max_shift if a > 1 else np.zeros(1, dtype=np.float64)
-        )
+        self.annotator_styles = np.linspace(-0.5, 0.5, a) if a > 1 else np.zeros(1)
         yy = np.linspace(-1.0, 1.0, h)[:, None]
         xx = np.linspace(-1.0, 1.0, w)[None, :]
         # Quadratic monomials for the bias field: (6, H * W).
@@ -423,7 +431,7 @@ class SyntheticSegmentation(Dataset):
         # then the image, so the masks do not depend on channels / noise / bias / texture.
         instances, densities = self._draw_shapes(rng)
         mask = instances > 0
-        masks = self._draw_annotators(rng, mask) if self.num_annotators > 1 else mask[None]
+        masks = self._draw_annotators(rng, instances) if self.num_annotators > 1 else mask[None]
         image = self._draw_image(rng, instances, densities)
 
         return {
@@ -526,43 +534,70 @@ class SyntheticSegmentation(Dataset):
         return instances, densities
 
     # -------------------------------------------------------------- annotators
-    def _draw_annotators(self, rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
+    def _draw_annotators(self, rng: np.random.Generator, instances: np.ndarray) -> np.ndarray:
         """Perturbs the reference boundary once per annotator (level set of a shifted SDF).
+
+        Annotator ``a`` draws ``sdf + amp * clip(style_a + jitter_a + 0.35 field_a, -1, 1) > 0``:
+        ``sdf`` is the reference's signed distance (+ inside, boundary pixels at +-0.5),
+        ``style_a`` runs from -0.5 (annotator 0, erodes) to +0.5 (annotator A-1, dilates),
+        ``jitter_a ~ U(-0.15, 0.15)`` per case and ``field_a`` a smooth unit random field
+        (elastic boundary jitter). ``amp`` is the boundary uncertainty of the nearest shape,
+        ``clip(0.2 r, 1.25, max_shift)`` px for a shape of equivalent radius ``r``, so small
+        shapes are not wiped out and large ones vary by up to ``max_shift`` px.
 
         Args:
             rng: The case's random stream.
-            mask: bool ``(H, W)`` reference.
+            instances: int64 ``(H, W)`` instance map of the reference.
 
         Returns:
-            bool ``(A, H, W)``; differs from ``mask`` only where the reference's signed
-            distance is below ``max_shift`` in magnitude, i.e. within ``max_shift + 0.5`` px
-            of its boundary. All empty when ``mask`` is empty (no stream consumed).
+            bool ``(A, H, W)``; differs from the reference only where ``|sdf| < max_shift``,
+            i.e. within ``max_shift + 0.5`` px of its boundary, and no two annotators are
+            identical (see the tie-break below). All empty when the reference is empty (no
+            stream consumed).
         """
         a = self.num_annotators
         h, w = self.size
+        mask = instances > 0
         if not mask.any():
             return np.zeros((a, h, w), dtype=bool)
         m = self.max_shift
         noise = rng.standard_normal((a, self._jit_h.shape[1], self._jit_w.shape[1]), dtype=np.float32)
         field = _unit_std(_smooth_field(self._jit_h, noise, self._jit_w))
-        offset = (
-            self.annotator_styles[:, None, None] + rng.uniform(-0.2, 0.2, (a, 1, 1)) * m + 0.4 * m * field
-        )
-        np.clip(offset, -m, m, out=offset)
-        # Signed distance (+ inside, boundary pixels at +-0.5) on the mask's bounding box
-        # grown by ceil(m) + 2 px: every pixel that can change lies inside it.
+        unit = self.annotator_styles[:, None, None] + rng.uniform(-0.15, 0.15, (a, 1, 1)) + 0.35 * field
+        np.clip(unit, -1.0, 1.0, out=unit)
+        # Signed distance and nearest shape on the mask's bounding box grown by ceil(m) + 2
+        # px: every pixel that can change lies inside it.
         pad = int(math.ceil(m)) + 2
         rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
         ys = slice(max(0, rows[0] - pad), min(h, rows[-1] + pad + 1))
         xs = slice(max(0, cols[0] - pad), min(w, cols[-1] + pad + 1))
-        crop = mask[ys, xs]
+        crop, inst = mask[ys, xs], instances[ys, xs]
+        dist_out, (iy, ix) = ndimage.distance_transform_edt(~crop, return_indices=True)
         sdf = np.full((h, w), -np.inf)
-        sdf[ys, xs] = np.where(
-            crop,
-            ndimage.distance_transform_edt(crop) - 0.5,
-            0.5 - ndimage.distance_transform_edt(~crop),
-        )
-        return sdf[None] + offset > 0.0
+        sdf[ys, xs] = np.where(crop, ndimage.distance_transform_edt(crop) - 0.5, 0.5 - dist_out)
+        radius = np.sqrt(np.bincount(inst.ravel()) / math.pi)
+        amp_of_id = np.clip(0.2 * radius, 1.25, m)
+        amp = np.zeros((h, w))
+        amp[ys, xs] = amp_of_id[inst[iy, ix]]
+        level = sdf[None] + amp * unit
+        masks = level > 0.0
+        # Distinct annotators (tie-break): on a small shape two level sets can fall between
+        # the same lattice distances and coincide. Then the later annotator flips the pixel
+        # of the boundary rings (|sdf| = 0.5) where it was least sure (smallest |level|),
+        # skipping pixels whose flip would make it equal to another earlier annotator.
+        ring = np.flatnonzero(np.abs(sdf.ravel()) < 0.75)
+        for i in range(1, a):
+            diffs = masks[:i] != masks[i]  # (i, H, W)
+            counts = diffs.sum(axis=(1, 2))
+            if counts.min() > 0:
+                continue
+            taken = diffs[counts == 1].any(axis=0).ravel()  # flips that would copy another one
+            order = ring[np.argsort(np.abs(level[i].ravel()[ring]), kind="stable")]
+            free = order[~taken[order]]
+            if free.size:  # always, unless a shape of a few pixels has more annotators than ring pixels
+                flat = masks[i].reshape(-1)
+                flat[free[0]] = not flat[free[0]]
+        return masks
 
     # ------------------------------------------------------------------- image
     def _draw_image(

@@ -27,6 +27,7 @@ Masks live in kernel space ``[-1, 1]`` (``encode_mask``: ``x0 = 2 m - 1``).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +48,21 @@ OBJECTIVES: tuple[str, ...] = ("epsilon", "x0")
 SAMPLERS: tuple[str, ...] = ("ddim", "ddpm")
 
 _LOG2 = math.log(2.0)
+
+
+class _Respaced(NamedTuple):
+    """Per-sample coefficients of a strided step ``t -> t_prev``, each ``(B, 1, ..., 1)``."""
+
+    sqrt_abar: Tensor
+    sqrt_one_minus_abar: Tensor
+    sqrt_abar_prev: Tensor
+    one_minus_abar_prev: Tensor
+    coef_x0: Tensor
+    coef_xt: Tensor
+    var: Tensor  # posterior ("fixed small") variance of the respaced chain
+    beta: Tensor  # respaced beta, 1 - abar_t / abar_prev
+    valid: Tensor  # 1.0 where t_prev >= 0, 0.0 on the final step
+
 # floor for log-variances whose variance is exactly 0 (the final step, t_prev = -1)
 _TINY_VAR = 1e-20
 
@@ -242,7 +258,7 @@ class GaussianKernel(nn.Module):
         return values.reshape(values.shape[0], *([1] * (ndim - 1)))
 
     def _gather(self, buf: Tensor, t: Tensor, ndim: int) -> Tensor:
-        return self._bcast(buf[t], ndim)
+        return self._bcast(buf.index_select(0, t), ndim)
 
     def split_output(self, model_output: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor | None]:
         """Split the network output into its mean part and (with learned variance) ``v``.
@@ -290,16 +306,20 @@ class GaussianKernel(nn.Module):
         t = self._batch_t(t, x_t.shape[0])
         sa = self._gather(self.sqrt_alphas_cumprod, t, x_t.ndim)
         s1 = self._gather(self.sqrt_one_minus_alphas_cumprod, t, x_t.ndim)
+        x0, eps = self._x0_eps(out, x_t, sa, s1, self.clip_x0 if clip is None else clip)
+        return x0, eps, v
+
+    def _x0_eps(self, out: Tensor, x_t: Tensor, sa: Tensor, s1: Tensor, clip: bool) -> tuple[Tensor, Tensor]:
         if self.objective == "epsilon":
             eps = out
             x0 = (x_t - s1 * eps) / sa
         else:
             x0 = out
             eps = (x_t - sa * x0) / s1
-        if self.clip_x0 if clip is None else clip:
+        if clip:
             x0 = x0.clamp(-1.0, 1.0)
             eps = (x_t - sa * x0) / s1
-        return x0, eps, v
+        return x0, eps
 
     # ------------------------------------------------------------------ forward process
     def sample_prior(
@@ -462,27 +482,41 @@ class GaussianKernel(nn.Module):
         Returns:
             ``(mean, variance, beta)``: mean ``(B, C, H, W)``, variance and respaced beta ``(B, 1, 1, 1)``.
         """
-        coef_x0, coef_xt, var, beta, _ = self._respaced(t, t_prev, x_t)
-        return coef_x0 * x0 + coef_xt * x_t, var, beta
+        b = x_t.shape[0]
+        c = self._respaced(self._batch_t(t, b), self._batch_t(t_prev, b, "t_prev"), x_t.ndim)
+        return c.coef_x0 * x0 + c.coef_xt * x_t, c.var, c.beta
 
-    def _respaced(
-        self, t: Tensor | int, t_prev: Tensor | int, x_t: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Posterior coefficients of ``t -> t_prev`` and ``log abar_prev``, each ``(B, 1, ..., 1)``."""
-        b, nd = x_t.shape[0], x_t.ndim
-        t = self._batch_t(t, b)
-        t_prev = self._batch_t(t_prev, b, "t_prev")
-        la_t = self._gather(self.log_alphas_cumprod, t, nd)
-        la_p = torch.where(
-            self._bcast(t_prev >= 0, nd), self._gather(self.log_alphas_cumprod, t_prev.clamp(min=0), nd), 0.0
-        )
-        one_m_at = self._gather(self.one_minus_alphas_cumprod, t, nd)
+    def _respaced(self, t: Tensor, t_prev: Tensor, ndim: int) -> _Respaced:
+        """Coefficients of the strided step ``t -> t_prev`` (both ``(B,)``), each shaped ``(B, 1, ..., 1)``.
+
+        Computed on ``(B,)`` vectors from ``log abar`` (ratios with ``expm1`` for accuracy). For
+        ``t_prev = -1``, ``log abar_prev = 0`` makes the coefficients exactly those of
+        ``x_prev = x0`` (``coef_x0 = 1``, ``coef_xt = 0``, ``var = 0``, ``sqrt_abar_prev = 1``),
+        so no full-size ``where`` is needed.
+        """
+        valid = (t_prev >= 0).to(self.log_alphas_cumprod.dtype)
+        la_t = self.log_alphas_cumprod.index_select(0, t)
+        la_p = self.log_alphas_cumprod.index_select(0, t_prev.clamp(min=0)) * valid
+        one_m_at = -torch.expm1(la_t)
         one_m_ap = -torch.expm1(la_p)
-        beta = -torch.expm1(la_t - la_p)  # 1 - abar_t / abar_prev
-        coef_x0 = torch.exp(0.5 * la_p) * beta / one_m_at
-        coef_xt = torch.exp(0.5 * (la_t - la_p)) * one_m_ap / one_m_at
+        beta = -torch.expm1(la_t - la_p)  # 1 - abar_t / abar_prev; equals one_m_at bitwise when la_p = 0
+        sqrt_ap = torch.exp(0.5 * la_p)
+        coef_x0 = sqrt_ap * beta / one_m_at
+        coef_xt = torch.exp(0.5 * (la_t - la_p)) * (one_m_ap / one_m_at)
         var = one_m_ap / one_m_at * beta
-        return coef_x0, coef_xt, var, beta, la_p
+        fields = [
+            self.sqrt_alphas_cumprod.index_select(0, t),
+            self.sqrt_one_minus_alphas_cumprod.index_select(0, t),
+            sqrt_ap,
+            one_m_ap,
+            coef_x0,
+            coef_xt,
+            var,
+            beta,
+            valid,
+        ]
+        table = torch.stack(fields, 1).reshape(t.shape[0], len(fields), *([1] * (ndim - 1)))
+        return _Respaced(*table.unbind(1))
 
     def step(
         self,
@@ -495,14 +529,15 @@ class GaussianKernel(nn.Module):
         """One strided reverse step from the noise level of ``t`` to that of ``t_prev``.
 
         ``"ddpm"``: a draw from ``q(x_{t_prev} | x_t, x0_pred)`` (``q_posterior``), with the
-        fixed small variance or, with learned variance, ``exp(v' log beta + (1 - v') log var)``
-        where ``beta`` and ``var`` are the respaced ones (Nichol & Dhariwal 2021, Eq. 15, Sec. 4).
-        ``"ddim"`` (Song et al. 2021, Eq. 12 and 16):
+        fixed small variance or, with learned variance, ``exp(v' log beta + (1 - v') log var)``,
+        ``v' = (v + 1) / 2``, where ``beta`` and ``var`` are the respaced ones (Nichol & Dhariwal
+        2021, Eq. 15 and Sec. 4). ``"ddim"`` (Song et al. 2021, Eq. 12 and 16):
         ``x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z`` with
         ``sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)``; DDIM
-        ignores a learned variance. ``t_prev = -1`` is the final step: ``x_prev = x0_pred``.
-        No host synchronisation: per-sample choices use ``torch.where``. The caller guarantees
-        ``t_prev < t``.
+        ignores a learned variance, and with ``eta = 0`` draws nothing. ``x0_pred`` and ``eps``
+        come from ``predict_x0_eps`` (clamped and re-derived when ``clip_x0``). ``t_prev = -1``
+        is the final step: ``x_prev = x0_pred``, no noise. No host synchronisation: per-sample
+        choices use ``torch.where``. The caller guarantees ``-1 <= t_prev < t``.
 
         Args:
             model_output: ``(B, C, H, W)``, or ``(B, 2C, H, W)`` with learned variance.
@@ -514,29 +549,27 @@ class GaussianKernel(nn.Module):
         Returns:
             ``(x_prev, x0_pred)``, each ``(B, C, H, W)``.
         """
-        x0, eps, v = self.predict_x0_eps(model_output, x_t, t)
-        b, nd = x_t.shape[0], x_t.ndim
-        final = self._bcast(self._batch_t(t_prev, b, "t_prev") < 0, nd)
-        coef_x0, coef_xt, var, beta, la_p = self._respaced(t, t_prev, x_t)
+        b = x_t.shape[0]
+        c = self._respaced(self._batch_t(t, b), self._batch_t(t_prev, b, "t_prev"), x_t.ndim)
+        out, v = self.split_output(model_output, x_t)
+        x0, eps = self._x0_eps(out, x_t, c.sqrt_abar, c.sqrt_one_minus_abar, self.clip_x0)
         if self.sampling == "ddim":
-            one_m_ap = -torch.expm1(la_p)
-            x_prev = torch.exp(0.5 * la_p) * x0
+            x_prev = c.sqrt_abar_prev * x0
             if self.eta > 0.0:
-                sigma2 = self.eta**2 * var  # eta^2 (1 - abar_prev)/(1 - abar_t) (1 - abar_t/abar_prev)
-                x_prev = x_prev + (one_m_ap - sigma2).clamp(min=0.0).sqrt() * eps
+                sigma2 = self.eta**2 * c.var  # eta^2 (1 - abar_prev)/(1 - abar_t) (1 - abar_t/abar_prev)
+                x_prev = x_prev + (c.one_minus_abar_prev - sigma2).clamp(min=0.0).sqrt() * eps
                 noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
                 x_prev = x_prev + sigma2.sqrt() * noise
             else:
-                x_prev = x_prev + one_m_ap.sqrt() * eps
+                x_prev = x_prev + c.one_minus_abar_prev.sqrt() * eps
         else:
-            mean = coef_x0 * x0 + coef_xt * x_t
-            if v is None:
-                std = var.sqrt()
-            else:
-                frac = (v + 1.0) / 2.0
-                log_var = frac * torch.log(beta) + (1.0 - frac) * torch.log(var.clamp(min=_TINY_VAR))
-                std = torch.exp(0.5 * log_var)
+            x_prev = c.coef_x0 * x0 + c.coef_xt * x_t
             noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-            x_prev = mean + torch.where(final, 0.0, std) * noise
-        x_prev = torch.where(final, x0, x_prev)
+            if v is None:
+                x_prev = x_prev + c.var.sqrt() * noise
+            else:
+                log_small = torch.log(c.var.clamp(min=_TINY_VAR))
+                half_gap = 0.25 * (torch.log(c.beta) - log_small)  # 0.5 * v' * (log beta - log var), v' = (v+1)/2
+                std = torch.exp((v + 1.0) * half_gap + 0.5 * log_small)
+                x_prev = x_prev + (std * c.valid) * noise
         return x_prev, x0
