@@ -41,7 +41,9 @@ def linear_abar64(T: int = T) -> torch.Tensor:
     return torch.cumprod(1 - torch.linspace(1e-4, 0.02, T, dtype=torch.float64), 0)
 
 
-def oracle_output(k: GaussianKernel, x: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, var_channel: float = 0.0):
+def oracle_output(
+    k: GaussianKernel, x: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, var_channel: float = 0.0
+):
     """A perfect network: the true noise of x (or x0 itself), plus a constant variance channel."""
     abar = k.alphas_cumprod[t].view(-1, *([1] * (x.ndim - 1)))
     out = x0.clone() if k.objective == "x0" else (x - abar.sqrt() * x0) / (1 - abar).sqrt()
@@ -71,10 +73,14 @@ def run_chain(k, x0, num_steps, gen, var_channel=0.0, check_marginals=True):
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         tb = torch.full((x0.shape[0],), t, dtype=torch.long)
-        x, x0_pred = k.step(oracle_output(k, x, x0, tb, var_channel), tb, torch.full_like(tb, t_prev), x, generator=gen)
+        x, x0_pred = k.step(
+            oracle_output(k, x, x0, tb, var_channel), tb, torch.full_like(tb, t_prev), x, generator=gen
+        )
         if check_marginals and t_prev >= 0:
             zm, zv = marginal_zscores(x, x0, abar[t_prev].item())
-            assert abs(zm) <= Z and abs(zv) <= Z, f"{num_steps} steps, {t}->{t_prev}: z(mean)={zm:.1f}, z(var)={zv:.1f}"
+            assert abs(zm) <= Z and abs(zv) <= Z, (
+                f"{num_steps} steps, {t}->{t_prev}: z(mean)={zm:.1f}, z(var)={zv:.1f}"
+            )
     assert torch.equal(x, x0_pred), "the final step must return x0_pred"
     return x0_pred
 
@@ -170,15 +176,21 @@ def test_inference_timesteps_out_of_range(bad):
 
 # ----------------------------------------------------------------------------- schedules
 def test_linear_schedule_is_linspace():
-    assert torch.equal(make_beta_schedule("linear", 1000), torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+    assert torch.equal(
+        make_beta_schedule("linear", 1000), torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    )
     # improved-DDPM rescaling keeps the curve for other T
-    assert torch.equal(make_beta_schedule("linear", 500), torch.linspace(2e-4, 0.04, 500, dtype=torch.float64))
+    assert torch.equal(
+        make_beta_schedule("linear", 500), torch.linspace(2e-4, 0.04, 500, dtype=torch.float64)
+    )
     assert make_beta_schedule("linear", 1000).dtype == torch.float64
     k = GaussianKernel()
     # golden value of DDPM's alpha_bar_T: prod(1 - beta), computed with math.prod
     golden = math.prod(1 - (1e-4 + (0.02 - 1e-4) * i / 999) for i in range(1000))
     assert abs(golden - 4.0358297653756754e-05) < 1e-15
-    torch.testing.assert_close(k.alphas_cumprod[-1].double(), torch.tensor(golden, dtype=torch.float64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        k.alphas_cumprod[-1].double(), torch.tensor(golden, dtype=torch.float64), rtol=1e-5, atol=0
+    )
     torch.testing.assert_close(k.alphas_cumprod.double(), linear_abar64(), rtol=1e-5, atol=0)
 
 
@@ -189,8 +201,14 @@ def test_cosine_schedule_closed_form():
         return math.cos(((t / T + s) / (1 + s)) * math.pi / 2) ** 2
 
     abar = torch.cumprod(1 - make_beta_schedule("cosine", T), 0)
-    golden = {0: 0.999958715775178, 1: 0.9999125759273678, 249: 0.8470121613269047, 499: 0.49384359044063775,
-              749: 0.1442721023857358, 998: 2.428766907034851e-06}  # f(i + 1) / f(0), written down by hand
+    golden = {
+        0: 0.999958715775178,
+        1: 0.9999125759273678,
+        249: 0.8470121613269047,
+        499: 0.49384359044063775,
+        749: 0.1442721023857358,
+        998: 2.428766907034851e-06,
+    }  # f(i + 1) / f(0), written down by hand
     for i, value in golden.items():
         assert abs(f(i + 1) / f(0) - value) < 1e-15
         assert abs(abar[i].item() - value) <= 1e-12 * value + 1e-15, i
@@ -206,7 +224,9 @@ def test_buffers_no_parameters():
     k = GaussianKernel()
     assert list(k.parameters()) == [] and k.state_dict() == {}
     assert k.alphas_cumprod.shape == (T,) and k.alphas_cumprod.dtype == torch.float32
-    assert k.model_output_channels(3) == 3 and GaussianKernel(learn_variance=True).model_output_channels(3) == 6
+    assert (
+        k.model_output_channels(3) == 3 and GaussianKernel(learn_variance=True).model_output_channels(3) == 6
+    )
     assert k.double().alphas_cumprod.dtype == torch.float64  # buffers follow .to()
 
 
@@ -215,7 +235,9 @@ def test_encode_decode():
     m = torch.tensor([[0.0, 1.0]])
     assert torch.equal(k.encode_mask(m), torch.tensor([[-1.0, 1.0]]))
     assert torch.equal(k.encode_mask(m.bool()), torch.tensor([[-1.0, 1.0]]))
-    assert torch.equal(k.decode_mask(torch.tensor([-3.0, -1.0, 0.0, 1.0, 2.0])), torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0]))
+    assert torch.equal(
+        k.decode_mask(torch.tensor([-3.0, -1.0, 0.0, 1.0, 2.0])), torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0])
+    )
 
 
 # ----------------------------------------------------------------------------- forward process
@@ -247,7 +269,9 @@ def brute_force_posterior(abar: torch.Tensor, t: torch.Tensor, t_prev: torch.Ten
     precision = a / b + 1 / (1 - ap)  # q(x_prev | x0) = N(sqrt(ap) x0, 1 - ap)
     var = 1 / precision
     v = var.view(-1, 1, 1, 1)
-    mean = v * (a.sqrt().view(-1, 1, 1, 1) * x_t / b.view(-1, 1, 1, 1) + (ap.sqrt() / (1 - ap)).view(-1, 1, 1, 1) * x0)
+    mean = v * (
+        a.sqrt().view(-1, 1, 1, 1) * x_t / b.view(-1, 1, 1, 1) + (ap.sqrt() / (1 - ap)).view(-1, 1, 1, 1) * x0
+    )
     return mean, var, b
 
 
@@ -306,7 +330,8 @@ def test_ddim_eta1_equals_ddpm():
         outs = []
         for sampling, eta in (("ddim", 1.0), ("ddpm", 0.0)):
             k = GaussianKernel(objective=objective, sampling=sampling, eta=eta)
-            out = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7))  # an arbitrary network output
+            # an arbitrary network output
+            out = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7))
             outs.append(k.step(out, t, t_prev, x_t, generator=torch.Generator().manual_seed(8)))
         torch.testing.assert_close(outs[0][1], outs[1][1])
         torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-4, atol=1e-5)
@@ -333,9 +358,11 @@ def test_clip_rederives_eps(objective):
     x_t = 3 * torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     out = 3 * torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     x0, eps, v = k.predict_x0_eps(out, x_t, t)
-    assert v is None and float(x0.abs().max()) <= 1.0 and float(x0.abs().max()) == 1.0  # some values were clipped
+    assert v is None and float(x0.abs().max()) == 1.0  # in [-1, 1], and some values were clipped
     abar = linear_abar64()[t].view(-1, 1, 1, 1)
-    torch.testing.assert_close(abar.sqrt() * x0.double() + (1 - abar).sqrt() * eps.double(), x_t.double(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        abar.sqrt() * x0.double() + (1 - abar).sqrt() * eps.double(), x_t.double(), rtol=0, atol=1e-5
+    )
     x0_raw, eps_raw, _ = k.predict_x0_eps(out, x_t, t, clip=False)
     assert float(x0_raw.abs().max()) > 1.0
     torch.testing.assert_close(eps_raw if objective == "epsilon" else x0_raw, out)
@@ -345,7 +372,9 @@ def test_step_accepts_int_and_0dim_t_and_per_sample_t():
     k = GaussianKernel(sampling="ddpm")
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     out = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    ref = k.step(out, torch.full((3,), 500), torch.full((3,), 400), x, generator=torch.Generator().manual_seed(2))
+    ref = k.step(
+        out, torch.full((3,), 500), torch.full((3,), 400), x, generator=torch.Generator().manual_seed(2)
+    )
     for t, tp in ((500, 400), (torch.tensor(500), torch.tensor(400))):
         got = k.step(out, t, tp, x, generator=torch.Generator().manual_seed(2))
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
@@ -370,7 +399,9 @@ def test_step_and_loss_do_not_sync_host(monkeypatch):
 
     x0 = binary_x0(0, (2, 1, 8, 8))
     t, tp = torch.tensor([10, 0]), torch.tensor([5, -1])
-    kernels = [GaussianKernel(sampling=s, eta=e, learn_variance=lv) for s, e in SAMPLERS for lv in (False, True)]
+    kernels = [
+        GaussianKernel(sampling=s, eta=e, learn_variance=lv) for s, e in SAMPLERS for lv in (False, True)
+    ]
     for name in ("item", "__bool__", "__int__", "__float__", "tolist"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
     for k in kernels:
@@ -382,15 +413,23 @@ def test_step_and_loss_do_not_sync_host(monkeypatch):
 # ----------------------------------------------------------------------------- losses
 def test_normal_kl_matches_torch_distributions():
     g = torch.Generator().manual_seed(0)
-    m1, m2 = torch.randn(100, generator=g, dtype=torch.float64), torch.randn(100, generator=g, dtype=torch.float64)
-    lv1, lv2 = torch.randn(100, generator=g, dtype=torch.float64) * 3, torch.randn(100, generator=g, dtype=torch.float64) * 3
+    m1, m2 = (
+        torch.randn(100, generator=g, dtype=torch.float64),
+        torch.randn(100, generator=g, dtype=torch.float64),
+    )
+    lv1, lv2 = (
+        torch.randn(100, generator=g, dtype=torch.float64) * 3,
+        torch.randn(100, generator=g, dtype=torch.float64) * 3,
+    )
     want = kl_divergence(Normal(m1, (0.5 * lv1).exp()), Normal(m2, (0.5 * lv2).exp()))
     torch.testing.assert_close(normal_kl(m1, lv1, m2, lv2), want, rtol=1e-10, atol=1e-12)
 
 
 def test_discretized_gaussian_matches_cdf():
     g = torch.Generator().manual_seed(0)
-    x = torch.cat([torch.full((50,), -1.0), torch.full((50,), 1.0), torch.rand(50, generator=g) * 1.8 - 0.9]).double()
+    x = torch.cat(
+        [torch.full((50,), -1.0), torch.full((50,), 1.0), torch.rand(50, generator=g) * 1.8 - 0.9]
+    ).double()
     means = (torch.rand(150, generator=g) * 2 - 1).double()
     # scales >= 0.5 keep every bin within ~4 sd, where 1 - Normal.cdf (via erf) is accurate to ~1e-11
     log_scales = torch.empty(150, dtype=torch.float64).uniform_(math.log(0.5), math.log(1.0), generator=g)
@@ -401,13 +440,20 @@ def test_discretized_gaussian_matches_cdf():
         d.cdf(x + h).log(),
         torch.where(x > 0.999, (1 - d.cdf(x - h)).log(), (d.cdf(x + h) - d.cdf(x - h)).log()),
     )
-    torch.testing.assert_close(discretized_gaussian_log_likelihood(x, means, log_scales), want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        discretized_gaussian_log_likelihood(x, means, log_scales), want, rtol=1e-9, atol=1e-12
+    )
     # far tails (e.g. a confident wrong decoder), against math.erfc: finite and accurate
     for xv, m, sd in ((1.0, -1.0, 0.1), (-1.0, 0.5, 0.05), (1.0, 0.5, 0.05)):
         a = xv - h if xv > 0 else xv + h
-        p = 0.5 * math.erfc((a - m) / (sd * math.sqrt(2))) if xv > 0 else 0.5 * math.erfc((m - a) / (sd * math.sqrt(2)))
+        p = (
+            0.5 * math.erfc((a - m) / (sd * math.sqrt(2)))
+            if xv > 0
+            else 0.5 * math.erfc((m - a) / (sd * math.sqrt(2)))
+        )
         got = discretized_gaussian_log_likelihood(
-            torch.tensor([xv], dtype=torch.float64), torch.tensor([m], dtype=torch.float64),
+            torch.tensor([xv], dtype=torch.float64),
+            torch.tensor([m], dtype=torch.float64),
             torch.tensor([math.log(sd)], dtype=torch.float64),
         )
         assert abs(got.item() - math.log(p)) <= 1e-9 * abs(math.log(p)), (xv, m, sd)
@@ -431,16 +477,23 @@ def test_vlb_terms_match_independent_computation(v):
         tb = int(t[b])
         if tb == 0:
             mean_m = x0_pred[b]  # posterior mean at t = 0 is x0_pred (abar_prev = 1)
-            var_small = brute_force_posterior(abar, torch.tensor([1]), torch.tensor([0]), x0[b:b + 1], x_t[b:b + 1])[1]
+            var_small = brute_force_posterior(
+                abar, torch.tensor([1]), torch.tensor([0]), x0[b : b + 1], x_t[b : b + 1]
+            )[1]
             beta = 1 - abar[0]
         else:
-            mean_q, var_small, beta = brute_force_posterior(abar, t[b:b + 1], t[b:b + 1] - 1, x0[b:b + 1], x_t[b:b + 1])
-            mean_m = brute_force_posterior(abar, t[b:b + 1], t[b:b + 1] - 1, x0_pred[b:b + 1], x_t[b:b + 1])[0][0]
+            mean_q, var_small, beta = brute_force_posterior(
+                abar, t[b : b + 1], t[b : b + 1] - 1, x0[b : b + 1], x_t[b : b + 1]
+            )
+            mean_m = brute_force_posterior(
+                abar, t[b : b + 1], t[b : b + 1] - 1, x0_pred[b : b + 1], x_t[b : b + 1]
+            )[0][0]
         frac = 0.0 if v is None else (v + 1) / 2
         var_m = torch.exp(frac * torch.log(beta) + (1 - frac) * torch.log(var_small)).squeeze()
         pm = Normal(mean_m, var_m.sqrt())
         if tb == 0:
-            h = 1.0 / 255  # the edge bins of a binary mask, P(X <= -1 + h) or P(X >= 1 - h), via erfc (tail-accurate)
+            # the edge bins of a binary mask, P(X <= -1 + h) or P(X >= 1 - h), via erfc (tail-accurate)
+            h = 1.0 / 255
             sd = var_m.sqrt()
             p = torch.where(
                 x0[b] < 0,
@@ -483,7 +536,9 @@ def test_learned_variance_loss_stop_gradient(objective):
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
     x_t = k.q_sample(x0, t, noise)
     target = noise if objective == "epsilon" else x0
-    mean_part = (target + 0.1 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))).requires_grad_()
+    mean_part = (
+        target + 0.1 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+    ).requires_grad_()
     var_part = torch.full_like(x0, 0.2).requires_grad_()
     terms = k.loss(torch.cat([mean_part, var_part], 1), x0, x_t, t)
     assert set(terms) == {"loss", "mse", "vlb"}
@@ -511,7 +566,7 @@ def test_generator_reproducibility():
         return ts, xt, x
 
     a, b, c = sample(0), sample(0), sample(1)
-    for u, w in zip(a, b):
+    for u, w in zip(a, b, strict=True):
         assert torch.equal(u, w)
     assert not torch.equal(a[1], c[1]) and not torch.equal(a[2], c[2])
     ts = k.sample_timesteps(10_000, "cpu", generator=torch.Generator().manual_seed(0))

@@ -63,6 +63,7 @@ class _Respaced(NamedTuple):
     beta: Tensor  # respaced beta, 1 - abar_t / abar_prev
     valid: Tensor  # 1.0 where t_prev >= 0, 0.0 on the final step
 
+
 # floor for log-variances whose variance is exactly 0 (the final step, t_prev = -1)
 _TINY_VAR = 1e-20
 
@@ -81,7 +82,9 @@ def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) ->
     Returns:
         The broadcast elementwise KL divergence.
     """
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+    return 0.5 * (
+        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+    )
 
 
 def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Tensor) -> Tensor:
@@ -148,7 +151,6 @@ class GaussianKernel(nn.Module):
     log_alphas_cumprod: Tensor
     sqrt_alphas_cumprod: Tensor
     sqrt_one_minus_alphas_cumprod: Tensor
-    one_minus_alphas_cumprod: Tensor
     log_betas: Tensor
     posterior_variance: Tensor
     posterior_log_variance_clipped: Tensor
@@ -179,7 +181,11 @@ class GaussianKernel(nn.Module):
             raise ValueError(f"eta must be a number >= 0, got {eta!r}")
         if not (isinstance(vlb_weight, (int, float)) and vlb_weight >= 0.0):
             raise ValueError(f"vlb_weight must be a number >= 0, got {vlb_weight!r}")
-        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
+        if (
+            isinstance(num_train_timesteps, bool)
+            or not isinstance(num_train_timesteps, int)
+            or num_train_timesteps < 1
+        ):
             raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
 
         self.num_train_timesteps: int = num_train_timesteps
@@ -199,7 +205,11 @@ class GaussianKernel(nn.Module):
         one_minus_abar = -torch.expm1(log_abar)
         post_var = betas * (1.0 - abar_prev) / one_minus_abar
         # log(beta_tilde) is -inf at t = 0; use beta_tilde_1 there (improved DDPM's "clipped" log variance)
-        post_log_var = torch.log(torch.cat([post_var[1:2], post_var[1:]])) if num_train_timesteps > 1 else torch.log(betas)
+        post_log_var = (
+            torch.log(torch.cat([post_var[1:2], post_var[1:]]))
+            if num_train_timesteps > 1
+            else torch.log(betas)
+        )
         tables = {
             "betas": betas,
             "alphas_cumprod": abar,
@@ -207,7 +217,6 @@ class GaussianKernel(nn.Module):
             "log_alphas_cumprod": log_abar,
             "sqrt_alphas_cumprod": abar.sqrt(),
             "sqrt_one_minus_alphas_cumprod": one_minus_abar.sqrt(),
-            "one_minus_alphas_cumprod": one_minus_abar,
             "log_betas": torch.log(betas),
             "posterior_variance": post_var,
             "posterior_log_variance_clipped": post_log_var,
@@ -237,7 +246,8 @@ class GaussianKernel(nn.Module):
 
     def encode_mask(self, mask01: Tensor) -> Tensor:
         """Map a ``{0, 1}`` mask ``(B, C, H, W)`` to kernel space ``x0 = 2 m - 1`` in ``{-1, 1}``."""
-        return mask01.to(torch.get_default_dtype() if not mask01.is_floating_point() else mask01.dtype) * 2.0 - 1.0
+        m = mask01 if mask01.is_floating_point() else mask01.to(torch.get_default_dtype())
+        return m * 2.0 - 1.0
 
     def decode_mask(self, x0: Tensor) -> Tensor:
         """Map kernel space ``(B, C, H, W)`` to a foreground probability ``((x0 + 1) / 2).clamp(0, 1)``."""
@@ -249,7 +259,9 @@ class GaussianKernel(nn.Module):
         if t.ndim == 0:
             return t.expand(batch)
         if t.shape != (batch,):
-            raise ValueError(f"{name} must be an int, a 0-dim tensor or a LongTensor of shape ({batch},), got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must be an int, a 0-dim tensor or a LongTensor of shape ({batch},), got shape {tuple(t.shape)}"
+            )
         return t
 
     @staticmethod
@@ -339,7 +351,11 @@ class GaussianKernel(nn.Module):
         return torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator, device=device)
 
     def q_sample(
-        self, x0: Tensor, t: Tensor | int, noise: Tensor | None = None, generator: torch.Generator | None = None
+        self,
+        x0: Tensor,
+        t: Tensor | int,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> Tensor:
         """Draw ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (Ho et al. 2020, Eq. 4).
 
@@ -569,7 +585,8 @@ class GaussianKernel(nn.Module):
                 x_prev = x_prev + c.var.sqrt() * noise
             else:
                 log_small = torch.log(c.var.clamp(min=_TINY_VAR))
-                half_gap = 0.25 * (torch.log(c.beta) - log_small)  # 0.5 * v' * (log beta - log var), v' = (v+1)/2
+                # 0.5 log var_model = 0.5 log var + 0.5 v' (log beta - log var), v' = (v + 1) / 2
+                half_gap = 0.25 * (torch.log(c.beta) - log_small)
                 std = torch.exp((v + 1.0) * half_gap + 0.5 * log_small)
                 x_prev = x_prev + (std * c.valid) * noise
         return x_prev, x0

@@ -1,0 +1,42 @@
+"""DDP on 2 CPU processes (gloo): gathered metrics equal one process; one run directory per run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import TINY, compose_config, run_cli
+from diffseg_lightning.evaluate import evaluate
+
+pytestmark = pytest.mark.ddp
+
+# 7 test cases over 2 processes: the distributed sampler pads one duplicate, which must be dropped.
+EVAL = ["data=synthetic", "data.size=32", "data.num_test=7", "data.eval_batch_size=2", "sampler.num_steps=3",
+        "sampler.num_samples=2", "logger=none", "trainer.enable_model_summary=false"]
+
+
+def per_case(folder):
+    rows = json.loads((folder / "summary.json").read_text())["metric_per_case"]
+    return {row["case"]: row["dice"] for row in rows}
+
+
+def test_ddp_evaluation_equals_one_process(trained_run, tmp_path):
+    ckpt = f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}"
+    evaluate(compose_config("eval", [ckpt, *EVAL, "trainer=cpu"], tmp_path / "one"))
+    evaluate(compose_config("eval", [ckpt, *EVAL, "trainer=ddp_cpu", "trainer.strategy=ddp_spawn"], tmp_path / "two"))
+    one, two = per_case(tmp_path / "one"), per_case(tmp_path / "two")
+    assert len(one) == 7 and sorted(two) == sorted(one)
+    for case, dice in one.items():
+        assert two[case] == pytest.approx(dice, abs=1e-6, nan_ok=True), case
+
+
+def test_ddp_training_run_leaves_one_run_directory(tmp_path):
+    result = run_cli("diffseg-train", *TINY, "trainer=ddp_cpu", "sampler.num_steps=1", "data.num_test=5",
+                     "paths.log_dir=logs", cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "logs" / "train" / "runs").iterdir())
+    assert len(runs) == 1, runs
+    summary = json.loads((runs[0] / "summary.json").read_text())
+    assert [r["case"] for r in summary["metric_per_case"]] == [f"synthetic-test-{i:05d}" for i in range(5)]
+    assert (runs[0] / "checkpoints" / "best.ckpt").is_file()
