@@ -51,9 +51,11 @@ What a case looks like (all sizes scale with ``min(H, W)``; the numbers are for 
 
 Difficulty: lesion contrast is often below the background texture's range and the bias
 field moves intensities by up to +-30 %, so a single global threshold does badly (best
-Dice about 0.5 on channel 0 with the defaults, see ``tests/test_synthetic.py``), while
-the lesions' compact shapes and sharp edges against a smooth background make them
-learnable by a small network. Generation costs well under a millisecond per 64x64 case.
+pooled Dice 0.53 on channel 0 over 200 default cases, see ``tests/test_synthetic.py``),
+while the lesions' compact shapes and sharp edges against a smooth background make them
+learnable: a 119k-parameter U-Net on channel 0 reached Dice 0.88 on the val split after
+116 Adam steps (batch 32, about 4 minutes on a loaded 2-core CPU). Generation costs about
+1 ms of CPU per 64x64 single-channel case (no caching; numpy + scipy, single-threaded).
 """
 
 from __future__ import annotations
