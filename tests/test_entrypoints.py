@@ -85,3 +85,17 @@ def test_predict_writes_masks_and_uncertainty(trained_run, tmp_path):
 def test_tiny_settings_are_the_real_pipeline():
     """TINY shrinks sizes only: it names no stub component."""
     assert not any("_target_" in o for o in TINY)
+
+
+def test_wandb_logs_offline_without_a_key(tmp_path, monkeypatch):
+    from diffseg_lightning.train import train
+
+    for var in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, so no key
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    overrides = [o for o in TINY if o != "logger=csv"] + ["logger=wandb", "test=false"]
+    train(compose_config("train", overrides, tmp_path / "run"))
+    (offline,) = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert list(offline.glob("*.wandb")), "the offline run holds no history file"
+    assert list((offline / "files" / "media" / "images").glob("**/*.png")), "no validation panel was logged"
