@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
@@ -46,6 +47,40 @@ class SummaryWriter(L.Callback):
         if results is not None and trainer.is_global_zero:
             write_summary(self.path, results, {"split": "test"})
         trainer.strategy.barrier("summary")
+
+
+@torch.no_grad()
+def warmup_ema_update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor,
+                      decay: float) -> None:
+    """EMA step with the decay ramped up as min(decay, (1 + n) / (10 + n)) after n updates.
+
+    The ramp keeps early, poor weights from dominating short runs; long runs reach ``decay``.
+    """
+    n = float(num_averaged)
+    rate = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
+    floats = [(a, c) for a, c in zip(averaged, current, strict=True) if a.is_floating_point()]
+    if floats:
+        torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], rate)
+    for a, c in zip(averaged, current, strict=True):
+        if not a.is_floating_point():
+            a.copy_(c)  # integer buffers (counters) follow the model
+
+
+class WarmupEMA(WeightAveraging):
+    """Exponential moving average of the weights, with a decay warm-up, on Lightning's ``WeightAveraging``.
+
+    Lightning's ``EMAWeightAveraging`` uses a fixed decay, which makes short runs evaluate stale
+    weights; this keeps everything else of ``WeightAveraging`` (validation on the average, the
+    average in the checkpoint's ``state_dict``, exact resume).
+
+    Args:
+        decay: the decay reached after warm-up.
+    """
+
+    def __init__(self, decay: float = 0.999, use_buffers: bool = True) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must lie in [0, 1], got {decay}")
+        super().__init__(use_buffers=use_buffers, multi_avg_fn=partial(warmup_ema_update, decay=decay))
 
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
