@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import BasePredictionWriter, WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
+
+from diffseg_lightning.data.folder import file_stem, is_nifti, read_image, read_nifti_item
+
+log = logging.getLogger(__name__)
 
 
 def _json_safe(value: Any) -> Any:
@@ -39,13 +47,14 @@ def write_summary(path: Path, results: dict, extra: dict | None = None) -> None:
 class SummaryWriter(L.Callback):
     """Writes ``<output_dir>/summary.json`` from the test results, on rank 0 after every process finished."""
 
-    def __init__(self, output_dir: str, filename: str = "summary.json") -> None:
+    def __init__(self, output_dir: str, filename: str = "summary.json", split: str = "test") -> None:
         self.path = Path(output_dir) / filename
+        self.split = split
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         results = getattr(pl_module, "results", {}).get("test")
         if results is not None and trainer.is_global_zero:
-            write_summary(self.path, results, {"split": "test"})
+            write_summary(self.path, results, {"split": self.split})
         trainer.strategy.barrier("summary")
 
 
@@ -125,28 +134,150 @@ class ImagePanelLogger(L.Callback):
         Image.fromarray(grid).save(self.output_dir / f"val_step{trainer.global_step:07d}.png")
 
 
-class MaskWriter(BasePredictionWriter):
-    """Writes ``<stem>_mask.png`` (0/255), ``<stem>_prob.png`` and ``<stem>_uncertainty.png`` per image.
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Call ``write(tmp)`` with a temporary name beside ``path`` (same suffix), then rename it to ``path``.
 
-    The uncertainty PNG is the predictive entropy in bits (0 -> 0, 1 bit -> 255). Predictions are
-    resized back to each image's original size (bilinear on probabilities, then thresholded).
+    ``os.replace`` is atomic, so ``path`` is either absent, its old content or the complete new file;
+    a failed write removes the temporary file.
+    """
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    tmp = path.with_name(f"{path.name[: len(path.name) - len(suffix)]}.tmp-{os.getpid()}{suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _png_writer(array: np.ndarray) -> Callable[[Path], None]:
+    return lambda tmp: Image.fromarray(array).save(tmp, format="PNG")
+
+
+def _nifti_writer(source: nib.spatialimages.SpatialImage, data: np.ndarray, dtype: type) -> Callable[[Path], None]:
+    """A NIfTI like ``source`` (its class, affine and header: spacing, orientation codes) holding ``data``.
+
+    ``data`` is (H, W) or (H, W, D); a trailing axis of 1 stands in for the source's channel axis, so
+    the source's shape and zooms are kept.
+    """
+    data = data.reshape(*data.shape, *(1,) * (len(source.shape) - data.ndim)).astype(dtype)
+    header = source.header.copy()
+    header.set_data_dtype(dtype)
+    header["cal_min"], header["cal_max"] = 0, 0  # the source's display range means nothing here
+    image = type(source)(data, source.affine, header)
+    return lambda tmp: nib.save(image, tmp)
+
+
+def _as_uint8(x: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> uint8 0..255."""
+    return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
+
+
+def overlay_image(image: np.ndarray, mask: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    """(C, H, W) image and (H, W) bool mask -> (H, W, 3) uint8 overlay.
+
+    The image is shown in grey (its first channel) or, with 3 channels, in colour, min-max scaled; the
+    mask is filled with translucent red (``alpha``) and its contour (mask pixels with a background
+    4-neighbour) drawn in opaque red.
+    """
+    base = image[:3] if image.shape[0] == 3 else np.repeat(image[:1], 3, axis=0)
+    low, high = float(base.min()), float(base.max())
+    rgb = np.moveaxis((base - low) / (high - low) if high > low else np.zeros_like(base), 0, -1) * 255
+    red = np.array([255.0, 0.0, 0.0])
+    rgb[mask] = (1 - alpha) * rgb[mask] + alpha * red
+    m = np.pad(mask, 1)
+    interior = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+    rgb[mask & ~interior] = red
+    return np.round(rgb).astype(np.uint8)
+
+
+class MaskWriter(BasePredictionWriter):
+    """Writes each input's mask, probability, uncertainty and overlay into ``output_dir``.
+
+    2D image files give ``<stem>_mask.png`` (0/255), ``<stem>_prob.png`` and ``<stem>_uncertainty.png``
+    (the predictive entropy in bits, 0 -> 0, 1 bit -> 255). NIfTI files give ``<stem>_mask.nii.gz``
+    (uint8 0/1), ``<stem>_prob.nii.gz`` and ``<stem>_uncertainty.nii.gz`` (float32, entropy in bits)
+    with the input's affine and header (spacing); the axial slices of a volume are collected and
+    written as one volume once all have been predicted. ``<stem>_overlay.png`` shows the mask on the
+    image (for a volume, on its middle slice; NIfTI arrays are drawn as stored, first axis down).
+    Predictions are resized back to each input's original size (bilinear on probabilities, then
+    thresholded). Every file is written under a temporary name and renamed, so an interrupted run
+    leaves no partial file.
+
+    Items whose ``error`` (see :class:`~diffseg_lightning.data.ImageFolder`) is set are not written:
+    they are logged and listed in ``skipped`` as ``(path, reason)``; ``written`` lists the inputs whose
+    outputs are complete. A volume is assembled per process, so predict volumes on one device.
+
+    Args:
+        output_dir: the folder to write into (created when absent).
+        threshold: foreground where the probability exceeds it.
+        overlay: also write ``<stem>_overlay.png``.
     """
 
-    def __init__(self, output_dir: str, threshold: float = 0.5) -> None:
+    def __init__(self, output_dir: str, threshold: float = 0.5, overlay: bool = True) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.threshold = threshold
+        self.overlay = overlay
+        self.written: list[str] = []
+        self.skipped: list[tuple[str, str]] = []
+        self._volumes: dict[str, dict[str, Any]] = {}
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        done = {case for case, _ in self.skipped}
         for i, case in enumerate(prediction["case"]):
-            size = prediction["original_size"][i].tolist() if prediction["original_size"] is not None else None
+            slice_index = int(batch["slice"][i]) if "slice" in batch else -1
+            if case in done:
+                continue
+            if batch.get("error") and batch["error"][i]:
+                self._skip(case, batch["error"][i] if slice_index < 0 else f"slice {slice_index}: {batch['error'][i]}")
+                done.add(case)
+                continue
             maps = {"prob": prediction["probability"][i], "uncertainty": prediction["entropy"][i]}
-            if size is not None:
+            if prediction.get("original_size") is not None:
+                size = prediction["original_size"][i].tolist()
                 maps = {k: F.interpolate(v[None].float(), size=size, mode="bilinear", align_corners=False)[0]
                         for k, v in maps.items()}
-            stem = Path(case).stem
-            mask = (maps["prob"][0] > self.threshold).float()
-            Image.fromarray(_to_uint8(mask)).save(self.output_dir / f"{stem}_mask.png")
-            Image.fromarray(_to_uint8(maps["prob"][0])).save(self.output_dir / f"{stem}_prob.png")
-            Image.fromarray(_to_uint8(maps["uncertainty"][0])).save(self.output_dir / f"{stem}_uncertainty.png")
+            prob, uncertainty = (maps[k][0].float().cpu().numpy() for k in ("prob", "uncertainty"))
+            if slice_index < 0:
+                self._write(case, prob, uncertainty)
+                continue
+            depth = int(batch["num_slices"][i])
+            volume = self._volumes.setdefault(case, {"prob": np.zeros((*prob.shape, depth), np.float32),
+                                                     "uncertainty": np.zeros((*prob.shape, depth), np.float32),
+                                                     "seen": set()})
+            volume["prob"][..., slice_index], volume["uncertainty"][..., slice_index] = prob, uncertainty
+            volume["seen"].add(slice_index)
+            if len(volume["seen"]) == depth:
+                del self._volumes[case]
+                self._write(case, volume["prob"], volume["uncertainty"])
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for case, volume in list(self._volumes.items()):
+            self._skip(case, f"only {len(volume['seen'])} of {volume['prob'].shape[-1]} slices were predicted")
+
+    def _skip(self, case: str, reason: str) -> None:
+        self._volumes.pop(case, None)
+        self.skipped.append((case, reason))
+        log.warning("skipping %s: %s", case, reason)
+
+    def _write(self, case: str, prob: np.ndarray, uncertainty: np.ndarray) -> None:
+        """Write one input's outputs: ``prob`` and ``uncertainty`` are (H, W), or (H, W, D) for a volume."""
+        stem = file_stem(case)
+        mask = prob > self.threshold
+        if is_nifti(case):
+            source = nib.load(case)
+            files = {"mask": _nifti_writer(source, mask, np.uint8), "prob": _nifti_writer(source, prob, np.float32),
+                     "uncertainty": _nifti_writer(source, uncertainty, np.float32)}
+            files = {f"{stem}_{k}.nii.gz": v for k, v in files.items()}
+        else:
+            files = {f"{stem}_{k}.png": _png_writer(_as_uint8(v))
+                     for k, v in (("mask", mask), ("prob", prob), ("uncertainty", uncertainty))}
+        if self.overlay:
+            middle = prob.shape[2] // 2 if prob.ndim == 3 else -1
+            image = read_nifti_item(Path(case), middle) if is_nifti(case) else read_image(Path(case))
+            files[f"{stem}_overlay.png"] = _png_writer(overlay_image(image, mask if middle < 0 else mask[..., middle]))
+        for name, write in files.items():
+            atomic_write(self.output_dir / name, write)
+        self.written.append(case)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import hydra
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from rich.console import Console
+from rich.table import Table
 
 from diffseg_lightning.callbacks import SummaryWriter
 from diffseg_lightning.entry import build_all, load_checkpoint, module_from_checkpoint, save_config
@@ -32,11 +37,28 @@ def evaluate(cfg: DictConfig) -> dict:
     module = module_from_checkpoint(checkpoint, cfg.sampler)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
-        callbacks=[SummaryWriter(cfg.paths.output_dir)],
+        # sample-parallel: every process sees every image and draws its share of the S samples
+        use_distributed_sampler=cfg.sampler.get("parallel", "data") != "sample",
+        callbacks=[SummaryWriter(cfg.paths.output_dir, split=cfg.split)],
         logger=build_all(cfg.get("logger")) or False,
     )
     trainer.test(module, datamodule=datamodule)
+    summary_path = Path(cfg.paths.output_dir) / "summary.json"
+    if trainer.is_global_zero and summary_path.is_file():  # under ddp_spawn the results live in the workers
+        print_summary(json.loads(summary_path.read_text()), str(summary_path))
     return module.results.get("test", {})
+
+
+def print_summary(summary: dict, title: str) -> None:
+    """A rich table of the mean of every metric with its bootstrap 95% interval."""
+    table = Table(title=title, caption=f"{summary['num_cases']} cases, sampler {summary['sampler']}")
+    for column in ("metric", "mean", "95% interval"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for name, mean in summary["mean"].items():
+        low, high = summary.get("ci95", {}).get(name) or (None, None)
+        interval = "n/a" if low is None else f"[{low:.4f}, {high:.4f}]"
+        table.add_row(name, "n/a" if mean is None else f"{mean:.4f}", interval)
+    Console().print(table)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")

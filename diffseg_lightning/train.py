@@ -17,6 +17,8 @@ from diffseg_lightning.utils import CONFIG_DIR, run_cli, user_errors
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit and (optionally) test; returns the trainer's final metrics."""
     L.seed_everything(cfg.seed, workers=True)
+    if cfg.sampler.get("parallel", "data") == "sample":
+        raise ValueError("sampler.parallel=sample is for diffseg-eval; validation during training splits the images")
     if cfg.get("ckpt_path"):
         load_checkpoint(cfg.ckpt_path)  # fail early with a clear message
     datamodule = instantiate(cfg.data)

@@ -59,12 +59,21 @@ def test_missing_data_root(tmp_path):
 
 
 def test_wrong_channel_count_in_predict(trained_run, tmp_path):
+    """A wrong-channel image is skipped and named; with nothing left to predict it is a one-line error."""
     images = tmp_path / "rgb"
     images.mkdir()
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(images / "colour.png")
-    line = error_line(run_cli("diffseg-predict", f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}",
-                              f"input_dir={images}", cwd=tmp_path))
+    ckpt = f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}"
+    line = error_line(run_cli("diffseg-predict", ckpt, f"input_dir={images}", cwd=tmp_path))
     assert "colour.png: image has 3 channel(s) but the config expects 1" in line
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(images / "grey.png")
+    result = run_cli("diffseg-predict", ckpt, f"input_dir={images}", f"output_dir={tmp_path / 'out'}",
+                     "sampler.num_steps=2", "sampler.num_samples=2", "trainer.accelerator=cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "colour.png: image has 3 channel(s) but the config expects 1" in log
+    assert "skipped 1 file(s): colour.png (image has 3 channel(s) but the config expects 1)" in log
+    assert (tmp_path / "out" / "grey_mask.png").is_file() and not list((tmp_path / "out").glob("colour*"))
 
 
 def write_folder(root: Path, n: int, nan_image: bool = False) -> None:

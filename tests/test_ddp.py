@@ -31,6 +31,22 @@ def test_ddp_evaluation_equals_one_process(trained_run, tmp_path):
         assert two[case] == pytest.approx(dice, abs=1e-6, nan_ok=True), case
 
 
+def test_sample_parallel_evaluation_equals_one_process(trained_run, tmp_path):
+    """S = 3 samples over 2 processes (2 + 1, the padding repeat dropped): same fused result per case."""
+    ckpt = f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}"
+    overrides = [ckpt, *EVAL, "sampler.num_samples=3", "data.num_test=3"]
+    evaluate(compose_config("eval", [*overrides, "trainer=cpu"], tmp_path / "one"))
+    evaluate(compose_config("eval", [*overrides, "trainer=ddp_cpu", "trainer.strategy=ddp_spawn", "sampler.parallel=sample"],
+                            tmp_path / "two"))
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two["sampler"]["parallel"] == "sample" and two["num_cases"] == 3
+    for a, b in zip(one["metric_per_case"], two["metric_per_case"], strict=True):
+        assert a["case"] == b["case"]
+        for name in ("dice", "mean_std", "mean_entropy"):
+            assert b[name] == pytest.approx(a[name], abs=1e-6, nan_ok=True), (a["case"], name)
+
+
 def test_ddp_training_run_leaves_one_run_directory(tmp_path):
     result = run_cli("diffseg-train", *TINY, "trainer=ddp_cpu", "sampler.num_steps=1", "data.num_test=5",
                      "paths.log_dir=logs", cwd=tmp_path, timeout=600)

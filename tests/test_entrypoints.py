@@ -60,8 +60,8 @@ def test_eval_on_the_validation_split(trained_run, tmp_path):
     ckpt = trained_run / "checkpoints" / "best.ckpt"
     evaluate(compose_config("eval", [f"ckpt_path={ckpt}", "split=val", "sampler.num_steps=1", "logger=none",
                                      "trainer.accelerator=cpu"], tmp_path))
-    rows = json.loads((tmp_path / "summary.json").read_text())["metric_per_case"]
-    assert rows[0]["case"].startswith("synthetic-val-")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["split"] == "val" and summary["metric_per_case"][0]["case"].startswith("synthetic-val-")
 
 
 def test_predict_writes_masks_and_uncertainty(trained_run, tmp_path):

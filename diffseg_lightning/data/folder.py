@@ -1,10 +1,12 @@
-"""Generic 2D image folders: a paired ``images/`` + ``masks/`` layout, and an unlabelled folder for predict."""
+"""Generic image folders: a paired 2D ``images/`` + ``masks/`` layout, and an unlabelled folder (2D images and
+NIfTI files) for predict."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,9 @@ from torch.utils.data import Dataset
 from diffseg_lightning.utils.errors import DiffSegError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+PREDICT_SUFFIXES = IMAGE_SUFFIXES + NIFTI_SUFFIXES
+CONVERTED_MODES = ("P", "CMYK", "YCbCr")  # read as RGB
 SPLITS = ("train", "val", "test")
 
 
@@ -21,11 +26,10 @@ def read_image(path: Path) -> np.ndarray:
     """Read a 2D image file as float32 (C, H, W), with a clear error naming the file when it cannot be read."""
     try:
         with Image.open(path) as img:
-            array = np.asarray(img.convert("RGB") if img.mode in ("P", "CMYK", "YCbCr") else img)
+            array = np.asarray(img.convert("RGB") if img.mode in CONVERTED_MODES else img)
     except (UnidentifiedImageError, OSError) as err:
         raise DiffSegError(f"{path}: not a readable image ({err})") from None
-    array = array.astype(np.float32)
-    return array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
+    return channels_first(array.astype(np.float32))
 
 
 def check_channels(image: np.ndarray, channels: int | None, path: Path) -> np.ndarray:
@@ -43,12 +47,12 @@ def resize(image: torch.Tensor, size: Sequence[int] | None, mode: str) -> torch.
     return F.interpolate(image[None], size=tuple(size), mode=mode, **kwargs)[0]
 
 
-def list_images(folder: Path) -> list[Path]:
+def list_images(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
     if not folder.is_dir():
         raise DiffSegError(f"data root {folder} does not exist or is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(tuple(suffixes)))
     if not files:
-        raise DiffSegError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise DiffSegError(f"{folder} holds no images ({', '.join(suffixes)})")
     return files
 
 
@@ -58,30 +62,167 @@ def as_size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-class ImageFolder(Dataset):
-    """Every image in one folder, unlabelled, for ``diffseg-predict``.
+def is_nifti(path: str | Path) -> bool:
+    """True for ``.nii`` and ``.nii.gz`` files."""
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
 
-    Items: ``image`` (C, H, W) resized to ``size``, ``case`` (the file path), ``index``, and
-    ``original_size`` (2,) so predictions can be resized back.
+
+def file_stem(path: str | Path) -> str:
+    """The name without its image suffix: ``a.png`` -> ``a``, ``b.nii.gz`` -> ``b``."""
+    name = Path(path).name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
+
+
+def channels_first(array: np.ndarray) -> np.ndarray:
+    """(H, W) -> (1, H, W); (H, W, C) -> (C, H, W)."""
+    return array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
+
+
+def nifti_layout(shape: Sequence[int], channels: int | None) -> tuple[int, int]:
+    """``(slices, channels)`` of a NIfTI array shape; 0 slices means one 2D image.
+
+    (H, W): one single-channel image. (H, W, C) with C equal to the model's ``channels``: one
+    C-channel image (so (H, W, 1) is a 2D image for a one-channel model). (H, W, D) with any other D:
+    a volume of D single-channel axial slices (the last axis). (H, W, D, C): D slices of C channels.
+    """
+    shape = tuple(int(n) for n in shape)
+    if len(shape) not in (2, 3, 4) or 0 in shape:
+        raise DiffSegError(f"NIfTI of shape {shape} is not a 2D image or a 3D volume")
+    if len(shape) == 2:
+        return 0, 1
+    if len(shape) == 3:
+        return (0, shape[2]) if shape[2] == channels else (shape[2], 1)
+    return shape[2], shape[3]
+
+
+def read_nifti_item(path: Path, slice_index: int = -1) -> np.ndarray:
+    """One item of a NIfTI file as float32 (C, H, W): the whole 2D image (-1) or axial slice ``slice_index``."""
+    proxy = nib.load(path).dataobj
+    return channels_first(np.asarray(proxy if slice_index < 0 else proxy[:, :, slice_index], dtype=np.float32))
+
+
+def _reason(err: Exception, path: Path) -> str:
+    """Why a file cannot be used, without its path (the report names it)."""
+    if isinstance(err, DiffSegError):
+        return str(err).removeprefix(f"{path}: ")
+    return f"not a readable image ({type(err).__name__}: {err})"
+
+
+def describe_skipped(skipped: Sequence[tuple[str | Path, str]]) -> str:
+    """``skipped 2 file(s): a.png (reason), b.nii.gz (reason)``."""
+    return f"skipped {len(skipped)} file(s): " + ", ".join(f"{Path(p).name} ({why})" for p, why in skipped)
+
+
+def nothing_usable(folder: str | Path, skipped: Sequence[tuple[str | Path, str]]) -> DiffSegError:
+    """The error when no file of ``folder`` can be predicted; it names each file as ``name: reason``."""
+    reasons = "; ".join(f"{Path(p).name}: {why}" for p, why in skipped)
+    return DiffSegError(f"no usable image in {folder} ({len(skipped)} file(s) skipped): {reasons}")
+
+
+class ImageFolder(Dataset):
+    """Every image in one folder, unlabelled, for ``diffseg-predict``: 2D image files and NIfTI files.
+
+    2D files (png, jpg, bmp, tif, gif) are one item each. A NIfTI file (``.nii``, ``.nii.gz``) is one
+    item when it holds a 2D image, and one item per axial slice (its last spatial axis) when it holds a
+    3D volume; see :func:`nifti_layout` for how its shape is read.
+
+    Every file is checked when the dataset is built, from its header (and, for PNG, the chunk
+    checksums), so that an unreadable file, one with the wrong channel count, and one whose outputs
+    would overwrite those of a file earlier in name order (same stem) never reach the DataLoader: they are listed in
+    ``skipped`` as ``(path, reason)``. A file that passes this check but fails when its pixels are read
+    (truncated data, NaN / inf values) gives an all-zero item whose ``error`` names the reason, so one bad
+    file does not end a run; :class:`~diffseg_lightning.callbacks.MaskWriter` reports and skips it.
+
+    Items: ``image`` (C, H, W) resized to ``size``, ``case`` (the file path), ``index``, ``slice`` (the
+    axial slice, -1 for a 2D image), ``num_slices`` (0 for a 2D image), ``original_size`` (2,) so
+    predictions can be resized back, and ``error`` ("" when the item was read).
+
+    Args:
+        root: the folder (not searched recursively).
+        size: resize target (H, W) or one int; None keeps each file's size.
+        channels: the model's image channels; None accepts any count.
+
+    Raises:
+        DiffSegError: when the folder is missing, holds no image files, or none of them is usable.
     """
 
     def __init__(self, root: str | Path, size: int | Sequence[int] | None = 64, channels: int | None = None) -> None:
         self.root = Path(root)
-        self.files = list_images(self.root)
         self.size = as_size(size)
         self.channels = channels
+        self.skipped: list[tuple[Path, str]] = []
+        self.files: list[Path] = []
+        self.items: list[tuple[Path, int]] = []
+        self.num_slices: dict[Path, int] = {}
+        self.shapes: dict[Path, tuple[int, int]] = {}
+        self._volume: tuple[Path, np.ndarray] | None = None  # the last volume read, for its next slices
+        stems: dict[str, Path] = {}
+        for path in list_images(self.root, PREDICT_SUFFIXES):
+            try:
+                if file_stem(path) in stems:
+                    raise DiffSegError(f"same output names as {stems[file_stem(path)].name}")
+                height, width, slices = self.inspect(path)
+            except Exception as err:  # any failure to read a header means: skip this file, say why
+                self.skipped.append((path, _reason(err, path)))
+                continue
+            stems[file_stem(path)] = path
+            self.files.append(path)
+            self.shapes[path], self.num_slices[path] = (height, width), slices
+            self.items.extend((path, k) for k in (range(slices) if slices else [-1]))
+        if not self.items:
+            raise nothing_usable(self.root, self.skipped)
+
+    def inspect(self, path: Path) -> tuple[int, int, int]:
+        """``(height, width, slices)`` from a file's header; raises when the file cannot be used."""
+        if is_nifti(path):
+            shape = nib.load(path).shape
+            slices, channels = nifti_layout(shape, self.channels)
+            height, width = shape[:2]
+        else:
+            with Image.open(path) as img:
+                channels = 3 if img.mode in CONVERTED_MODES else len(img.getbands())
+                width, height = img.size
+                img.verify()
+            slices = 0
+        if self.channels is not None and channels != self.channels:
+            raise DiffSegError(f"image has {channels} channel(s) but the config expects {self.channels}")
+        return int(height), int(width), slices
+
+    def read(self, path: Path, slice_index: int) -> np.ndarray:
+        """Float32 (C, H, W) of one item, checked for its channel count and finite values."""
+        if not is_nifti(path):
+            image = read_image(path)
+        elif slice_index < 0:
+            image = read_nifti_item(path)
+        else:
+            if self._volume is None or self._volume[0] != path:
+                self._volume = (path, np.asarray(nib.load(path).dataobj, dtype=np.float32))
+            image = channels_first(self._volume[1][:, :, slice_index])
+        check_channels(image, self.channels, path)
+        if not np.isfinite(image).all():
+            raise DiffSegError(f"{path}: image holds NaN or infinite values")
+        return image
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
-        path = self.files[index]
-        image = torch.from_numpy(check_channels(read_image(path), self.channels, path))
+        path, slice_index = self.items[index]
+        error = ""
+        try:
+            image = self.read(path, slice_index)
+        except Exception as err:  # reported by the writer; the other items go on
+            error = _reason(err, path)
+            image = np.zeros((self.channels or 1, *self.shapes[path]), np.float32)
+        image = torch.from_numpy(np.ascontiguousarray(image))
         return {
             "image": resize(image, self.size, "bilinear"),
             "case": str(path),
             "index": torch.tensor(index),
+            "slice": torch.tensor(slice_index),
+            "num_slices": torch.tensor(self.num_slices[path]),
             "original_size": torch.tensor(image.shape[-2:]),
+            "error": error,
         }
 
 

@@ -6,10 +6,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from diffseg_lightning.inference.fusion import Fusion, fuse_samples
-from diffseg_lightning.inference.uncertainty import predictive_entropy, sample_std
+from diffseg_lightning.inference.uncertainty import mutual_information, predictive_entropy, sample_std
+
+
+PARALLEL_MODES = ("data", "sample")
 
 
 def repeat_condition(cond: Any, repeats: int) -> Any:
@@ -44,9 +48,13 @@ class DiffusionSampler:
     Args:
         num_steps: strided inference steps (the kernel's ``inference_timesteps``).
         num_samples: S, samples per image.
-        fusion: ``mean`` or ``vote`` (see :class:`Fusion`).
+        fusion: ``mean``, ``vote`` or ``staple`` (see :class:`Fusion`).
         threshold: the cut on the fused map.
         seed: base seed of the per-case generators.
+        parallel: under DDP, ``data`` splits the images across processes (the distributed sampler
+            does it); ``sample`` gives every process all images and splits their S samples instead,
+            gathering them before fusion (needs ``trainer.use_distributed_sampler=false``, which
+            ``diffseg-eval`` sets). Both give the same result as one process for deterministic samplers.
     """
 
     num_steps: int = 25
@@ -54,9 +62,12 @@ class DiffusionSampler:
     fusion: str = "mean"
     threshold: float = 0.5
     seed: int = 0
+    parallel: str = "data"
 
     def __post_init__(self) -> None:
         Fusion.parse(self.fusion)
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"sampler.parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
         if self.num_steps < 1 or self.num_samples < 1:
             raise ValueError(f"sampler needs num_steps >= 1 and num_samples >= 1, got {self.num_steps}, {self.num_samples}")
         if not 0.0 <= self.threshold <= 1.0:
@@ -65,7 +76,27 @@ class DiffusionSampler:
     def settings(self) -> dict[str, Any]:
         """The settings, as written to ``summary.json``."""
         return {"num_steps": self.num_steps, "num_samples": self.num_samples, "fusion": str(Fusion.parse(self.fusion).value),
-                "threshold": self.threshold, "seed": self.seed}
+                "threshold": self.threshold, "seed": self.seed, "parallel": self.parallel}
+
+    def _sample_shard(self) -> tuple[int, int]:
+        """(rank, world size) over which the S samples are split; (0, 1) unless sample-parallel under DDP."""
+        if self.parallel == "sample" and dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def _reverse(self, denoiser: nn.Module, kernel: Any, image: torch.Tensor, x: torch.Tensor, repeats: int,
+                 generator: torch.Generator) -> torch.Tensor:
+        """Run the strided reverse process from ``x`` (B*repeats, C, H, W); returns the final x_0."""
+        cond = repeat_condition(denoiser.encode_condition(image), repeats)
+        timesteps = kernel.inference_timesteps(self.num_steps).tolist()
+        x0 = x
+        for i, t in enumerate(timesteps):
+            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+            t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+            t_prev_batch = torch.full((x.shape[0],), t_prev, device=x.device, dtype=torch.long)
+            output = denoiser(x, t_batch, cond)
+            x, x0 = kernel.step(output.float(), t_batch, t_prev_batch, x, generator=generator)
+        return x0
 
     @torch.no_grad()
     def sample(
@@ -82,7 +113,7 @@ class DiffusionSampler:
 
         Returns:
             ``samples`` (B, S, C, H, W) probabilities, ``probability`` and ``mask`` (B, C, H, W) fused,
-            ``std`` and ``entropy`` (B, C, H, W) uncertainty maps.
+            ``std``, ``entropy`` and ``mutual_information`` (B, C, H, W) uncertainty maps (bits).
         """
         b, s = image.shape[0], self.num_samples
         h, w = image.shape[-2:]
@@ -90,20 +121,20 @@ class DiffusionSampler:
         if case_ids is None:
             case_ids = torch.arange(b)
         generators = case_generators(self.seed, case_ids, device)
-        x = torch.cat(
-            [kernel.sample_prior((s, mask_channels, h, w), device=device, generator=g) for g in generators], dim=0
-        )
-        step_generator = generators[0]
-        cond = repeat_condition(denoiser.encode_condition(image), s)
-        timesteps = kernel.inference_timesteps(self.num_steps).tolist()
-        x0 = x
-        for i, t in enumerate(timesteps):
-            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-            t_batch = torch.full((b * s,), t, device=device, dtype=torch.long)
-            t_prev_batch = torch.full((b * s,), t_prev, device=device, dtype=torch.long)
-            output = denoiser(x, t_batch, cond)
-            x, x0 = kernel.step(output.float(), t_batch, t_prev_batch, x, generator=step_generator)
-        samples = kernel.decode_mask(x0).reshape(b, s, mask_channels, h, w)
+        prior = torch.stack(
+            [kernel.sample_prior((s, mask_channels, h, w), device=device, generator=g) for g in generators]
+        )  # (B, S, C, H, W): every rank draws all S, so a sample's noise does not depend on the rank count
+        rank, world = self._sample_shard()
+        per_rank = -(-s // world)
+        mine = torch.arange(rank * per_rank, (rank + 1) * per_rank, device=device).clamp(max=s - 1)
+        x = prior[:, mine].flatten(0, 1)
+        x0 = self._reverse(denoiser, kernel, image, x, len(mine), generators[0])
+        x0 = x0.reshape(b, len(mine), mask_channels, h, w)
+        if world > 1:
+            shards = [torch.empty_like(x0) for _ in range(world)]
+            dist.all_gather(shards, x0.contiguous())
+            x0 = torch.cat(shards, dim=1)[:, :s]  # drops the padding repeats of the last sample
+        samples = kernel.decode_mask(x0)
         probability, mask = fuse_samples(samples, self.fusion, self.threshold)
         return {
             "samples": samples,
@@ -111,4 +142,5 @@ class DiffusionSampler:
             "mask": mask,
             "std": sample_std(samples),
             "entropy": predictive_entropy(samples),
+            "mutual_information": mutual_information(samples),
         }

@@ -14,7 +14,7 @@ from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from torch import nn
 
 from diffseg_lightning.inference.sampler import DiffusionSampler
-from diffseg_lightning.metrics.segmentation import METRIC_NAMES, aggregate_cases, segmentation_metrics
+from diffseg_lightning.metrics.report import case_metrics, summarize
 from diffseg_lightning.utils.errors import NonFiniteLossError
 
 
@@ -38,7 +38,9 @@ class MaskDiffusionModule(L.LightningModule):
     one-channel mask), each training step draws one annotator per image, as the LIDC literature does.
 
     Validation and test: the sampler draws S samples per image in one batched pass per step, fuses
-    them and computes Dice, IoU and HD95 per case against ``batch["mask"]``. The per-case rows are
+    them, and every metric of the evaluation protocol that applies is computed per case
+    (:func:`~diffseg_lightning.metrics.report.case_metrics`: Dice, IoU, HD95, calibration, and the
+    multi-annotator metrics when ``batch["masks"]`` holds several annotators). The per-case rows are
     gathered across processes, deduplicated by case index (the distributed sampler pads), and kept in
     ``self.results[stage]`` in the ``summary.json`` layout. EMA weights are used for sampling through
     Lightning's ``EMAWeightAveraging`` callback (see ``conf/callbacks``).
@@ -118,13 +120,7 @@ class MaskDiffusionModule(L.LightningModule):
         if out["mask"].is_cuda:
             torch.cuda.synchronize()
         self._sampling_seconds += time.perf_counter() - start
-        scores = segmentation_metrics(out["mask"], batch["mask"], self.spacing)
-        for i, (case, index) in enumerate(zip(batch["case"], batch["index"].tolist(), strict=True)):
-            row = {"case": case, "index": index}
-            for name in METRIC_NAMES:
-                values = scores[name][i]
-                row[name] = float(values.nanmean()) if not values.isnan().all() else float("nan")
-            self._rows.append(row)
+        self._rows.extend(case_metrics(out, batch, self.spacing))
         if batch_idx == 0:
             self.panel = {k: v.detach().float().cpu() for k, v in
                           {"image": batch["image"], "mask": batch["mask"], "prediction": out["mask"],
@@ -142,15 +138,16 @@ class MaskDiffusionModule(L.LightningModule):
             num_processed = len(rows)
         unique = {row["index"]: row for row in rows}  # the distributed sampler pads with repeats
         rows = [unique[i] for i in sorted(unique)]
-        means = aggregate_cases(rows)
+        summary = summarize(rows)
+        seconds_per_image = seconds / max(1, num_processed)
         self.results[stage] = {
             "metric_per_case": rows,
-            "mean": means,
-            "num_cases": len(rows),
+            **summary,
             "sampler": self.sampler.settings(),
-            "seconds_per_image": seconds / max(1, num_processed),
+            "seconds_per_image": seconds_per_image,
+            "samples_per_second": self.sampler.num_samples / seconds_per_image if seconds_per_image > 0 else None,
         }
-        for name, value in means.items():
+        for name, value in summary["mean"].items():
             self.log(f"{stage}/{name}", value, sync_dist=False, rank_zero_only=False)
         self._rows, self._sampling_seconds = [], 0.0
 
