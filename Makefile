@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-full lint bench clean
+.PHONY: help install train test test-full lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,9 +37,6 @@ test-full: $(STAMP) ## every test, including the training runs that must learn
 lint: $(STAMP) ## ruff lint and format check
 	$(VENV)/bin/ruff check diffseg_lightning tests experiments
 	$(VENV)/bin/ruff format --check diffseg_lightning tests experiments
-
-bench: $(STAMP) ## sampling benchmark (results under experiments/results/)
-	$(PY) experiments/bench_sampling.py $(ARGS)
 
 clean: ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun logs wandb .pytest_cache .ruff_cache

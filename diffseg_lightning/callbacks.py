@@ -59,8 +59,9 @@ class SummaryWriter(L.Callback):
 
 
 @torch.no_grad()
-def warmup_ema_update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor,
-                      decay: float) -> None:
+def warmup_ema_update(
+    averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor, decay: float
+) -> None:
     """EMA step with the decay ramped up as min(decay, (1 + n) / (10 + n)) after n updates.
 
     The ramp keeps early, poor weights from dominating short runs; long runs reach ``decay``.
@@ -154,7 +155,9 @@ def _png_writer(array: np.ndarray) -> Callable[[Path], None]:
     return lambda tmp: Image.fromarray(array).save(tmp, format="PNG")
 
 
-def _nifti_writer(source: nib.spatialimages.SpatialImage, data: np.ndarray, dtype: type) -> Callable[[Path], None]:
+def _nifti_writer(
+    source: nib.spatialimages.SpatialImage, data: np.ndarray, dtype: type
+) -> Callable[[Path], None]:
     """A NIfTI like ``source`` (its class, affine and header: spacing, orientation codes) holding ``data``.
 
     ``data`` is (H, W) or (H, W, D); a trailing axis of 1 stands in for the source's channel axis, so
@@ -223,7 +226,9 @@ class MaskWriter(BasePredictionWriter):
         self.skipped: list[tuple[str, str]] = []
         self._volumes: dict[str, dict[str, Any]] = {}
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
+    ):
         self.output_dir.mkdir(parents=True, exist_ok=True)
         done = {case for case, _ in self.skipped}
         for i, case in enumerate(prediction["case"]):
@@ -231,22 +236,32 @@ class MaskWriter(BasePredictionWriter):
             if case in done:
                 continue
             if batch.get("error") and batch["error"][i]:
-                self._skip(case, batch["error"][i] if slice_index < 0 else f"slice {slice_index}: {batch['error'][i]}")
+                self._skip(
+                    case,
+                    batch["error"][i] if slice_index < 0 else f"slice {slice_index}: {batch['error'][i]}",
+                )
                 done.add(case)
                 continue
             maps = {"prob": prediction["probability"][i], "uncertainty": prediction["entropy"][i]}
             if prediction.get("original_size") is not None:
                 size = prediction["original_size"][i].tolist()
-                maps = {k: F.interpolate(v[None].float(), size=size, mode="bilinear", align_corners=False)[0]
-                        for k, v in maps.items()}
+                maps = {
+                    k: F.interpolate(v[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+                    for k, v in maps.items()
+                }
             prob, uncertainty = (maps[k][0].float().cpu().numpy() for k in ("prob", "uncertainty"))
             if slice_index < 0:
                 self._write(case, prob, uncertainty)
                 continue
             depth = int(batch["num_slices"][i])
-            volume = self._volumes.setdefault(case, {"prob": np.zeros((*prob.shape, depth), np.float32),
-                                                     "uncertainty": np.zeros((*prob.shape, depth), np.float32),
-                                                     "seen": set()})
+            volume = self._volumes.setdefault(
+                case,
+                {
+                    "prob": np.zeros((*prob.shape, depth), np.float32),
+                    "uncertainty": np.zeros((*prob.shape, depth), np.float32),
+                    "seen": set(),
+                },
+            )
             volume["prob"][..., slice_index], volume["uncertainty"][..., slice_index] = prob, uncertainty
             volume["seen"].add(slice_index)
             if len(volume["seen"]) == depth:
@@ -255,7 +270,9 @@ class MaskWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for case, volume in list(self._volumes.items()):
-            self._skip(case, f"only {len(volume['seen'])} of {volume['prob'].shape[-1]} slices were predicted")
+            self._skip(
+                case, f"only {len(volume['seen'])} of {volume['prob'].shape[-1]} slices were predicted"
+            )
 
     def _skip(self, case: str, reason: str) -> None:
         self._volumes.pop(case, None)
@@ -268,16 +285,23 @@ class MaskWriter(BasePredictionWriter):
         mask = prob > self.threshold
         if is_nifti(case):
             source = nib.load(case)
-            files = {"mask": _nifti_writer(source, mask, np.uint8), "prob": _nifti_writer(source, prob, np.float32),
-                     "uncertainty": _nifti_writer(source, uncertainty, np.float32)}
+            files = {
+                "mask": _nifti_writer(source, mask, np.uint8),
+                "prob": _nifti_writer(source, prob, np.float32),
+                "uncertainty": _nifti_writer(source, uncertainty, np.float32),
+            }
             files = {f"{stem}_{k}.nii.gz": v for k, v in files.items()}
         else:
-            files = {f"{stem}_{k}.png": _png_writer(_as_uint8(v))
-                     for k, v in (("mask", mask), ("prob", prob), ("uncertainty", uncertainty))}
+            files = {
+                f"{stem}_{k}.png": _png_writer(_as_uint8(v))
+                for k, v in (("mask", mask), ("prob", prob), ("uncertainty", uncertainty))
+            }
         if self.overlay:
             middle = prob.shape[2] // 2 if prob.ndim == 3 else -1
             image = read_nifti_item(Path(case), middle) if is_nifti(case) else read_image(Path(case))
-            files[f"{stem}_overlay.png"] = _png_writer(overlay_image(image, mask if middle < 0 else mask[..., middle]))
+            files[f"{stem}_overlay.png"] = _png_writer(
+                overlay_image(image, mask if middle < 0 else mask[..., middle])
+            )
         for name, write in files.items():
             atomic_write(self.output_dir / name, write)
         self.written.append(case)

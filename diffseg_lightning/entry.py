@@ -39,7 +39,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises many types for a damaged file
-        raise DiffSegError(f"checkpoint {path} is not a readable checkpoint ({type(err).__name__}: {err})") from None
+        raise DiffSegError(
+            f"checkpoint {path} is not a readable checkpoint ({type(err).__name__}: {err})"
+        ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise DiffSegError(f"checkpoint {path} has no state_dict: not a Lightning checkpoint")
     if "diffseg_config" not in checkpoint:

@@ -26,7 +26,9 @@ def evaluate(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     checkpoint = load_checkpoint(cfg.ckpt_path)
     save_config(cfg, cfg.paths.output_dir)
-    data_cfg = cfg.data if cfg.get("data") is not None else OmegaConf.create(checkpoint["diffseg_config"]["data"])
+    data_cfg = (
+        cfg.data if cfg.get("data") is not None else OmegaConf.create(checkpoint["diffseg_config"]["data"])
+    )
     if cfg.split != "test":
         data_cfg = data_cfg.copy()
         with open_dict(data_cfg):

@@ -59,15 +59,18 @@ def predict(cfg: DictConfig) -> dict[str, list]:
         eval_batch_size=cfg.batch_size,
         normalize=data_cfg.get("normalize", "zscore"),
     )
-    datamodule.setup("predict")  # a missing folder, or one without a usable file, fails here, before the model loads
+    datamodule.setup(
+        "predict"
+    )  # a missing folder, or one without a usable file, fails here, before the model loads
     dataset: ImageFolder = datamodule.datasets["predict"]
     for path, reason in dataset.skipped:
         _warn("skipping %s: %s", path, reason)
     module = module_from_checkpoint(checkpoint, cfg.sampler)
     writer = MaskWriter(cfg.output_dir, threshold=cfg.sampler.threshold, overlay=cfg.overlay)
     callbacks = [writer, RichProgressBar()] if cfg.progress_bar else [writer]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False,
-                                     enable_progress_bar=bool(cfg.progress_bar))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=False, enable_progress_bar=bool(cfg.progress_bar)
+    )
     trainer.predict(module, datamodule=datamodule, return_predictions=False)
     skipped = [(str(path), reason) for path, reason in dataset.skipped] + writer.skipped
     if not writer.written:

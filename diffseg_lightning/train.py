@@ -18,7 +18,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit and (optionally) test; returns the trainer's final metrics."""
     L.seed_everything(cfg.seed, workers=True)
     if cfg.sampler.get("parallel", "data") == "sample":
-        raise ValueError("sampler.parallel=sample is for diffseg-eval; validation during training splits the images")
+        raise ValueError(
+            "sampler.parallel=sample is for diffseg-eval; validation during training splits the images"
+        )
     if cfg.get("ckpt_path"):
         load_checkpoint(cfg.ckpt_path)  # fail early with a clear message
     datamodule = instantiate(cfg.data)
@@ -26,8 +28,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     save_config(cfg, cfg.paths.output_dir)
     module = build_module(cfg.model, cfg.noise, cfg.sampler)
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=build_all(cfg.get("callbacks")),
-                                     logger=build_all(cfg.get("logger")) or False)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=build_all(cfg.get("callbacks")), logger=build_all(cfg.get("logger")) or False
+    )
     # Our checkpoints carry RNG states (numpy) and the config: not loadable with weights_only=True.
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -36,7 +36,8 @@ def load_row(path: Path) -> dict:
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
     return {
         "run": str(path.parent),
-        "label": " ".join(o for o in overrides if not o.startswith(("ckpt_path", "hydra."))) or path.parent.name,
+        "label": " ".join(o for o in overrides if not o.startswith(("ckpt_path", "hydra.", "logger=")))
+        or path.parent.name,
         "num_cases": summary.get("num_cases"),
         "mean": summary["mean"],
         "ci95": summary.get("ci95", {}),
@@ -55,13 +56,30 @@ def _cell(row: dict, name: str) -> str:
 
 def leaderboard(rows: list[dict]) -> str:
     ged = any("ged" in row["mean"] for row in rows)
-    head = ["run", "cases", "Dice [95% CI]", *(["GED [95% CI]"] if ged else []), "HD95 (px)", "steps", "S", "fusion",
-            "s/image"]
+    head = [
+        "run",
+        "cases",
+        "Dice [95% CI]",
+        *(["GED [95% CI]"] if ged else []),
+        "HD95 (px)",
+        "steps",
+        "S",
+        "fusion",
+        "s/image",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in sorted(rows, key=lambda r: -(r["mean"].get("dice") or 0.0)):
-        cells = [f"`{row['label']}`", str(row["num_cases"]), _cell(row, "dice"), *([_cell(row, "ged")] if ged else []),
-                 _cell(row, "hd95"), str(row["sampler"]["num_steps"]), str(row["sampler"]["num_samples"]),
-                 row["sampler"]["fusion"], f"{row['seconds_per_image']:.3f}"]
+        cells = [
+            f"`{row['label']}`",
+            str(row["num_cases"]),
+            _cell(row, "dice"),
+            *([_cell(row, "ged")] if ged else []),
+            _cell(row, "hd95"),
+            str(row["sampler"]["num_steps"]),
+            str(row["sampler"]["num_samples"]),
+            row["sampler"]["fusion"],
+            f"{row['seconds_per_image']:.3f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -70,12 +88,18 @@ def plot(rows: list[dict], path: Path) -> None:
     metrics = ["dice"] + (["ged"] if any("ged" in r["mean"] for r in rows) else [])
     fig, axes = plt.subplots(len(metrics), 2, figsize=(10, 3.6 * len(metrics)), squeeze=False)
     for i, metric in enumerate(metrics):
-        points = sorted((r["sampler"]["num_steps"], r["seconds_per_image"], r["mean"][metric]) for r in rows
-                        if r["mean"].get(metric) is not None)
+        points = sorted(
+            (r["sampler"]["num_steps"], r["seconds_per_image"], r["mean"][metric])
+            for r in rows
+            if r["mean"].get(metric) is not None
+        )
         for j, (x_index, x_label) in enumerate(((0, "sampling steps"), (1, "seconds per image"))):
             ax = axes[i][j]
-            ax.plot([p[x_index] for p in points], [p[2] for p in points], "o-")
+            xs = [p[x_index] for p in points]
+            ax.plot(xs, [p[2] for p in points], "o-")
             ax.set_xscale("log")
+            ax.minorticks_off()
+            ax.set_xticks(xs, [f"{x:g}" if x_index == 0 else f"{x:.2g}" for x in xs])
             ax.set_xlabel(x_label)
             ax.set_ylabel(metric.upper() if metric == "ged" else "Dice")
             ax.grid(True, alpha=0.3)

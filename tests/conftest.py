@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -45,7 +46,19 @@ def run_cli(script: str, *args: str, cwd: Path, timeout: int = 300) -> subproces
     """Run a console script (``diffseg-train`` ...) in ``cwd`` and capture its output."""
     exe = Path(sys.executable).parent / script
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of small-tensor tests: on a busy 2-core runner, OpenMP made
+    16k-element exp/sqrt take ~15 ms (measured), and small ops gain nothing from threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")
@@ -64,3 +77,12 @@ def shared_data(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"real data subset {path} is absent (it lives outside the repository)")
     return path
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, msg: str = "") -> None:
+    """Like torch.testing.assert_close (NaN == NaN), without its ~1 s of lazy imports on first use."""
+    expected = expected.to(actual.dtype)
+    ok = actual.shape == expected.shape and torch.allclose(
+        actual, expected, rtol=1e-5, atol=1e-6, equal_nan=True
+    )
+    assert ok, f"{msg}: {actual} != {expected}"

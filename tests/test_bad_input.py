@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY, TINY_MODEL, compose_config, run_cli
 from PIL import Image
 
-from conftest import TINY, TINY_MODEL, compose_config, run_cli
 from diffseg_lightning.train import train
 from diffseg_lightning.utils.errors import DiffSegError, NonFiniteLossError
 
@@ -24,8 +24,11 @@ def error_line(result) -> str:
 
 
 def digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_unknown_config_option(tmp_path):
@@ -42,19 +45,29 @@ def test_invalid_option_value(tmp_path):
 
 def test_missing_and_corrupt_checkpoints_leave_the_run_intact(trained_run, tmp_path):
     before = digest(trained_run)
-    line = error_line(run_cli("diffseg-eval", f"ckpt_path={tmp_path / 'nope.ckpt'}",
-                              f"hydra.run.dir={trained_run}", cwd=tmp_path))
+    line = error_line(
+        run_cli(
+            "diffseg-eval",
+            f"ckpt_path={tmp_path / 'nope.ckpt'}",
+            f"hydra.run.dir={trained_run}",
+            cwd=tmp_path,
+        )
+    )
     assert "nope.ckpt does not exist" in line
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes(b"\x00garbage" * 100)
-    line = error_line(run_cli("diffseg-eval", f"ckpt_path={broken}", f"hydra.run.dir={trained_run}", cwd=tmp_path))
+    line = error_line(
+        run_cli("diffseg-eval", f"ckpt_path={broken}", f"hydra.run.dir={trained_run}", cwd=tmp_path)
+    )
     assert "broken.ckpt is not a readable checkpoint" in line
     after = digest(trained_run)
     assert {k: after.get(k) for k in before} == before  # Hydra may add its logs; nothing earlier changes
 
 
 def test_missing_data_root(tmp_path):
-    line = error_line(run_cli("diffseg-train", "data=folder", f"data.root={tmp_path / 'absent'}", *TINY_MODEL, cwd=tmp_path))
+    line = error_line(
+        run_cli("diffseg-train", "data=folder", f"data.root={tmp_path / 'absent'}", *TINY_MODEL, cwd=tmp_path)
+    )
     assert f"data root {tmp_path / 'absent'} does not exist" in line
 
 
@@ -67,8 +80,16 @@ def test_wrong_channel_count_in_predict(trained_run, tmp_path):
     line = error_line(run_cli("diffseg-predict", ckpt, f"input_dir={images}", cwd=tmp_path))
     assert "colour.png: image has 3 channel(s) but the config expects 1" in line
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(images / "grey.png")
-    result = run_cli("diffseg-predict", ckpt, f"input_dir={images}", f"output_dir={tmp_path / 'out'}",
-                     "sampler.num_steps=2", "sampler.num_samples=2", "trainer.accelerator=cpu", cwd=tmp_path)
+    result = run_cli(
+        "diffseg-predict",
+        ckpt,
+        f"input_dir={images}",
+        f"output_dir={tmp_path / 'out'}",
+        "sampler.num_steps=2",
+        "sampler.num_samples=2",
+        "trainer.accelerator=cpu",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
     assert "colour.png: image has 3 channel(s) but the config expects 1" in log
@@ -85,21 +106,41 @@ def write_folder(root: Path, n: int, nan_image: bool = False) -> None:
         if nan_image:
             image[3, 3] = np.nan
         Image.fromarray(image, mode="F").save(root / "images" / f"c{i}.tif")
-        Image.fromarray((rng.random((32, 32)) > 0.5).astype(np.uint8) * 255).save(root / "masks" / f"c{i}.png")
+        Image.fromarray((rng.random((32, 32)) > 0.5).astype(np.uint8) * 255).save(
+            root / "masks" / f"c{i}.png"
+        )
 
 
 def test_nan_loss_stops_and_names_the_step(tmp_path):
     write_folder(tmp_path / "data", 12, nan_image=True)
-    cfg = compose_config("train", [*TINY_MODEL, "data=folder", f"data.root={tmp_path / 'data'}", "data.channels=1",
-                                   "data.num_workers=0"], tmp_path / "run")
+    cfg = compose_config(
+        "train",
+        [
+            *TINY_MODEL,
+            "data=folder",
+            f"data.root={tmp_path / 'data'}",
+            "data.channels=1",
+            "data.num_workers=0",
+        ],
+        tmp_path / "run",
+    )
     with pytest.raises(NonFiniteLossError, match="at global step 0"):
         train(cfg)
 
 
 def test_channel_mismatch_fails_before_training(tmp_path):
     write_folder(tmp_path / "data", 12)
-    cfg = compose_config("train", [*TINY_MODEL, "data=folder", f"data.root={tmp_path / 'data'}", "data.channels=3",
-                                   "data.num_workers=0"], tmp_path / "run")
+    cfg = compose_config(
+        "train",
+        [
+            *TINY_MODEL,
+            "data=folder",
+            f"data.root={tmp_path / 'data'}",
+            "data.channels=3",
+            "data.num_workers=0",
+        ],
+        tmp_path / "run",
+    )
     with pytest.raises(DiffSegError, match=r"c\d+\.tif: image has 1 channel\(s\) but the config expects 3"):
         train(cfg)
     assert not (tmp_path / "run" / "config.yaml").exists()

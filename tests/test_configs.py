@@ -5,14 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import TINY, compose_config, run_cli
 from hydra.utils import instantiate
 
-from conftest import TINY, compose_config, run_cli
 from diffseg_lightning.utils import CONFIG_DIR
 
 CONF = Path(CONFIG_DIR)
-GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in
-          ("data", "model", "noise", "sampler", "trainer", "logger", "callbacks", "experiment", "debug")}
+GROUPS = {
+    g: sorted(p.stem for p in (CONF / g).glob("*.yaml"))
+    for g in ("data", "model", "noise", "sampler", "trainer", "logger", "callbacks", "experiment", "debug")
+}
 
 
 def test_required_groups_and_options_exist():
@@ -49,9 +51,18 @@ def test_wandb_is_offline_without_a_key(tmp_path, monkeypatch):
 
 def test_every_experiment_runs_under_fast_dev_run_as_a_sweep(tmp_path):
     """``-m experiment=glob(*)``: one fast_dev_run job per experiment file, each writing its summary."""
-    result = run_cli("diffseg-train", "-m", "experiment=glob(*)", "debug=fast_dev_run", "logger=csv",
-                     "data.eval_batch_size=4", "paths.log_dir=logs", "hydra.sweep.dir=logs/sweep", cwd=tmp_path,
-                     timeout=900)
+    result = run_cli(
+        "diffseg-train",
+        "-m",
+        "experiment=glob(*)",
+        "debug=fast_dev_run",
+        "logger=csv",
+        "data.eval_batch_size=4",
+        "paths.log_dir=logs",
+        "hydra.sweep.dir=logs/sweep",
+        cwd=tmp_path,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted((tmp_path / "logs" / "sweep").glob("[0-9]*"))
     assert len(jobs) == len(GROUPS["experiment"])
@@ -60,9 +71,17 @@ def test_every_experiment_runs_under_fast_dev_run_as_a_sweep(tmp_path):
 
 def test_optuna_sweep_runs(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the [sweep] extra is not installed")
-    result = run_cli("diffseg-train", "hparams_search=optuna", "hydra.sweeper.n_trials=2", *TINY,
-                     "trainer.max_epochs=1", "paths.log_dir=logs", "hydra.sweep.dir=logs/sweep", cwd=tmp_path,
-                     timeout=900)
+    result = run_cli(
+        "diffseg-train",
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        *TINY,
+        "trainer.max_epochs=1",
+        "paths.log_dir=logs",
+        "hydra.sweep.dir=logs/sweep",
+        cwd=tmp_path,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     best = (tmp_path / "logs" / "sweep" / "optimization_results.yaml").read_text()
     assert "best_value" in best

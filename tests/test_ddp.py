@@ -5,15 +5,23 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import TINY, compose_config, run_cli
+
 from diffseg_lightning.evaluate import evaluate
 
 pytestmark = pytest.mark.ddp
 
 # 7 test cases over 2 processes: the distributed sampler pads one duplicate, which must be dropped.
-EVAL = ["data=synthetic", "data.size=32", "data.num_test=7", "data.eval_batch_size=2", "sampler.num_steps=3",
-        "sampler.num_samples=2", "logger=none", "trainer.enable_model_summary=false"]
+EVAL = [
+    "data=synthetic",
+    "data.size=32",
+    "data.num_test=7",
+    "data.eval_batch_size=2",
+    "sampler.num_steps=3",
+    "sampler.num_samples=2",
+    "logger=none",
+    "trainer.enable_model_summary=false",
+]
 
 
 def per_case(folder):
@@ -24,7 +32,11 @@ def per_case(folder):
 def test_ddp_evaluation_equals_one_process(trained_run, tmp_path):
     ckpt = f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}"
     evaluate(compose_config("eval", [ckpt, *EVAL, "trainer=cpu"], tmp_path / "one"))
-    evaluate(compose_config("eval", [ckpt, *EVAL, "trainer=ddp_cpu", "trainer.strategy=ddp_spawn"], tmp_path / "two"))
+    evaluate(
+        compose_config(
+            "eval", [ckpt, *EVAL, "trainer=ddp_cpu", "trainer.strategy=ddp_spawn"], tmp_path / "two"
+        )
+    )
     one, two = per_case(tmp_path / "one"), per_case(tmp_path / "two")
     assert len(one) == 7 and sorted(two) == sorted(one)
     for case, dice in one.items():
@@ -36,8 +48,13 @@ def test_sample_parallel_evaluation_equals_one_process(trained_run, tmp_path):
     ckpt = f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}"
     overrides = [ckpt, *EVAL, "sampler.num_samples=3", "data.num_test=3"]
     evaluate(compose_config("eval", [*overrides, "trainer=cpu"], tmp_path / "one"))
-    evaluate(compose_config("eval", [*overrides, "trainer=ddp_cpu", "trainer.strategy=ddp_spawn", "sampler.parallel=sample"],
-                            tmp_path / "two"))
+    evaluate(
+        compose_config(
+            "eval",
+            [*overrides, "trainer=ddp_cpu", "trainer.strategy=ddp_spawn", "sampler.parallel=sample"],
+            tmp_path / "two",
+        )
+    )
     one = json.loads((tmp_path / "one" / "summary.json").read_text())
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert two["sampler"]["parallel"] == "sample" and two["num_cases"] == 3
@@ -48,8 +65,16 @@ def test_sample_parallel_evaluation_equals_one_process(trained_run, tmp_path):
 
 
 def test_ddp_training_run_leaves_one_run_directory(tmp_path):
-    result = run_cli("diffseg-train", *TINY, "trainer=ddp_cpu", "sampler.num_steps=1", "data.num_test=5",
-                     "paths.log_dir=logs", cwd=tmp_path, timeout=600)
+    result = run_cli(
+        "diffseg-train",
+        *TINY,
+        "trainer=ddp_cpu",
+        "sampler.num_steps=1",
+        "data.num_test=5",
+        "paths.log_dir=logs",
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = list((tmp_path / "logs" / "train" / "runs").iterdir())
     assert len(runs) == 1, runs

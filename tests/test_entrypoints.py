@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, compose_config
 from PIL import Image
 
-from conftest import TINY, compose_config
 from diffseg_lightning.evaluate import evaluate
 from diffseg_lightning.predict import predict
 
@@ -45,8 +45,14 @@ def test_checkpoint_stores_config_and_ema_weights(trained_run):
 
 def test_eval_reproduces_the_test_metrics(trained_run, tmp_path):
     ckpt = trained_run / "checkpoints" / "best.ckpt"
-    overrides = [f"ckpt_path={ckpt}", "sampler.num_steps=2", "sampler.num_samples=2", "trainer.accelerator=cpu",
-                 "logger=csv", "trainer.enable_model_summary=false"]
+    overrides = [
+        f"ckpt_path={ckpt}",
+        "sampler.num_steps=2",
+        "sampler.num_samples=2",
+        "trainer.accelerator=cpu",
+        "logger=csv",
+        "trainer.enable_model_summary=false",
+    ]
     results = evaluate(compose_config("eval", overrides, tmp_path))
     summary = json.loads((tmp_path / "summary.json").read_text())
     trained = json.loads((trained_run / "summary.json").read_text())
@@ -58,8 +64,19 @@ def test_eval_reproduces_the_test_metrics(trained_run, tmp_path):
 
 def test_eval_on_the_validation_split(trained_run, tmp_path):
     ckpt = trained_run / "checkpoints" / "best.ckpt"
-    evaluate(compose_config("eval", [f"ckpt_path={ckpt}", "split=val", "sampler.num_steps=1", "logger=none",
-                                     "trainer.accelerator=cpu"], tmp_path))
+    evaluate(
+        compose_config(
+            "eval",
+            [
+                f"ckpt_path={ckpt}",
+                "split=val",
+                "sampler.num_steps=1",
+                "logger=none",
+                "trainer.accelerator=cpu",
+            ],
+            tmp_path,
+        )
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["split"] == "val" and summary["metric_per_case"][0]["case"].startswith("synthetic-val-")
 
@@ -71,8 +88,19 @@ def test_predict_writes_masks_and_uncertainty(trained_run, tmp_path):
     for name, size in [("a", (40, 40)), ("b", (32, 48))]:
         Image.fromarray(rng.integers(0, 255, size, dtype=np.uint8)).save(images / f"{name}.png")
     out = tmp_path / "pred"
-    predict(compose_config("predict", [f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}", f"input_dir={images}",
-                                       f"output_dir={out}", "sampler.num_steps=2", "trainer.accelerator=cpu"], tmp_path))
+    predict(
+        compose_config(
+            "predict",
+            [
+                f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}",
+                f"input_dir={images}",
+                f"output_dir={out}",
+                "sampler.num_steps=2",
+                "trainer.accelerator=cpu",
+            ],
+            tmp_path,
+        )
+    )
     for name, size in [("a", (40, 40)), ("b", (32, 48))]:
         mask = np.asarray(Image.open(out / f"{name}_mask.png"))
         unc = np.asarray(Image.open(out / f"{name}_uncertainty.png"))

@@ -21,7 +21,9 @@ def write_pairs(root: Path, n: int = 10, size=(20, 30), mode: str = "RGB") -> li
     masks = []
     for i in range(n):
         shape = (*size, 3) if mode == "RGB" else size
-        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(root / "images" / f"case{i:02d}.png")
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(
+            root / "images" / f"case{i:02d}.png"
+        )
         mask = np.zeros(size, np.uint8)
         mask[2 : 5 + i, 3:9] = 255
         Image.fromarray(mask).save(root / "masks" / f"case{i:02d}.png")
@@ -31,7 +33,9 @@ def write_pairs(root: Path, n: int = 10, size=(20, 30), mode: str = "RGB") -> li
 
 def test_splits_partition_the_cases(tmp_path):
     write_pairs(tmp_path, n=20)
-    cases = [set(PairedFolder(tmp_path, split, size=None, channels=3).pairs) for split in ("train", "val", "test")]
+    cases = [
+        set(PairedFolder(tmp_path, split, size=None, channels=3).pairs) for split in ("train", "val", "test")
+    ]
     assert sum(len(c) for c in cases) == 20 and len(set().union(*cases)) == 20
     assert [len(c) for c in cases] == [14, 3, 3]
 
@@ -69,7 +73,9 @@ def test_bad_layouts_name_the_problem(tmp_path):
 def test_wrong_channel_count_names_the_file(tmp_path):
     write_pairs(tmp_path, n=4)
     data = PairedFolder(tmp_path, "train", fractions=(1.0, 0.0, 0.0), channels=1)
-    with pytest.raises(DiffSegError, match=r"case0\d\.png: image has 3 channel\(s\) but the config expects 1"):
+    with pytest.raises(
+        DiffSegError, match=r"case0\d\.png: image has 3 channel\(s\) but the config expects 1"
+    ):
         data[0]
     dm = SegmentationDataModule(train=partial(PairedFolder, tmp_path, "train", (1.0, 0.0, 0.0)), channels=1)
     with pytest.raises(DiffSegError, match="data.channels=1"):

@@ -22,13 +22,7 @@ T = 1000
 SHAPE = (4, 1, 64, 64)  # n = 16384 pixels: the variance check allows 5 * sqrt(2 / n) = 5.5% relative error
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: on a busy 2-core runner, OpenMP turned 16k-element exp/sqrt into ~15 ms ops (measured)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def binary_x0(seed: int = 0, shape: tuple[int, ...] = SHAPE) -> torch.Tensor:

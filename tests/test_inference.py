@@ -9,7 +9,13 @@ from scipy.stats import entropy as scipy_entropy
 from torch import nn
 
 from diffseg_lightning.diffusion import GaussianKernel
-from diffseg_lightning.inference import DiffusionSampler, fuse_samples, predictive_entropy, repeat_condition, sample_std
+from diffseg_lightning.inference import (
+    DiffusionSampler,
+    fuse_samples,
+    predictive_entropy,
+    repeat_condition,
+    sample_std,
+)
 
 
 def test_mean_and_vote_fusion_by_hand():
@@ -99,5 +105,7 @@ def test_case_results_do_not_depend_on_batch_composition():
     together = sampler.sample(net, kernel, images, 1, case_ids=torch.arange(4))
     alone = sampler.sample(net, kernel, images[2:3], 1, case_ids=torch.tensor([2]))
     assert torch.allclose(together["samples"][2], alone["samples"][0], atol=1e-6)
-    other_seed = DiffusionSampler(num_steps=5, num_samples=3, seed=8).sample(net, kernel, images[2:3], 1, torch.tensor([2]))
+    other_seed = DiffusionSampler(num_steps=5, num_samples=3, seed=8).sample(
+        net, kernel, images[2:3], 1, torch.tensor([2])
+    )
     assert not torch.allclose(other_seed["samples"][0], alone["samples"][0])

@@ -20,13 +20,7 @@ from diffseg_lightning.metrics.instances import (
     panoptic_quality,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bars(width: int, *objects: tuple[int, int, int], rows: int = 2) -> np.ndarray:

@@ -12,14 +12,7 @@ from torch import nn
 
 from diffseg_lightning.nets import DynamicConditionalEncoding, FFParser, MedSegDiffUNet
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors gain nothing from intra-op threads; one thread avoids oversubscription on shared CPUs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = dict(base_channels=8, channel_mults=(1, 2, 4), attention_levels=(False, False, True), num_heads=4)

@@ -60,7 +60,9 @@ def test_hd95_spacing_scales_distances():
 def test_empty_mask_policy():
     empty, full = torch.zeros(1, 1, 10, 20), square(20, 0, 0, 5)[..., :10, :]
     both = segmentation_metrics(empty, empty)
-    assert math.isnan(both["dice"].item()) and math.isnan(both["iou"].item()) and math.isnan(both["hd95"].item())
+    assert (
+        math.isnan(both["dice"].item()) and math.isnan(both["iou"].item()) and math.isnan(both["hd95"].item())
+    )
     for pred, ref in [(full, empty), (empty, full)]:
         one = segmentation_metrics(pred, ref)
         assert one["dice"].item() == 0.0 and one["iou"].item() == 0.0
@@ -68,7 +70,11 @@ def test_empty_mask_policy():
 
 
 def test_aggregate_is_nanmean():
-    rows = [{"dice": 1.0, "iou": 1.0}, {"dice": float("nan"), "iou": float("nan")}, {"dice": 0.5, "iou": 0.25}]
+    rows = [
+        {"dice": 1.0, "iou": 1.0},
+        {"dice": float("nan"), "iou": float("nan")},
+        {"dice": 0.5, "iou": 0.25},
+    ]
     means = aggregate_cases(rows, ("dice", "iou", "hd95"))
     assert means["dice"] == pytest.approx(0.75) and means["iou"] == pytest.approx(0.625)
     assert math.isnan(means["hd95"])

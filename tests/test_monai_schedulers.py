@@ -19,7 +19,9 @@ def residual_variance(x_prev, x0, abar_prev):
 
 
 def test_strided_ddpm_marginal_ours_versus_monai():
-    monai = DDPMScheduler(num_train_timesteps=1000, schedule="linear_beta", prediction_type="sample", clip_sample=False)
+    monai = DDPMScheduler(
+        num_train_timesteps=1000, schedule="linear_beta", prediction_type="sample", clip_sample=False
+    )
     ours = GaussianKernel(num_train_timesteps=1000, objective="x0", sampling="ddpm", clip_x0=False)
     assert torch.allclose(monai.alphas_cumprod.float(), ours.alphas_cumprod, atol=1e-6)
     abar = ours.alphas_cumprod

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_close
 
 from diffseg_lightning.metrics.multi_annotator import (
     ged_by_sample_count,
@@ -17,22 +18,7 @@ from diffseg_lightning.metrics.multi_annotator import (
     soft_dice,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, msg: str = "") -> None:
-    """Like torch.testing.assert_close (NaN == NaN), without its ~1 s of lazy imports on first use."""
-    expected = expected.to(actual.dtype)
-    ok = actual.shape == expected.shape and torch.allclose(
-        actual, expected, rtol=1e-5, atol=1e-6, equal_nan=True
-    )
-    assert ok, f"{msg}: {actual} != {expected}"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def masks(*rows: list[int]) -> torch.Tensor:

@@ -10,28 +10,29 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import compose_config
 from PIL import Image
 
-from conftest import compose_config
 from diffseg_lightning.callbacks import MaskWriter, atomic_write, overlay_image
 from diffseg_lightning.data.folder import ImageFolder, file_stem, nifti_layout
 from diffseg_lightning.predict import predict
 from diffseg_lightning.utils.errors import DiffSegError
 
 PNG_SIZES = {"a": (40, 40), "b": (32, 48)}
-VOLUME_AFFINE = np.array([[-0.7, 0.0, 0.0, 12.0],   # flipped x, 0.7 mm
-                          [0.0, -0.7, 0.0, 20.5],   # flipped y
-                          [0.0, 0.0, 1.5, -7.0],    # 1.5 mm slices
-                          [0.0, 0.0, 0.0, 1.0]])
-SLICE_AFFINE = np.array([[0.0, 0.5, 0.0, 1.0], [-0.5, 0.0, 0.0, 2.0], [0.0, 0.0, 3.0, 3.0], [0.0, 0.0, 0.0, 1.0]])
+VOLUME_AFFINE = np.array(
+    [
+        [-0.7, 0.0, 0.0, 12.0],  # flipped x, 0.7 mm
+        [0.0, -0.7, 0.0, 20.5],  # flipped y
+        [0.0, 0.0, 1.5, -7.0],  # 1.5 mm slices
+        [0.0, 0.0, 0.0, 1.0],
+    ]
+)
+SLICE_AFFINE = np.array(
+    [[0.0, 0.5, 0.0, 1.0], [-0.5, 0.0, 0.0, 2.0], [0.0, 0.0, 3.0, 3.0], [0.0, 0.0, 0.0, 1.0]]
+)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
@@ -41,8 +42,15 @@ def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Im
 
 
 def predict_overrides(ckpt: Path, input_dir: Path, output_dir: Path) -> list[str]:
-    return [f"ckpt_path={ckpt}", f"input_dir={input_dir}", f"output_dir={output_dir}", "sampler.num_steps=2",
-            "sampler.num_samples=2", "trainer.accelerator=cpu", "progress_bar=false"]
+    return [
+        f"ckpt_path={ckpt}",
+        f"input_dir={input_dir}",
+        f"output_dir={output_dir}",
+        "sampler.num_steps=2",
+        "sampler.num_samples=2",
+        "trainer.accelerator=cpu",
+        "progress_bar=false",
+    ]
 
 
 class LogLines(logging.Handler):
@@ -63,21 +71,24 @@ def mixed_run(trained_run, tmp_path_factory):
     rng = np.random.default_rng(0)
     for name, size in PNG_SIZES.items():
         Image.fromarray(rng.integers(0, 255, size, dtype=np.uint8)).save(inputs / f"{name}.png")
-    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(inputs / "colour.png")      # 3 channels, model has 1
-    (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)      # unreadable
-    Image.fromarray(np.zeros((32, 32), np.uint8)).save(inputs / "b.tif")             # same stem as b.png
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(inputs / "colour.png")  # 3 channels, model has 1
+    (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)  # unreadable
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(inputs / "b.tif")  # same stem as b.png
     save_nifti(inputs / "slice.nii.gz", rng.normal(size=(36, 28)).astype(np.float32), SLICE_AFFINE)
     save_nifti(inputs / "single.nii", rng.normal(size=(30, 34, 1)).astype(np.float32), np.eye(4))  # (H, W, 1)
     save_nifti(inputs / "volume.nii.gz", rng.normal(size=(32, 32, 3)).astype(np.float32), VOLUME_AFFINE)
     nan = rng.normal(size=(32, 32)).astype(np.float32)
     nan[4, 4] = np.nan
-    save_nifti(inputs / "nan.nii.gz", nan, np.eye(4))                                 # fails when read
+    save_nifti(inputs / "nan.nii.gz", nan, np.eye(4))  # fails when read
     handler = LogLines()
     logging.getLogger("diffseg_lightning").addHandler(handler)
     try:
         out = root / "pred"
-        result = predict(compose_config("predict", predict_overrides(trained_run / "checkpoints" / "best.ckpt",
-                                                                     inputs, out), root))
+        result = predict(
+            compose_config(
+                "predict", predict_overrides(trained_run / "checkpoints" / "best.ckpt", inputs, out), root
+            )
+        )
     finally:
         logging.getLogger("diffseg_lightning").removeHandler(handler)
     return {"inputs": inputs, "out": out, "result": result, "log": handler.lines}
@@ -86,7 +97,9 @@ def mixed_run(trained_run, tmp_path_factory):
 def test_png_outputs_match_each_input(mixed_run):
     out = mixed_run["out"]
     for name, size in PNG_SIZES.items():
-        mask, prob, unc = (np.asarray(Image.open(out / f"{name}_{kind}.png")) for kind in ("mask", "prob", "uncertainty"))
+        mask, prob, unc = (
+            np.asarray(Image.open(out / f"{name}_{kind}.png")) for kind in ("mask", "prob", "uncertainty")
+        )
         assert mask.shape == prob.shape == unc.shape == size
         assert mask.dtype == prob.dtype == unc.dtype == np.uint8
         assert set(np.unique(mask)) <= {0, 255}
@@ -97,12 +110,19 @@ def test_png_outputs_match_each_input(mixed_run):
         assert np.array_equal(overlay[grey][:, 0], overlay[grey][:, 1])  # background pixels stay grey
 
 
-@pytest.mark.parametrize(("name", "shape", "affine"), [("slice", (36, 28), SLICE_AFFINE),
-                                                       ("single", (30, 34, 1), np.eye(4)),
-                                                       ("volume", (32, 32, 3), VOLUME_AFFINE)])
+@pytest.mark.parametrize(
+    ("name", "shape", "affine"),
+    [
+        ("slice", (36, 28), SLICE_AFFINE),
+        ("single", (30, 34, 1), np.eye(4)),
+        ("volume", (32, 32, 3), VOLUME_AFFINE),
+    ],
+)
 def test_nifti_outputs_keep_shape_affine_and_spacing(mixed_run, name, shape, affine):
     source = nib.load(next(mixed_run["inputs"].glob(f"{name}.nii*")))
-    outputs = {kind: nib.load(mixed_run["out"] / f"{name}_{kind}.nii.gz") for kind in ("mask", "prob", "uncertainty")}
+    outputs = {
+        kind: nib.load(mixed_run["out"] / f"{name}_{kind}.nii.gz") for kind in ("mask", "prob", "uncertainty")
+    }
     for kind, image in outputs.items():
         assert image.shape == shape, kind
         assert np.array_equal(image.affine, source.affine), kind
@@ -126,8 +146,13 @@ def test_bad_files_are_skipped_and_named(mixed_run):
     assert "not a readable image" in skipped["broken.png"]
     assert skipped["b.tif"] == "same output names as b.png"
     assert "NaN" in skipped["nan.nii.gz"]
-    assert sorted(Path(p).name for p in result["written"]) == ["a.png", "b.png", "single.nii", "slice.nii.gz",
-                                                               "volume.nii.gz"]
+    assert sorted(Path(p).name for p in result["written"]) == [
+        "a.png",
+        "b.png",
+        "single.nii",
+        "slice.nii.gz",
+        "volume.nii.gz",
+    ]
     for name in skipped:  # one warning line each, and the one-line summary last
         assert sum(name in line and line.startswith("skipping") for line in log) == 1, log
     assert log[-1].startswith("skipped 4 file(s): ") and "colour.png (image has 3 channel(s)" in log[-1]
@@ -146,14 +171,23 @@ def test_all_bad_or_empty_folder_is_an_error(trained_run, tmp_path):
     bad.mkdir()
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(bad / "colour.png")
     (bad / "empty.nii.gz").write_bytes(b"")
-    with pytest.raises(DiffSegError, match=r"no usable image in .* \(2 file\(s\) skipped\): colour\.png: image has 3 "
-                                           r"channel\(s\) but the config expects 1; empty\.nii\.gz: not a readable"):
+    with pytest.raises(
+        DiffSegError,
+        match=r"no usable image in .* \(2 file\(s\) skipped\): colour\.png: image has 3 "
+        r"channel\(s\) but the config expects 1; empty\.nii\.gz: not a readable",
+    ):
         predict(compose_config("predict", predict_overrides(ckpt, bad, tmp_path / "out"), tmp_path))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DiffSegError, match="holds no images"):
-        predict(compose_config("predict", predict_overrides(ckpt, tmp_path / "empty", tmp_path / "out"), tmp_path))
+        predict(
+            compose_config("predict", predict_overrides(ckpt, tmp_path / "empty", tmp_path / "out"), tmp_path)
+        )
     with pytest.raises(DiffSegError, match="does not exist"):
-        predict(compose_config("predict", predict_overrides(ckpt, tmp_path / "absent", tmp_path / "out"), tmp_path))
+        predict(
+            compose_config(
+                "predict", predict_overrides(ckpt, tmp_path / "absent", tmp_path / "out"), tmp_path
+            )
+        )
     assert not (tmp_path / "out").exists()
     unreadable = tmp_path / "nan"  # passes the header check, fails when read: still nothing to write
     unreadable.mkdir()
@@ -164,9 +198,9 @@ def test_all_bad_or_empty_folder_is_an_error(trained_run, tmp_path):
 
 def test_nifti_layout():
     assert nifti_layout((32, 32), 1) == (0, 1)
-    assert nifti_layout((32, 32, 1), 1) == (0, 1)      # a trailing axis of the model's channel count: channels
+    assert nifti_layout((32, 32, 1), 1) == (0, 1)  # a trailing axis of the model's channel count: channels
     assert nifti_layout((32, 32, 3), 3) == (0, 3)
-    assert nifti_layout((32, 32, 3), 1) == (3, 1)      # otherwise a volume of axial slices
+    assert nifti_layout((32, 32, 3), 1) == (3, 1)  # otherwise a volume of axial slices
     assert nifti_layout((32, 32, 5, 3), 3) == (5, 3)
     with pytest.raises(DiffSegError, match="not a 2D image or a 3D volume"):
         nifti_layout((4, 4, 4, 4, 4), 1)
@@ -179,11 +213,19 @@ def test_image_folder_items(tmp_path):
     save_nifti(tmp_path / "vol.nii.gz", rng.normal(size=(16, 12, 4)).astype(np.float32), VOLUME_AFFINE)
     save_nifti(tmp_path / "rgbvol.nii.gz", rng.normal(size=(16, 12, 2, 3)).astype(np.float32), VOLUME_AFFINE)
     (tmp_path / "notes.txt").write_text("not an image")
-    rgb = ImageFolder(tmp_path, size=8, channels=3)   # an RGB model: the RGB PNG and the 3-channel volume
-    assert [(p.name, k) for p, k in rgb.items] == [("rgb.png", -1), ("rgbvol.nii.gz", 0), ("rgbvol.nii.gz", 1)]
+    rgb = ImageFolder(tmp_path, size=8, channels=3)  # an RGB model: the RGB PNG and the 3-channel volume
+    assert [(p.name, k) for p, k in rgb.items] == [
+        ("rgb.png", -1),
+        ("rgbvol.nii.gz", 0),
+        ("rgbvol.nii.gz", 1),
+    ]
     assert [p.name for p, _ in rgb.skipped] == ["vol.nii.gz"]
     item = rgb[0]
-    assert item["image"].shape == (3, 8, 8) and item["original_size"].tolist() == [20, 24] and item["error"] == ""
+    assert (
+        item["image"].shape == (3, 8, 8)
+        and item["original_size"].tolist() == [20, 24]
+        and item["error"] == ""
+    )
     assert rgb[2]["image"].shape == (3, 8, 8) and rgb[2]["slice"] == 1 and rgb[2]["num_slices"] == 2
     grey = ImageFolder(tmp_path, size=None, channels=1)
     assert [(p.name, k) for p, k in grey.items] == [("vol.nii.gz", k) for k in range(4)]
@@ -197,8 +239,8 @@ def test_overlay_grey_and_rgb():
     grey = overlay_image(np.arange(36, dtype=np.float32).reshape(1, 6, 6), mask)
     assert grey.shape == (6, 6, 3) and grey.dtype == np.uint8
     assert grey[0, 0].tolist() == [0, 0, 0] and grey[5, 5].tolist() == [255, 255, 255]  # min-max scaled grey
-    assert grey[1, 1].tolist() == [255, 0, 0]                   # contour
-    assert grey[2, 2, 0] > grey[2, 2, 1] == grey[2, 2, 2]        # translucent fill inside
+    assert grey[1, 1].tolist() == [255, 0, 0]  # contour
+    assert grey[2, 2, 0] > grey[2, 2, 1] == grey[2, 2, 2]  # translucent fill inside
     rgb = np.zeros((3, 6, 6), np.float32)
     rgb[2] = 10.0  # blue image
     assert overlay_image(rgb, np.zeros((6, 6), bool))[0, 0].tolist() == [0, 0, 255]
@@ -234,8 +276,12 @@ def test_failure_while_writing_leaves_no_partial_output(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Image.Image, "save", save_then_fail)
     writer = MaskWriter(str(out))
-    prediction = {"case": [str(tmp_path / "in.png")], "original_size": None,
-                  "probability": torch.full((1, 1, 8, 8), 0.7), "entropy": torch.zeros(1, 1, 8, 8)}
+    prediction = {
+        "case": [str(tmp_path / "in.png")],
+        "original_size": None,
+        "probability": torch.full((1, 1, 8, 8), 0.7),
+        "entropy": torch.zeros(1, 1, 8, 8),
+    }
     with pytest.raises(KeyboardInterrupt):
         writer.write_on_batch_end(None, None, prediction, None, {"error": [""]}, 0)
     assert list(out.iterdir()) == [] and writer.written == []

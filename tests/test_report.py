@@ -8,18 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from diffseg_lightning.inference import fuse_samples, mutual_information, predictive_entropy, sample_std
+from diffseg_lightning.inference import describe_samples
 from diffseg_lightning.metrics.report import bootstrap_interval, case_metrics, summarize
 
 
-def sampler_output(samples: torch.Tensor) -> dict[str, torch.Tensor]:
-    probability, mask = fuse_samples(samples, "mean")
-    return {"samples": samples, "probability": probability, "mask": mask, "std": sample_std(samples),
-            "entropy": predictive_entropy(samples), "mutual_information": mutual_information(samples)}
-
-
 def batch_of(masks: torch.Tensor, annotators: torch.Tensor | None = None) -> dict:
-    batch = {"mask": masks, "case": [f"c{i}" for i in range(masks.shape[0])], "index": torch.arange(masks.shape[0])}
+    batch = {
+        "mask": masks,
+        "case": [f"c{i}" for i in range(masks.shape[0])],
+        "index": torch.arange(masks.shape[0]),
+    }
     if annotators is not None:
         batch["masks"] = annotators
     return batch
@@ -31,7 +29,7 @@ def test_single_annotator_rows_by_hand():
     samples = torch.zeros(2, 2, 1, 4, 4)
     samples[0, :, 0, :2, :2] = 1  # both samples exact on case 0
     samples[1, 0, 0, 0, 0] = 1  # case 1: one sample marks one pixel -> mean 0.5, not above the threshold
-    rows = case_metrics(sampler_output(samples), batch_of(reference))
+    rows = case_metrics(describe_samples(samples), batch_of(reference))
     assert rows[0]["dice"] == 1.0 and rows[0]["ece"] == 0.0 and rows[0]["mean_std"] == 0.0
     assert math.isnan(rows[1]["dice"])  # both empty: NaN (nnU-Net)
     assert rows[1]["mean_entropy"] == pytest.approx(1 / 16)  # one pixel at p = 0.5 is 1 bit
@@ -44,7 +42,7 @@ def test_multi_annotator_metrics_appear_with_several_annotators():
     annotators[0, :, :2, :2] = 1
     annotators[0, 2, 2, 2] = 1  # the third annotator adds a pixel
     samples = annotators[:, :2].unsqueeze(2).clone()  # S = 2 samples equal to annotators 0 and 1
-    rows = case_metrics(sampler_output(samples), batch_of(annotators[:, :1], annotators))
+    rows = case_metrics(describe_samples(samples), batch_of(annotators[:, :1], annotators))
     row = rows[0]
     assert {"ged", "ged_1", "hm_iou", "soft_dice", "diversity"} <= row.keys()
     assert "ged_4" not in row  # more than S samples: left out

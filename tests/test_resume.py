@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import TINY, compose_config
+
 from diffseg_lightning.train import train
 
 RUN = [*TINY, "data.num_train=24", "test=false"]
@@ -20,8 +20,13 @@ def test_resume_is_exact(tmp_path):
     first = tmp_path / "first"
     train(compose_config("train", [*RUN, "trainer.max_epochs=1"], first))
     resumed = tmp_path / "resumed"
-    train(compose_config("train", [*RUN, "trainer.max_epochs=2", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}"],
-                         resumed))
+    train(
+        compose_config(
+            "train",
+            [*RUN, "trainer.max_epochs=2", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}"],
+            resumed,
+        )
+    )
     a, b = load(straight / "checkpoints" / "last.ckpt"), load(resumed / "checkpoints" / "last.ckpt")
     assert a["global_step"] == b["global_step"] == 2 * 3
     for key in ("state_dict", "current_model_state"):  # EMA weights and raw weights

@@ -8,13 +8,7 @@ import torch
 
 from diffseg_lightning.inference.fusion import Fusion, fuse_samples, staple
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def disc(size: int = 32, cy: float = 15.0, cx: float = 17.0, r: float = 9.0) -> torch.Tensor:

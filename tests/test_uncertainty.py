@@ -9,13 +9,7 @@ from scipy.stats import entropy as scipy_entropy
 
 from diffseg_lightning.inference.uncertainty import mutual_information, predictive_entropy
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bernoulli_entropy_bits(p: np.ndarray) -> np.ndarray:

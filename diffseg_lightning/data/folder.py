@@ -98,7 +98,9 @@ def nifti_layout(shape: Sequence[int], channels: int | None) -> tuple[int, int]:
 def read_nifti_item(path: Path, slice_index: int = -1) -> np.ndarray:
     """One item of a NIfTI file as float32 (C, H, W): the whole 2D image (-1) or axial slice ``slice_index``."""
     proxy = nib.load(path).dataobj
-    return channels_first(np.asarray(proxy if slice_index < 0 else proxy[:, :, slice_index], dtype=np.float32))
+    return channels_first(
+        np.asarray(proxy if slice_index < 0 else proxy[:, :, slice_index], dtype=np.float32)
+    )
 
 
 def _reason(err: Exception, path: Path) -> str:
@@ -146,7 +148,9 @@ class ImageFolder(Dataset):
         DiffSegError: when the folder is missing, holds no image files, or none of them is usable.
     """
 
-    def __init__(self, root: str | Path, size: int | Sequence[int] | None = 64, channels: int | None = None) -> None:
+    def __init__(
+        self, root: str | Path, size: int | Sequence[int] | None = 64, channels: int | None = None
+    ) -> None:
         self.root = Path(root)
         self.size = as_size(size)
         self.channels = channels
@@ -253,7 +257,9 @@ class PairedFolder(Dataset):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
-            raise ValueError(f"fractions must be three non-negative shares summing to 1, got {list(fractions)}")
+            raise ValueError(
+                f"fractions must be three non-negative shares summing to 1, got {list(fractions)}"
+            )
         self.root = Path(root)
         if not self.root.is_dir():
             raise DiffSegError(f"data root {self.root} does not exist or is not a folder")
@@ -261,7 +267,9 @@ class PairedFolder(Dataset):
         masks = {p.stem: p for p in list_images(self.root / "masks")}
         missing = [p.name for p in images if p.stem not in masks]
         if missing:
-            raise DiffSegError(f"{self.root / 'masks'}: no mask for {len(missing)} image(s), e.g. {missing[0]}")
+            raise DiffSegError(
+                f"{self.root / 'masks'}: no mask for {len(missing)} image(s), e.g. {missing[0]}"
+            )
         order = np.random.default_rng(seed).permutation(len(images))
         bounds = np.round(np.cumsum([0, *fractions]) * len(images)).astype(int)
         chosen = sorted(order[bounds[SPLITS.index(split)] : bounds[SPLITS.index(split) + 1]])
@@ -277,7 +285,9 @@ class PairedFolder(Dataset):
         image = torch.from_numpy(check_channels(read_image(image_path), self.channels, image_path))
         raw = read_image(mask_path).mean(axis=0, keepdims=True)
         if raw.shape[-2:] != tuple(image.shape[-2:]):
-            raise DiffSegError(f"{mask_path}: mask size {raw.shape[-2:]} differs from image size {tuple(image.shape[-2:])}")
+            raise DiffSegError(
+                f"{mask_path}: mask size {raw.shape[-2:]} differs from image size {tuple(image.shape[-2:])}"
+            )
         mask = torch.from_numpy((raw > (127 if raw.max() > 1 else 0)).astype(np.float32))
         return {
             "image": resize(image, self.size, "bilinear"),

@@ -12,8 +12,30 @@ from torch import nn
 from diffseg_lightning.inference.fusion import Fusion, fuse_samples
 from diffseg_lightning.inference.uncertainty import mutual_information, predictive_entropy, sample_std
 
-
 PARALLEL_MODES = ("data", "sample")
+
+
+def describe_samples(
+    samples: torch.Tensor, fusion: str = "mean", threshold: float = 0.5
+) -> dict[str, torch.Tensor]:
+    """Fuse S samples and map their uncertainty: what every method's inference returns.
+
+    Args:
+        samples: (B, S, C, H, W) foreground probabilities.
+
+    Returns:
+        ``samples``, fused ``probability`` and ``mask`` (B, C, H, W), and the ``std``, ``entropy`` and
+        ``mutual_information`` maps (B, C, H, W; bits).
+    """
+    probability, mask = fuse_samples(samples, fusion, threshold)
+    return {
+        "samples": samples,
+        "probability": probability,
+        "mask": mask,
+        "std": sample_std(samples),
+        "entropy": predictive_entropy(samples),
+        "mutual_information": mutual_information(samples),
+    }
 
 
 def repeat_condition(cond: Any, repeats: int) -> Any:
@@ -69,14 +91,22 @@ class DiffusionSampler:
         if self.parallel not in PARALLEL_MODES:
             raise ValueError(f"sampler.parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
         if self.num_steps < 1 or self.num_samples < 1:
-            raise ValueError(f"sampler needs num_steps >= 1 and num_samples >= 1, got {self.num_steps}, {self.num_samples}")
+            raise ValueError(
+                f"sampler needs num_steps >= 1 and num_samples >= 1, got {self.num_steps}, {self.num_samples}"
+            )
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"sampler.threshold must lie in [0, 1], got {self.threshold}")
 
     def settings(self) -> dict[str, Any]:
         """The settings, as written to ``summary.json``."""
-        return {"num_steps": self.num_steps, "num_samples": self.num_samples, "fusion": str(Fusion.parse(self.fusion).value),
-                "threshold": self.threshold, "seed": self.seed, "parallel": self.parallel}
+        return {
+            "num_steps": self.num_steps,
+            "num_samples": self.num_samples,
+            "fusion": str(Fusion.parse(self.fusion).value),
+            "threshold": self.threshold,
+            "seed": self.seed,
+            "parallel": self.parallel,
+        }
 
     def _sample_shard(self) -> tuple[int, int]:
         """(rank, world size) over which the S samples are split; (0, 1) unless sample-parallel under DDP."""
@@ -84,8 +114,15 @@ class DiffusionSampler:
             return dist.get_rank(), dist.get_world_size()
         return 0, 1
 
-    def _reverse(self, denoiser: nn.Module, kernel: Any, image: torch.Tensor, x: torch.Tensor, repeats: int,
-                 generator: torch.Generator) -> torch.Tensor:
+    def _reverse(
+        self,
+        denoiser: nn.Module,
+        kernel: Any,
+        image: torch.Tensor,
+        x: torch.Tensor,
+        repeats: int,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
         """Run the strided reverse process from ``x`` (B*repeats, C, H, W); returns the final x_0."""
         cond = repeat_condition(denoiser.encode_condition(image), repeats)
         timesteps = kernel.inference_timesteps(self.num_steps).tolist()
@@ -100,7 +137,12 @@ class DiffusionSampler:
 
     @torch.no_grad()
     def sample(
-        self, denoiser: nn.Module, kernel: Any, image: torch.Tensor, mask_channels: int, case_ids: torch.Tensor | None = None
+        self,
+        denoiser: nn.Module,
+        kernel: Any,
+        image: torch.Tensor,
+        mask_channels: int,
+        case_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Sample, fuse and measure uncertainty.
 
@@ -135,12 +177,4 @@ class DiffusionSampler:
             dist.all_gather(shards, x0.contiguous())
             x0 = torch.cat(shards, dim=1)[:, :s]  # drops the padding repeats of the last sample
         samples = kernel.decode_mask(x0)
-        probability, mask = fuse_samples(samples, self.fusion, self.threshold)
-        return {
-            "samples": samples,
-            "probability": probability,
-            "mask": mask,
-            "std": sample_std(samples),
-            "entropy": predictive_entropy(samples),
-            "mutual_information": mutual_information(samples),
-        }
+        return describe_samples(samples, self.fusion, self.threshold)

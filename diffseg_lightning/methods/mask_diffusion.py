@@ -18,7 +18,9 @@ from diffseg_lightning.metrics.report import case_metrics, summarize
 from diffseg_lightning.utils.errors import NonFiniteLossError
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, min_factor: float = 0.0):
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, min_factor: float = 0.0
+):
     """Linear warm-up, then cosine decay of the learning rate to ``min_factor`` times its base value."""
 
     def factor(step: int) -> float:
@@ -106,7 +108,9 @@ class MaskDiffusionModule(L.LightningModule):
         optimizer = self.optimizer_factory(self.parameters())
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+        scheduler = self.scheduler_factory(
+            optimizer, total_steps=int(self.trainer.estimated_stepping_batches)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------------ sampling and metrics
@@ -122,9 +126,16 @@ class MaskDiffusionModule(L.LightningModule):
         self._sampling_seconds += time.perf_counter() - start
         self._rows.extend(case_metrics(out, batch, self.spacing))
         if batch_idx == 0:
-            self.panel = {k: v.detach().float().cpu() for k, v in
-                          {"image": batch["image"], "mask": batch["mask"], "prediction": out["mask"],
-                           "probability": out["probability"], "entropy": out["entropy"]}.items()}
+            self.panel = {
+                k: v.detach().float().cpu()
+                for k, v in {
+                    "image": batch["image"],
+                    "mask": batch["mask"],
+                    "prediction": out["mask"],
+                    "probability": out["probability"],
+                    "entropy": out["entropy"],
+                }.items()
+            }
 
     def _finish(self, stage: str) -> None:
         rows, seconds = self._rows, self._sampling_seconds
@@ -145,7 +156,9 @@ class MaskDiffusionModule(L.LightningModule):
             **summary,
             "sampler": self.sampler.settings(),
             "seconds_per_image": seconds_per_image,
-            "samples_per_second": self.sampler.num_samples / seconds_per_image if seconds_per_image > 0 else None,
+            "samples_per_second": self.sampler.num_samples / seconds_per_image
+            if seconds_per_image > 0
+            else None,
         }
         for name, value in summary["mean"].items():
             self.log(f"{stage}/{name}", value, sync_dist=False, rank_zero_only=False)

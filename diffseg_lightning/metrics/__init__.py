@@ -13,8 +13,8 @@ from diffseg_lightning.metrics.instances import (
     panoptic_quality,
 )
 from diffseg_lightning.metrics.multi_annotator import (
-    generalized_energy_distance,
     ged_by_sample_count,
+    generalized_energy_distance,
     hungarian_matched_iou,
     iou_distance_matrix,
     sample_diversity,

@@ -47,7 +47,9 @@ def _per_case(values: torch.Tensor) -> list[float]:
     return torch.where(counts > 0, sums / counts.clamp(min=1), torch.nan).tolist()
 
 
-def case_metrics(out: dict[str, torch.Tensor], batch: dict, spacing: Sequence[float] | None = None) -> list[dict]:
+def case_metrics(
+    out: dict[str, torch.Tensor], batch: dict, spacing: Sequence[float] | None = None
+) -> list[dict]:
     """Every metric that applies, one row per case of the batch.
 
     Args:
@@ -73,7 +75,9 @@ def case_metrics(out: dict[str, torch.Tensor], batch: dict, spacing: Sequence[fl
     if masks is not None and masks.shape[1] > 1 and reference.shape[1] == 1:
         samples = out["samples"][:, :, 0] > 0.5
         annotators = masks > 0.5
-        for count, ged in ged_by_sample_count(samples, annotators, GED_SAMPLE_COUNTS + (samples.shape[1],)).items():
+        for count, ged in ged_by_sample_count(
+            samples, annotators, GED_SAMPLE_COUNTS + (samples.shape[1],)
+        ).items():
             columns["ged" if count == samples.shape[1] else f"ged_{count}"] = ged
         columns["hm_iou"] = hungarian_matched_iou(samples, annotators)
         columns["soft_dice"] = soft_dice(out["probability"][:, 0].float(), annotators)

@@ -35,7 +35,9 @@ def segmentation_metrics(
         ``{"dice", "iou", "hd95"}``, each (B, C) float32 on the CPU, with the empty-mask policy above.
     """
     if prediction.shape != reference.shape:
-        raise ValueError(f"prediction {tuple(prediction.shape)} and reference {tuple(reference.shape)} differ in shape")
+        raise ValueError(
+            f"prediction {tuple(prediction.shape)} and reference {tuple(reference.shape)} differ in shape"
+        )
     pred = (prediction > 0).float().cpu()
     ref = (reference > 0).float().cpu()
     pred_empty = pred.flatten(2).sum(-1) == 0
