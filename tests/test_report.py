@@ -66,3 +66,18 @@ def test_summary_has_means_intervals_and_versions():
     assert summary["mean"]["dice"] == 0.75 and summary["num_cases"] == 2
     assert summary["ci95"]["dice"][0] >= 0.5 and summary["ci95"]["dice"][1] <= 1.0
     assert {"torch", "lightning", "monai", "python"} <= summary["versions"].keys()
+
+
+def test_field_of_view_restricts_every_metric():
+    """Outside the FOV the prediction is wrong and unsure; inside it is exact: every score is perfect."""
+    reference = torch.zeros(1, 1, 4, 4)
+    reference[0, 0, 1:3, 1:3] = 1
+    fov = torch.zeros(1, 1, 4, 4)
+    fov[0, 0, :, :3] = 1  # the last column is outside
+    samples = reference.unsqueeze(1).repeat(1, 2, 1, 1, 1)
+    samples[:, 0, 0, :, 3] = 1  # one sample marks the outside column: wrong and uncertain there
+    rows_fov = case_metrics(describe_samples(samples), {**batch_of(reference), "fov": fov})
+    rows_all = case_metrics(describe_samples(samples), batch_of(reference))
+    assert rows_fov[0]["dice"] == 1.0 and rows_fov[0]["ece"] == 0.0
+    assert rows_all[0]["ece"] > 0.0  # the outside column counts without a FOV
+    assert math.isnan(rows_fov[0]["auroc"])  # no wrong pixel inside the FOV

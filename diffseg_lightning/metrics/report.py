@@ -1,7 +1,7 @@
 """One evaluation protocol: every metric that applies to a case, and the summary over cases.
 
 Per case (``case_metrics``):
-- always: Dice, IoU, HD95 of the fused mask (``segmentation.py``'s empty-mask policy); ECE of the
+- always (inside ``batch["fov"]`` when the dataset has a field of view, e.g. DRIVE): Dice, IoU, HD95 of the fused mask (``segmentation.py``'s empty-mask policy); ECE of the
   fused probability; UEO and AUROC of the predictive entropy against the error map of the fused mask;
   the mean sample std, entropy and mutual information.
 - with several annotators (``batch["masks"]``, A > 1, one mask channel): GED over the S samples
@@ -47,6 +47,32 @@ def _per_case(values: torch.Tensor) -> list[float]:
     return torch.where(counts > 0, sums / counts.clamp(min=1), torch.nan).tolist()
 
 
+def calibration_metrics(
+    probability: torch.Tensor,
+    uncertainty: torch.Tensor,
+    prediction: torch.Tensor,
+    reference: torch.Tensor,
+    fov: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """ECE of the probability; UEO and AUROC of the uncertainty against the error map; all (B,).
+
+    With a field of view (B, C, H, W) only its pixels count: each case's pixels are selected, so
+    this loops over the cases (not pixels), as their pixel counts differ.
+    """
+    if fov is None:
+        error = (prediction > 0.5) != (reference > 0.5)
+        return {
+            "ece": expected_calibration_error(probability, reference),
+            "ueo": uncertainty_error_overlap(uncertainty, error),
+            "auroc": uncertainty_error_auroc(uncertainty, error),
+        }
+    rows = [
+        calibration_metrics(p[m][None], u[m][None], y[m][None], r[m][None])
+        for p, u, y, r, m in zip(probability, uncertainty, prediction, reference, fov, strict=True)
+    ]
+    return {name: torch.cat([row[name] for row in rows]) for name in ("ece", "ueo", "auroc")}
+
+
 def case_metrics(
     out: dict[str, torch.Tensor], batch: dict, spacing: Sequence[float] | None = None
 ) -> list[dict]:
@@ -55,18 +81,23 @@ def case_metrics(
     Args:
         out: the sampler's output: ``samples`` (B, S, C, H, W), ``probability`` and ``mask``
             (B, C, H, W), ``std``, ``entropy`` and ``mutual_information`` (B, C, H, W).
-        batch: ``mask`` (B, C, H, W) reference, ``case``, ``index``, optionally ``masks`` (B, A, H, W).
+        batch: ``mask`` (B, C, H, W) reference, ``case``, ``index``, optionally ``masks`` (B, A, H, W)
+            and ``fov`` (B, 1, H, W), a field of view outside which nothing is scored.
         spacing: pixel spacing for HD95 in physical units (also reported: ``hd95`` stays in pixels).
     """
     reference = batch["mask"].float()
-    scores = segmentation_metrics(out["mask"], reference)
+    prediction = out["mask"]
+    fov = batch.get("fov")
+    if fov is not None:  # score inside the field of view only (DRIVE): nothing outside counts
+        fov = (fov > 0.5).expand_as(reference)
+        prediction, reference = prediction * fov, reference * fov
+    scores = segmentation_metrics(prediction, reference)
     columns: dict[str, torch.Tensor] = dict(scores)
     if spacing is not None:
-        columns["hd95_mm"] = segmentation_metrics(out["mask"], reference, spacing)["hd95"]
-    error = (out["mask"] > 0.5) != (reference > 0.5)
-    columns["ece"] = expected_calibration_error(out["probability"].float(), reference)
-    columns["ueo"] = uncertainty_error_overlap(out["entropy"].float(), error)
-    columns["auroc"] = uncertainty_error_auroc(out["entropy"].float(), error)
+        columns["hd95_mm"] = segmentation_metrics(prediction, reference, spacing)["hd95"]
+    columns.update(
+        calibration_metrics(out["probability"].float(), out["entropy"].float(), prediction, reference, fov)
+    )
     for name in ("std", "entropy", "mutual_information"):
         if name in out:
             columns[f"mean_{name}"] = out[name].flatten(1).mean(1)
