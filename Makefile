@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## create .venv and install the package with its dev extras
 
 train: $(STAMP) ## train (then test) the default experiment on built-in synthetic data; ARGS="..." adds overrides
-	$(VENV)/bin/diffseg-train $(ARGS)
+	$(VENV)/bin/diffseg-train experiment=medsegdiff_synthetic $(ARGS)
 
 test: $(STAMP) ## the fast test suite (no slow training runs)
 	$(PY) -m pytest -m "not slow" -q $(ARGS)

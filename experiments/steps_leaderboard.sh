@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 BIN=.venv/bin
 OUT=experiments/runs/steps_leaderboard
 rm -rf "$OUT"
-"$BIN/diffseg-train" data.num_annotators=3 logger=csv paths.log_dir="$OUT" hydra.run.dir="$OUT/train"
+"$BIN/diffseg-train" experiment=medsegdiff_synthetic data.num_annotators=3 logger=csv paths.log_dir="$OUT" hydra.run.dir="$OUT/train"
 "$BIN/diffseg-eval" -m ckpt_path="$OUT/train/checkpoints/best.ckpt" sampler.num_steps=5,10,25,50 \
     logger=none hydra.sweep.dir="$OUT/eval"
 "$BIN/python" experiments/compare.py "$OUT/eval" --out experiments/results/synthetic_3annotators_steps

@@ -11,7 +11,14 @@ pytestmark = pytest.mark.slow
 
 
 def test_default_experiment_reaches_dice(tmp_path):
-    result = run_cli("diffseg-train", "logger=csv", "paths.log_dir=logs", cwd=tmp_path, timeout=1500)
+    result = run_cli(
+        "diffseg-train",
+        "experiment=medsegdiff_synthetic",
+        "logger=csv",
+        "paths.log_dir=logs",
+        cwd=tmp_path,
+        timeout=1500,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = list((tmp_path / "logs" / "train" / "runs").iterdir())
     summary = json.loads((run / "summary.json").read_text())

@@ -5,6 +5,7 @@ A denoiser is called as ``forward(x_t, t, cond)`` with ``cond = denoiser.encode_
 
 from __future__ import annotations
 
+from diffseg_lightning.nets.berdiff import BerDiffUNet
 from diffseg_lightning.nets.blocks import (
     AttentionBlock,
     Downsample,
@@ -21,6 +22,7 @@ from diffseg_lightning.nets.medsegdiff import MedSegDiffUNet
 
 __all__ = [
     "AttentionBlock",
+    "BerDiffUNet",
     "Downsample",
     "DynamicConditionalEncoding",
     "FFParser",
