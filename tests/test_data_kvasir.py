@@ -13,7 +13,8 @@ from conftest import TINY_MODEL, compose_config, shared_data
 from PIL import Image
 
 from diffseg_lightning.data import SegmentationDataModule
-from diffseg_lightning.data.kvasir import KvasirSEG, split_by_fractions
+from diffseg_lightning.data.kvasir import KvasirSEG
+from diffseg_lightning.data.splits import split_by_fractions
 from diffseg_lightning.utils.errors import DiffSegError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

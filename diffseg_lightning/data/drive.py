@@ -11,14 +11,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from diffseg_lightning.data.folder import as_size, check_channels, read_image, resize
-from diffseg_lightning.data.kvasir import (
+from diffseg_lightning.data.folder import (
+    as_size,
+    check_channels,
     check_same_size,
-    check_split,
     locate_root,
+    read_image,
     read_label_map,
-    split_by_fractions,
+    resize,
 )
+from diffseg_lightning.data.splits import check_split, split_by_fractions
 from diffseg_lightning.utils.errors import DiffSegError
 
 DRIVE_SPLITS = ("train", "val", "test")
@@ -65,7 +67,7 @@ class DRIVE(Dataset):
     Splits (``split``):
         ``train``: the ``training`` images minus the validation ones; ``val``: a seeded ``val_fraction`` of the
         ``training`` images (default 0.25; sorted by number, shuffled with ``numpy.random.default_rng(seed)``,
-        see :func:`~diffseg_lightning.data.kvasir.split_by_fractions`); ``test``: the ``test`` images, scored
+        see :func:`~diffseg_lightning.data.splits.split_by_fractions`); ``test``: the ``test`` images, scored
         against the first observer (``mask``), with the second observer in ``masks``.
 
     Items (the :class:`~diffseg_lightning.data.SegmentationDataModule` contract, plus extras):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from diffseg_lightning.data.splits import seeded_split
 from diffseg_lightning.utils.errors import DiffSegError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
@@ -119,6 +120,71 @@ def nothing_usable(folder: str | Path, skipped: Sequence[tuple[str | Path, str]]
     """The error when no file of ``folder`` can be predicted; it names each file as ``name: reason``."""
     reasons = "; ".join(f"{Path(p).name}: {why}" for p, why in skipped)
     return DiffSegError(f"no usable image in {folder} ({len(skipped)} file(s) skipped): {reasons}")
+
+
+def locate_root(root: str | Path, folder: str, marker: str) -> Path:
+    """The dataset folder: ``root/folder`` when it exists, else ``root`` itself when it holds ``marker``.
+
+    Args:
+        root: the folder the user gave (the one holding ``folder``, or ``folder`` itself).
+        folder: the dataset's own folder name, e.g. ``Kvasir-SEG``.
+        marker: a file or folder inside ``folder`` that identifies it, e.g. ``images``.
+
+    Raises:
+        DiffSegError: naming ``root`` and the layout expected when neither matches.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DiffSegError(f"data root {root} does not exist or is not a folder")
+    if (root / folder / marker).exists():
+        return root / folder
+    if (root / marker).exists():
+        return root
+    if (root / folder).is_dir():  # the dataset folder, incomplete: the loader names the missing file
+        return root / folder
+    raise DiffSegError(
+        f"data root {root}: expected {root / folder / marker} (or data.root pointing at the {folder} folder "
+        f"itself, holding {marker})"
+    )
+
+
+def read_label_map(path: Path) -> np.ndarray:
+    """A label image as stored, (H, W): grey values, or the palette INDICES of a palette ("P") image.
+
+    Unlike :func:`~diffseg_lightning.data.folder.read_image`, a palette image is not converted to RGB, so a
+    GIF whose indices are 0/1 (DRIVE's second observer) reads as 0/1, and instance ids stay ids. An RGB(A)
+    file is accepted only when its colour channels are equal (grey stored as colour).
+
+    Raises:
+        DiffSegError: naming the file when it cannot be read or holds colour.
+    """
+    try:
+        with Image.open(path) as img:
+            array = np.asarray(img)
+            mode = img.mode
+    except FileNotFoundError:
+        raise DiffSegError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise DiffSegError(f"{path}: not a readable image ({err})") from None
+    if array.ndim == 3:
+        colour = array[..., :3]
+        if not (
+            np.array_equal(colour[..., 0], colour[..., 1]) and np.array_equal(colour[..., 0], colour[..., 2])
+        ):
+            raise DiffSegError(f"{path}: expected a grey or palette label image, found colour ({mode})")
+        array = colour[..., 0]
+    return array
+
+
+def check_same_size(
+    mask_path: Path, mask_shape: Sequence[int], image_path: Path, image_shape: Sequence[int]
+) -> None:
+    """Raise, naming the mask, when its (H, W) differs from the image's."""
+    if tuple(mask_shape[-2:]) != tuple(image_shape[-2:]):
+        raise DiffSegError(
+            f"{mask_path}: mask size {tuple(mask_shape[-2:])} (H, W) differs from the size "
+            f"{tuple(image_shape[-2:])} of its image {image_path.name}"
+        )
 
 
 class ImageFolder(Dataset):
@@ -270,9 +336,7 @@ class PairedFolder(Dataset):
             raise DiffSegError(
                 f"{self.root / 'masks'}: no mask for {len(missing)} image(s), e.g. {missing[0]}"
             )
-        order = np.random.default_rng(seed).permutation(len(images))
-        bounds = np.round(np.cumsum([0, *fractions]) * len(images)).astype(int)
-        chosen = sorted(order[bounds[SPLITS.index(split)] : bounds[SPLITS.index(split) + 1]])
+        chosen = seeded_split(len(images), fractions, seed, split)
         self.pairs = [(images[i], masks[images[i].stem]) for i in chosen]
         self.size = as_size(size)
         self.channels = channels

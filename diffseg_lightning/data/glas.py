@@ -13,14 +13,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from diffseg_lightning.data.folder import as_size, check_channels, read_image, resize
-from diffseg_lightning.data.kvasir import (
+from diffseg_lightning.data.folder import (
+    as_size,
+    check_channels,
     check_same_size,
-    check_split,
     locate_root,
+    read_image,
     read_label_map,
-    split_by_fractions,
+    resize,
 )
+from diffseg_lightning.data.splits import check_split, split_by_fractions
 from diffseg_lightning.utils.errors import DiffSegError
 
 GLAS_SPLITS = ("train", "val", "test", "testA", "testB")
@@ -95,7 +97,7 @@ class GlaS(Dataset):
     Splits (``split``):
         ``train``: the ``train_*`` images minus the validation ones; ``val``: a seeded ``val_fraction`` of
         the ``train_*`` images (default 0.2; numeric-sorted names shuffled with
-        ``numpy.random.default_rng(seed)``, see :func:`~diffseg_lightning.data.kvasir.split_by_fractions`),
+        ``numpy.random.default_rng(seed)``, see :func:`~diffseg_lightning.data.splits.split_by_fractions`),
         drawn per image, not per patient; ``testA`` and ``testB``: the challenge's two test sets;
         ``test``: testA followed by testB. Images are in numeric order of ``<n>`` within each set.
 

@@ -14,105 +14,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
-from diffseg_lightning.data.folder import as_size, check_channels, read_image, resize
+from diffseg_lightning.data.folder import (
+    as_size,
+    check_channels,
+    check_same_size,
+    locate_root,
+    read_image,
+    resize,
+)
+from diffseg_lightning.data.splits import check_split, split_by_fractions
 from diffseg_lightning.utils.errors import DiffSegError
 
 KVASIR_SPLITS = ("train", "val", "test")
 
 
 # ------------------------------------------------------------------------------------------ shared helpers
-def locate_root(root: str | Path, folder: str, marker: str) -> Path:
-    """The dataset folder: ``root/folder`` when it exists, else ``root`` itself when it holds ``marker``.
-
-    Args:
-        root: the folder the user gave (the one holding ``folder``, or ``folder`` itself).
-        folder: the dataset's own folder name, e.g. ``Kvasir-SEG``.
-        marker: a file or folder inside ``folder`` that identifies it, e.g. ``images``.
-
-    Raises:
-        DiffSegError: naming ``root`` and the layout expected when neither matches.
-    """
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DiffSegError(f"data root {root} does not exist or is not a folder")
-    if (root / folder / marker).exists():
-        return root / folder
-    if (root / marker).exists():
-        return root
-    if (root / folder).is_dir():  # the dataset folder, incomplete: the loader names the missing file
-        return root / folder
-    raise DiffSegError(
-        f"data root {root}: expected {root / folder / marker} (or data.root pointing at the {folder} folder "
-        f"itself, holding {marker})"
-    )
-
-
-def split_by_fractions(count: int, fractions: Sequence[float], seed: int) -> list[list[int]]:
-    """Partition ``range(count)`` into ``len(fractions)`` sorted index lists by a seeded shuffle.
-
-    The cases are shuffled with ``numpy.random.default_rng(seed).permutation(count)`` and cut at
-    ``round(cumsum(fractions) * count)``, the rule of :class:`~diffseg_lightning.data.PairedFolder`, so a
-    split depends only on the number of cases, the fractions and the seed.
-
-    Raises:
-        ValueError: when the fractions are negative or do not sum to 1.
-    """
-    if min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
-        raise ValueError(f"split fractions must be non-negative shares summing to 1, got {list(fractions)}")
-    order = np.random.default_rng(seed).permutation(count)
-    bounds = np.round(np.cumsum([0.0, *fractions]) * count).astype(int)
-    bounds[-1] = count
-    return [sorted(int(i) for i in order[bounds[k] : bounds[k + 1]]) for k in range(len(fractions))]
-
-
-def read_label_map(path: Path) -> np.ndarray:
-    """A label image as stored, (H, W): grey values, or the palette INDICES of a palette ("P") image.
-
-    Unlike :func:`~diffseg_lightning.data.folder.read_image`, a palette image is not converted to RGB, so a
-    GIF whose indices are 0/1 (DRIVE's second observer) reads as 0/1, and instance ids stay ids. An RGB(A)
-    file is accepted only when its colour channels are equal (grey stored as colour).
-
-    Raises:
-        DiffSegError: naming the file when it cannot be read or holds colour.
-    """
-    try:
-        with Image.open(path) as img:
-            array = np.asarray(img)
-            mode = img.mode
-    except FileNotFoundError:
-        raise DiffSegError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise DiffSegError(f"{path}: not a readable image ({err})") from None
-    if array.ndim == 3:
-        colour = array[..., :3]
-        if not (
-            np.array_equal(colour[..., 0], colour[..., 1]) and np.array_equal(colour[..., 0], colour[..., 2])
-        ):
-            raise DiffSegError(f"{path}: expected a grey or palette label image, found colour ({mode})")
-        array = colour[..., 0]
-    return array
-
-
-def check_same_size(
-    mask_path: Path, mask_shape: Sequence[int], image_path: Path, image_shape: Sequence[int]
-) -> None:
-    """Raise, naming the mask, when its (H, W) differs from the image's."""
-    if tuple(mask_shape[-2:]) != tuple(image_shape[-2:]):
-        raise DiffSegError(
-            f"{mask_path}: mask size {tuple(mask_shape[-2:])} (H, W) differs from the size "
-            f"{tuple(image_shape[-2:])} of its image {image_path.name}"
-        )
-
-
-def check_split(split: str, splits: Sequence[str], name: str) -> str:
-    if split not in splits:
-        raise ValueError(f"{name}: split must be one of {tuple(splits)}, got {split!r}")
-    return split
-
-
 # ------------------------------------------------------------------------------------------------ Kvasir-SEG
 class KvasirSEG(Dataset):
     """Kvasir-SEG polyps (Jha et al., MMM 2020), read from the official release as it is.
