@@ -43,9 +43,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from diffseg_lightning.diffusion.schedules import SCHEDULES, make_beta_schedule
+from diffseg_lightning.diffusion.base import NoiseKernel
+from diffseg_lightning.diffusion.schedules import make_beta_schedule
 
 __all__ = [
     "BERNOULLI_OBJECTIVES",
@@ -128,7 +129,7 @@ def bernoulli_posterior(
     return fg / (fg + bg)
 
 
-class BernoulliKernel(nn.Module):
+class BernoulliKernel(NoiseKernel):
     """Bernoulli diffusion over binary masks (BerDiff, Chen, Wang & Shan, MICCAI 2023).
 
     Forward: ``q(y_t | y_0) = B(abar_t y_0 + (1 - abar_t) / 2)``, drawn as ``y_t = y_0 XOR eps``,
@@ -183,24 +184,13 @@ class BernoulliKernel(nn.Module):
         lambda_bce: float = 1.0,
         binarize_final: bool = False,
     ) -> None:
-        super().__init__()
-        if schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {schedule!r}; valid values are {list(SCHEDULES)}")
+        super().__init__(num_train_timesteps, schedule)
         if objective not in BERNOULLI_OBJECTIVES:
             raise ValueError(
                 f"unknown objective {objective!r}; valid values are {list(BERNOULLI_OBJECTIVES)}"
             )
         if isinstance(lambda_bce, bool) or not isinstance(lambda_bce, (int, float)) or not lambda_bce >= 0.0:
             raise ValueError(f"lambda_bce must be a number >= 0, got {lambda_bce!r}")
-        if (
-            isinstance(num_train_timesteps, bool)
-            or not isinstance(num_train_timesteps, int)
-            or num_train_timesteps < 1
-        ):
-            raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
-
-        self.num_train_timesteps: int = num_train_timesteps
-        self.schedule: str = schedule
         self.objective: str = objective
         self.lambda_bce: float = float(lambda_bce)
         self.binarize_final: bool = bool(binarize_final)
@@ -237,22 +227,6 @@ class BernoulliKernel(nn.Module):
     def decode_mask(self, x: Tensor) -> Tensor:
         """Foreground probability ``(B, C, H, W)``: ``x.clamp(0, 1)``."""
         return x.clamp(0.0, 1.0)
-
-    def _batch_t(self, t: Tensor | int, batch: int, name: str = "t") -> Tensor:
-        """Timesteps as a LongTensor ``(B,)`` on the buffers' device (a 0-dim or int is broadcast)."""
-        t = torch.as_tensor(t, dtype=torch.long, device=self.alphas_cumprod.device)
-        if t.ndim == 0:
-            return t.expand(batch)
-        if t.shape != (batch,):
-            raise ValueError(
-                f"{name} must be an int, a 0-dim tensor or a LongTensor of shape ({batch},), got shape {tuple(t.shape)}"
-            )
-        return t
-
-    @staticmethod
-    def _bcast(values: Tensor, ndim: int) -> Tensor:
-        """Reshape per-sample values ``(B,)`` to ``(B, 1, ..., 1)`` with ``ndim`` dims."""
-        return values.reshape(values.shape[0], *([1] * (ndim - 1)))
 
     def _check_output(self, model_output: Tensor, x_t: Tensor) -> None:
         if model_output.shape != x_t.shape:
@@ -311,12 +285,6 @@ class BernoulliKernel(nn.Module):
         """Draw ``y_T ~ B(1/2)`` of ``shape`` (e.g. ``(B, C, H, W)``) as floats in ``{0, 1}``."""
         u = torch.rand(tuple(shape), generator=generator, device=device, dtype=dtype)
         return (u < 0.5).to(dtype)
-
-    def sample_timesteps(
-        self, batch_size: int, device: torch.device | str | None, generator: torch.Generator | None = None
-    ) -> Tensor:
-        """Draw training timesteps uniformly from ``[0, T)``: LongTensor ``(batch_size,)``."""
-        return torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator, device=device)
 
     def q_probs(self, x0: Tensor, t: Tensor | int) -> Tensor:
         """Foreground probability of ``q(y_t | y_0)``: ``abar_t y_0 + (1 - abar_t) / 2`` (Chen et al., Eq. 2).
@@ -447,30 +415,6 @@ class BernoulliKernel(nn.Module):
         return terms
 
     # ------------------------------------------------------------------ sampling
-    def inference_timesteps(self, num_steps: int, device: torch.device | str | None = None) -> Tensor:
-        """The strided sequence ``t_K > ... > t_1`` for sampling with ``num_steps`` steps.
-
-        The rule of ``GaussianKernel.inference_timesteps``: "trailing" spacing (Lin et al. 2024),
-        ``t_i = round(T (N - i) / N) - 1`` for ``i = 0 .. N-1`` in integers; the first step is
-        always ``T - 1``, values are strictly decreasing, ``N = T`` gives ``T-1, ..., 0``. The
-        step after the last is ``-1``.
-
-        Args:
-            num_steps: ``N`` in ``[1, T]``.
-            device: device of the result (CPU by default).
-
-        Returns:
-            LongTensor ``(N,)``.
-
-        Raises:
-            ValueError: ``num_steps`` outside ``[1, T]``.
-        """
-        T = self.num_train_timesteps
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= T:
-            raise ValueError(f"num_steps must be an int in [1, {T}] (num_train_timesteps), got {num_steps!r}")
-        i = torch.arange(num_steps, dtype=torch.long, device=device)
-        return (2 * T * (num_steps - i) + num_steps) // (2 * num_steps) - 1
-
     def step(
         self,
         model_output: Tensor,

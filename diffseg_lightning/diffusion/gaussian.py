@@ -30,9 +30,10 @@ import math
 from typing import NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from diffseg_lightning.diffusion.schedules import SCHEDULES, make_beta_schedule
+from diffseg_lightning.diffusion.base import NoiseKernel
+from diffseg_lightning.diffusion.schedules import make_beta_schedule
 
 __all__ = [
     "OBJECTIVES",
@@ -114,7 +115,7 @@ def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Te
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_mid))
 
 
-class GaussianKernel(nn.Module):
+class GaussianKernel(NoiseKernel):
     """Gaussian diffusion over masks: ``q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)``.
 
     Implements the noise-kernel contract of ``DESIGN.md``: forward noising (Ho et al. 2020),
@@ -170,9 +171,7 @@ class GaussianKernel(nn.Module):
         eta: float = 0.0,
         clip_x0: bool = True,
     ) -> None:
-        super().__init__()
-        if schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {schedule!r}; valid values are {list(SCHEDULES)}")
+        super().__init__(num_train_timesteps, schedule)
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; valid values are {list(OBJECTIVES)}")
         if sampling not in SAMPLERS:
@@ -181,15 +180,6 @@ class GaussianKernel(nn.Module):
             raise ValueError(f"eta must be a number >= 0, got {eta!r}")
         if not (isinstance(vlb_weight, (int, float)) and vlb_weight >= 0.0):
             raise ValueError(f"vlb_weight must be a number >= 0, got {vlb_weight!r}")
-        if (
-            isinstance(num_train_timesteps, bool)
-            or not isinstance(num_train_timesteps, int)
-            or num_train_timesteps < 1
-        ):
-            raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
-
-        self.num_train_timesteps: int = num_train_timesteps
-        self.schedule: str = schedule
         self.objective: str = objective
         self.learn_variance: bool = bool(learn_variance)
         self.vlb_weight: float = float(vlb_weight)
@@ -252,22 +242,6 @@ class GaussianKernel(nn.Module):
     def decode_mask(self, x0: Tensor) -> Tensor:
         """Map kernel space ``(B, C, H, W)`` to a foreground probability ``((x0 + 1) / 2).clamp(0, 1)``."""
         return ((x0 + 1.0) / 2.0).clamp(0.0, 1.0)
-
-    def _batch_t(self, t: Tensor | int, batch: int, name: str = "t") -> Tensor:
-        """Timesteps as a LongTensor ``(B,)`` on the buffers' device (a 0-dim or int is broadcast)."""
-        t = torch.as_tensor(t, dtype=torch.long, device=self.betas.device)
-        if t.ndim == 0:
-            return t.expand(batch)
-        if t.shape != (batch,):
-            raise ValueError(
-                f"{name} must be an int, a 0-dim tensor or a LongTensor of shape ({batch},), got shape {tuple(t.shape)}"
-            )
-        return t
-
-    @staticmethod
-    def _bcast(values: Tensor, ndim: int) -> Tensor:
-        """Reshape per-sample values ``(B,)`` to ``(B, 1, ..., 1)`` with ``ndim`` dims."""
-        return values.reshape(values.shape[0], *([1] * (ndim - 1)))
 
     def _gather(self, buf: Tensor, t: Tensor, ndim: int) -> Tensor:
         return self._bcast(buf.index_select(0, t), ndim)
@@ -343,12 +317,6 @@ class GaussianKernel(nn.Module):
     ) -> Tensor:
         """Draw ``x_T ~ N(0, I)`` of ``shape`` (e.g. ``(B, C, H, W)``)."""
         return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
-
-    def sample_timesteps(
-        self, batch_size: int, device: torch.device | str | None, generator: torch.Generator | None = None
-    ) -> Tensor:
-        """Draw training timesteps uniformly from ``[0, T)``: LongTensor ``(batch_size,)`` (Ho et al. 2020, Alg. 1)."""
-        return torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator, device=device)
 
     def q_sample(
         self,
@@ -452,32 +420,6 @@ class GaussianKernel(nn.Module):
         return terms
 
     # ------------------------------------------------------------------ sampling
-    def inference_timesteps(self, num_steps: int, device: torch.device | str | None = None) -> Tensor:
-        """The strided sequence ``t_K > ... > t_1`` for sampling with ``num_steps`` steps.
-
-        "Trailing" spacing (Lin et al. 2024, "Common diffusion noise schedules and sample steps
-        are flawed", Table 2): ``t_i = round(T (N - i) / N) - 1`` for ``i = 0 .. N-1``, computed in
-        integers. The first step is always ``T - 1`` (sampling starts at the noise level the
-        network was trained for at pure noise), the values are distinct and strictly
-        decreasing, and ``N = T`` gives ``T-1, ..., 0``. The step after the last is ``-1``.
-
-        Args:
-            num_steps: ``N`` in ``[1, T]``.
-            device: device of the result (CPU by default).
-
-        Returns:
-            LongTensor ``(N,)``.
-
-        Raises:
-            ValueError: ``num_steps`` outside ``[1, T]``.
-        """
-        T = self.num_train_timesteps
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= T:
-            raise ValueError(f"num_steps must be an int in [1, {T}] (num_train_timesteps), got {num_steps!r}")
-        i = torch.arange(num_steps, dtype=torch.long, device=device)
-        # round(T (N - i) / N) with halves rounded up, exactly in integers
-        return (2 * T * (num_steps - i) + num_steps) // (2 * num_steps) - 1
-
     def q_posterior(
         self, x0: Tensor, x_t: Tensor, t: Tensor | int, t_prev: Tensor | int
     ) -> tuple[Tensor, Tensor, Tensor]:
