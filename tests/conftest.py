@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from diffseg_lightning.utils import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("DIFFSEG_SHARED_DATA", REPO.parent / "shared" / "data"))  # the real subsets
 
 # Settings that keep a run to seconds on 2 CPU cores; the method and code paths are the real ones.
 TINY_MODEL = [
@@ -75,7 +75,7 @@ def shared_data(name: str) -> Path:
     """The real data subset ``../shared/data/<name>``, or skip with the reason when it is absent."""
     path = SHARED_DATA / name
     if not path.exists():
-        pytest.skip(f"real data subset {path} is absent (it lives outside the repository)")
+        pytest.skip(f"real data subset {path} is absent (it lives outside the repository; set DIFFSEG_SHARED_DATA)")
     return path
 
 
