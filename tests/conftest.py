@@ -75,7 +75,9 @@ def shared_data(name: str) -> Path:
     """The real data subset ``../shared/data/<name>``, or skip with the reason when it is absent."""
     path = SHARED_DATA / name
     if not path.exists():
-        pytest.skip(f"real data subset {path} is absent (it lives outside the repository; set DIFFSEG_SHARED_DATA)")
+        pytest.skip(
+            f"real data subset {path} is absent (it lives outside the repository; set DIFFSEG_SHARED_DATA)"
+        )
     return path
 
 

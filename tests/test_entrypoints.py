@@ -108,7 +108,9 @@ def test_predict_writes_masks_and_uncertainty(trained_run, tmp_path):
         assert mask.shape == size and unc.shape == size and prob.shape == size
         assert set(np.unique(mask)) <= {0, 255}
         decided = prob != 128  # p = 0.5 exactly stores as 128 but is not above the 0.5 threshold
-        assert np.array_equal((mask == 255)[decided], (prob > 127)[decided])  # the mask is the thresholded fused probability
+        assert np.array_equal(
+            (mask == 255)[decided], (prob > 127)[decided]
+        )  # the mask is the thresholded fused probability
 
 
 def test_tiny_settings_are_the_real_pipeline():

@@ -104,7 +104,9 @@ def test_png_outputs_match_each_input(mixed_run):
         assert mask.dtype == prob.dtype == unc.dtype == np.uint8
         assert set(np.unique(mask)) <= {0, 255}
         decided = prob != 128  # p = 0.5 exactly stores as 128 but is not above the 0.5 threshold
-        assert np.array_equal((mask == 255)[decided], (prob > 127)[decided])  # the mask is the thresholded (resized) probability
+        assert np.array_equal(
+            (mask == 255)[decided], (prob > 127)[decided]
+        )  # the mask is the thresholded (resized) probability
         overlay = np.asarray(Image.open(out / f"{name}_overlay.png"))
         assert overlay.shape == (*size, 3)
         grey = ~(mask == 255)
