@@ -52,6 +52,10 @@ class NoiseKernel(nn.Module):
         """Reshape per-sample values ``(B,)`` to ``(B, 1, ..., 1)`` with ``ndim`` dims."""
         return values.reshape(values.shape[0], *([1] * (ndim - 1)))
 
+    def _gather(self, buf: Tensor, t: Tensor, ndim: int) -> Tensor:
+        """Per-sample schedule values ``buf[t]`` shaped ``(B, 1, ..., 1)`` for broadcasting."""
+        return self._bcast(buf.index_select(0, t), ndim)
+
     def sample_timesteps(
         self, batch_size: int, device: torch.device | str | None, generator: torch.Generator | None = None
     ) -> Tensor:

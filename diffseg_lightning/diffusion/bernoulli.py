@@ -297,7 +297,7 @@ class BernoulliKernel(NoiseKernel):
             Probabilities of the shape of ``x0``.
         """
         t = self._batch_t(t, x0.shape[0])
-        la = self._bcast(self.log_alphas_cumprod.index_select(0, t), x0.ndim)
+        la = self._gather(self.log_alphas_cumprod, t, x0.ndim)
         return torch.exp(la) * x0 - 0.5 * torch.expm1(la)
 
     def q_sample(
@@ -323,7 +323,7 @@ class BernoulliKernel(NoiseKernel):
         """
         t = self._batch_t(t, x0.shape[0])
         if noise is None:
-            flip = -0.5 * torch.expm1(self._bcast(self.log_alphas_cumprod.index_select(0, t), x0.ndim))
+            flip = -0.5 * torch.expm1(self._gather(self.log_alphas_cumprod, t, x0.ndim))
             u = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
             noise = (u < flip).to(x0.dtype)
         elif noise.shape != x0.shape:

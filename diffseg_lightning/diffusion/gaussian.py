@@ -243,9 +243,6 @@ class GaussianKernel(NoiseKernel):
         """Map kernel space ``(B, C, H, W)`` to a foreground probability ``((x0 + 1) / 2).clamp(0, 1)``."""
         return ((x0 + 1.0) / 2.0).clamp(0.0, 1.0)
 
-    def _gather(self, buf: Tensor, t: Tensor, ndim: int) -> Tensor:
-        return self._bcast(buf.index_select(0, t), ndim)
-
     def split_output(self, model_output: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor | None]:
         """Split the network output into its mean part and (with learned variance) ``v``.
 
