@@ -24,8 +24,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("ckpt_path"):
         load_checkpoint(cfg.ckpt_path)  # fail early with a clear message
     datamodule = instantiate(cfg.data)
-    datamodule.setup("fit")  # bad data fails here, before anything is written to the run directory
+    datamodule.setup()  # every split is checked here, before anything is written to the run directory
     save_config(cfg, cfg.paths.output_dir)
+    datamodule.save_splits(cfg.paths.output_dir)
     module = build_module(cfg.model, cfg.noise, cfg.sampler)
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     trainer: L.Trainer = instantiate(

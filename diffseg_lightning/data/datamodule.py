@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
+from diffseg_lightning.data.base import check_policy
+from diffseg_lightning.data.cache import ArrayCache, CacheWriter, cache_folder
+from diffseg_lightning.data.check import SplitReport, check_dataset
 from diffseg_lightning.utils.errors import DiffSegError
 
 DatasetFactory = Callable[[], Dataset]
@@ -20,6 +27,11 @@ def zscore_per_channel(image: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     mean = image.mean(dim=(-2, -1), keepdim=True)
     std = image.std(dim=(-2, -1), keepdim=True, unbiased=False)
     return (image - mean) / (std + eps)
+
+
+def to_plain(value: Any) -> Any:
+    """A config value as plain Python (OmegaConf lists and dicts become lists and dicts) for JSON."""
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
 class SegmentationDataModule(L.LightningDataModule):
@@ -39,6 +51,16 @@ class SegmentationDataModule(L.LightningDataModule):
         eval_batch_size: batch size of val / test / predict (images per batch; each carries S samples).
         num_workers: DataLoader workers.
         normalize: ``zscore`` (per image and channel) or ``none``.
+        check: read every item of train / val / test once in :meth:`setup` (the same check as
+            ``diffseg-check-data``), so bad data fail before training starts, not mid-epoch.
+        on_bad_case: what the check does with a case that cannot be used: ``error`` (raise, naming every
+            problem up to five) or ``skip`` (leave it out, with a warning that counts and names them).
+            Loaders receive the same value for the problems they find while scanning their folders.
+        cache_dir: keep each split's preprocessed items in memory-mapped arrays under this folder
+            (:mod:`~diffseg_lightning.data.cache`), so no epoch after the first, and no later run with the
+            same settings and files, decodes an image; None disables it. Implies ``check``.
+
+    After :meth:`setup`, ``reports`` holds each checked split's :class:`SplitReport`.
     """
 
     def __init__(
@@ -54,6 +76,9 @@ class SegmentationDataModule(L.LightningDataModule):
         num_workers: int = 0,
         normalize: str = "zscore",
         pin_memory: bool = False,
+        check: bool = True,
+        on_bad_case: str = "error",
+        cache_dir: str | None = None,
         **_: Any,  # dataset-level keys (size, root, ...) live beside these in the data config
     ) -> None:
         super().__init__()
@@ -68,15 +93,82 @@ class SegmentationDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.normalize = normalize
         self.pin_memory = pin_memory
+        self.check = check
+        self.on_bad_case = check_policy(on_bad_case)
+        self.cache_dir = cache_dir
+        self.reports: dict[str, SplitReport] = {}
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
         for split in wanted.get(stage, tuple(self.factories)) if stage else tuple(self.factories):
             if split in self.datasets or self.factories[split] is None:
                 continue
-            dataset = self.factories[split]()
+            dataset = self.build(split)
             self.check_first_item(dataset, split)
             self.datasets[split] = dataset
+
+    def build(self, split: str) -> Dataset:
+        """The split's dataset: from its cache when one matches, else built, checked (and cached)."""
+        factory = self.factories[split]
+        checked = split != "predict" and (self.check or self.cache_dir is not None)
+        folder = cache_folder(self.cache_dir, split, factory) if checked and self.cache_dir else None
+        if folder is not None and ArrayCache.exists(folder):
+            dataset = ArrayCache(folder)
+            report = dataset.report
+        else:
+            dataset = factory()
+            if not checked:
+                return dataset
+            writer = CacheWriter(folder, len(dataset)) if folder is not None else None
+            good, report = check_dataset(dataset, split, writer.add if writer else None)
+            self.enforce(report)
+            if writer is not None:
+                dataset = writer.finish(report)
+            elif len(good) < len(dataset):
+                dataset = Subset(dataset, good)
+        report.split = split
+        if report.problems:
+            rank_zero_warn(
+                f"data.on_bad_case=skip: left out {len(report.problems)} bad case(s) of the {split} split "
+                f"of {report.dataset}: {report.describe_problems()}"
+            )
+        self.reports[split] = report
+        return dataset
+
+    def enforce(self, report: SplitReport) -> None:
+        """Raise under ``on_bad_case=error`` when the check found problems (all counted, five named)."""
+        if report.problems and self.on_bad_case == "error":
+            raise DiffSegError(
+                f"{len(report.problems)} bad case(s) in the {report.split} split of {report.dataset}: "
+                f"{report.describe_problems()}. Fix them, or set data.on_bad_case=skip to leave them out"
+            )
+        if report.items == 0:
+            raise DiffSegError(f"no usable item in the {report.split} split of {report.dataset}")
+
+    def splits_record(self) -> dict[str, Any]:
+        """Each built split's loader settings, item count and case list (what ``splits.json`` holds)."""
+        record = {}
+        for split, dataset in self.datasets.items():
+            factory = self.factories[split]
+            settings = getattr(factory, "keywords", {})
+            report = self.reports.get(split)
+            record[split] = {
+                "dataset": report.dataset if report else type(dataset).__name__,
+                "settings": {
+                    k: v for k, v in settings.items() if isinstance(v, (str, int, float, bool, type(None)))
+                },
+                "items": len(dataset),
+                "cases": report.cases if report else None,  # unchecked (generated) data: counts only
+            }
+        return record
+
+    @rank_zero_only
+    def save_splits(self, output_dir: str | Path) -> Path:
+        """Write ``<output_dir>/splits.json`` (rank 0 only) and return its path."""
+        path = Path(output_dir) / "splits.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.splits_record(), indent=1, default=str))
+        return path
 
     def check_first_item(self, dataset: Dataset, split: str) -> None:
         """Fail early, naming the case, when the data do not match the config."""

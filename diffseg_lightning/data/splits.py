@@ -1,4 +1,4 @@
-"""Deterministic, seeded splits shared by every loader."""
+"""Deterministic, seeded splits shared by every loader: fraction splits, and k-fold cross-validation."""
 
 from __future__ import annotations
 
@@ -35,6 +35,74 @@ def split_by_fractions(count: int, fractions: Sequence[float], seed: int) -> lis
     return [sorted(int(i) for i in order[bounds[k] : bounds[k + 1]]) for k in range(len(fractions))]
 
 
-def seeded_split(count: int, fractions: Sequence[float], seed: int, split: str) -> list[int]:
-    """The sorted indices of ``split`` (train / val / test) under :func:`split_by_fractions`."""
-    return split_by_fractions(count, fractions, seed)[SPLITS.index(check_split(split))]
+def kfold(count: int, folds: int, seed: int) -> list[list[int]]:
+    """``folds`` disjoint, sorted index lists covering ``range(count)``: a seeded shuffle cut into near-equal
+    parts (sizes differ by at most one), like scikit-learn's ``KFold(shuffle=True)`` with numpy's generator.
+
+    Raises:
+        ValueError: when ``folds`` < 2 or exceeds ``count``.
+    """
+    if not 2 <= folds <= max(count, 2) or folds > count:
+        raise ValueError(f"data.folds must lie in [2, number of cases = {count}], got {folds}")
+    order = np.random.default_rng(seed).permutation(count)
+    return [sorted(int(i) for i in part) for part in np.array_split(order, folds)]
+
+
+def check_fold(folds: int | None, fold: int) -> None:
+    if folds is not None and not 0 <= fold < folds:
+        raise ValueError(f"data.fold must lie in [0, data.folds = {folds}), got {fold}")
+
+
+def seeded_split(
+    count: int,
+    fractions: Sequence[float],
+    seed: int,
+    split: str,
+    folds: int | None = None,
+    fold: int = 0,
+) -> list[int]:
+    """The sorted case indices of ``split`` (train / val / test) among ``count`` sorted cases.
+
+    Without ``folds``: the parts of :func:`split_by_fractions` (``fractions`` = train / val / test shares).
+    With ``folds`` = k: ``test`` is fold ``fold`` of :func:`kfold`, and the other folds are split into
+    train / val by the ratio ``fractions[0] : fractions[1]`` (same seed), so the k test folds partition the
+    cases and each fold has its own validation cases drawn from its training pool.
+    """
+    check_split(split)
+    if folds is None:
+        return split_by_fractions(count, fractions, seed)[SPLITS.index(split)]
+    check_fold(folds, fold)
+    parts = kfold(count, folds, seed)
+    if split == "test":
+        return parts[fold]
+    pool = sorted(i for k, part in enumerate(parts) if k != fold for i in part)
+    return pool_split(pool, fractions[0], fractions[1], seed, split)
+
+
+def pool_split(pool: Sequence[int], train_share: float, val_share: float, seed: int, split: str) -> list[int]:
+    """Split a pool of case indices (e.g. an official training set) into ``train`` / ``val`` by
+    ``train_share : val_share`` (renormalised), with :func:`split_by_fractions`."""
+    total = train_share + val_share
+    if total <= 0:
+        raise ValueError(f"train / val shares {train_share}, {val_share} leave no case for train or val")
+    parts = split_by_fractions(len(pool), (train_share / total, val_share / total), seed)
+    return [pool[i] for i in parts[split == "val"]]
+
+
+def train_val_split(
+    count: int, split: str, val_fraction: float, seed: int, folds: int | None = None, fold: int = 0
+) -> list[int]:
+    """``train`` / ``val`` indices of an official training set of ``count`` cases (its test set is official).
+
+    Without ``folds``: a seeded ``val_fraction`` of the cases is ``val``. With ``folds`` = k: ``val`` is
+    fold ``fold`` of :func:`kfold` and ``train`` the other folds (k-fold cross-validation on the training set).
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"train_val_split serves train and val, got {split!r}")
+    if folds is None:
+        return pool_split(list(range(count)), 1.0 - val_fraction, val_fraction, seed, split)
+    check_fold(folds, fold)
+    parts = kfold(count, folds, seed)
+    if split == "val":
+        return parts[fold]
+    return sorted(i for k, part in enumerate(parts) if k != fold for i in part)

@@ -1,0 +1,70 @@
+"""What every official-layout loader shares: the bad-case policy and a record of the label values it read.
+
+A loader subclasses :class:`CaseDataset` and, while scanning its folder, reports a case that cannot be
+used (an image without its mask, an unreadable header) with :meth:`CaseDataset.bad_case`: under
+``on_bad_case="error"`` (the default) that raises a :class:`DiffSegError` naming the file at once; under
+``"skip"`` the case is left out and listed in ``skipped``, which the DataModule counts in a warning and
+``diffseg-check-data`` reports. Problems found only when a case's pixels are read (a truncated file,
+unexpected label values) raise from ``__getitem__``; the DataModule's check pass
+(:func:`~diffseg_lightning.data.check.check_dataset`) catches those per item under the same policy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from diffseg_lightning.utils.errors import DiffSegError
+
+BAD_CASE_POLICIES = ("error", "skip")
+MAX_RECORDED_LABELS = 64  # instance maps hold hundreds of ids; the report needs only a glimpse
+
+
+def check_policy(on_bad_case: str) -> str:
+    if on_bad_case not in BAD_CASE_POLICIES:
+        raise ValueError(f"data.on_bad_case must be one of {BAD_CASE_POLICIES}, got {on_bad_case!r}")
+    return on_bad_case
+
+
+class CaseDataset(Dataset):
+    """Base of the official-layout loaders: ``on_bad_case`` handling and the label values seen.
+
+    Attributes:
+        on_bad_case: ``error`` or ``skip``.
+        skipped: ``(path, reason)`` of every case left out while scanning (``skip`` only).
+        seen_labels: the raw label values read so far (stored values, before any target mapping).
+    """
+
+    def __init__(self, on_bad_case: str = "error") -> None:
+        self.on_bad_case = check_policy(on_bad_case)
+        self.skipped: list[tuple[str, str]] = []
+        self.seen_labels: set[int | float] = set()
+
+    def bad_case(self, path: str | Path, reason: str) -> None:
+        """Report an unusable case found while scanning: raise (``error``) or record it (``skip``)."""
+        if self.on_bad_case == "error":
+            raise DiffSegError(f"{path}: {reason}")
+        self.skipped.append((str(path), reason))
+
+    def note_labels(self, labels: np.ndarray) -> np.ndarray:
+        """Record the distinct stored values of a label array (for the data report); returns it unchanged."""
+        if len(self.seen_labels) < MAX_RECORDED_LABELS:
+            values = np.unique(labels)
+            self.seen_labels.update(v.item() for v in values[: MAX_RECORDED_LABELS - len(self.seen_labels)])
+        return labels
+
+    @staticmethod
+    def check_labels(
+        labels: np.ndarray, allowed: set | tuple, path: str | Path, what: str = ""
+    ) -> np.ndarray:
+        """Raise, naming the file, when ``labels`` holds values outside ``allowed``; returns ``labels``."""
+        present = np.unique(labels)
+        unexpected = sorted(set(present.tolist()) - set(allowed))
+        if unexpected:
+            shown = ", ".join(str(v) for v in unexpected[:8]) + (" ..." if len(unexpected) > 8 else "")
+            raise DiffSegError(
+                f"{path}: unexpected label value(s) {shown}; {what or 'expected'} {sorted(allowed)}"
+            )
+        return labels

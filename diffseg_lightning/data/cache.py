@@ -1,0 +1,183 @@
+"""An on-disk cache of decoded, preprocessed items, memory-mapped, keyed by the preprocessing settings.
+
+Decoding dominates the loaders' time (JPEG, BMP, TIFF, gzip'd NIfTI, DICOM; see
+``experiments/results/loader_throughput.md``), so the DataModule can keep every item of a split, exactly
+as the loader returned it, in one ``.npy`` file per field (``image.npy`` (N, C, H, W), ``mask.npy`` ...,
+opened with ``mmap_mode="r"``), beside ``meta.json`` (string fields such as ``case``, the rows, the check
+report). Later epochs and later runs read rows from the page cache: no decoding, no resizing.
+
+The folder name is a hash of the loader's class, all its constructor arguments (root, split, size,
+target, seed, ...) and a fingerprint of the files under ``root`` (relative path, size and modification
+time of each), so a change of any setting or any file gives a new cache instead of a stale one.
+No library fits: MONAI's ``PersistentDataset`` pickles one file per item (``torch.save``) and keys by
+the item's input dict, not the loader's settings, and cannot memory-map fields.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from diffseg_lightning.data.check import SplitReport, as_row
+from diffseg_lightning.utils.errors import DiffSegError
+
+CACHE_VERSION = 1
+META = "meta.json"
+
+
+def fingerprint(root: str | Path | None) -> list[tuple[str, int, int]]:
+    """``(relative path, size, mtime_ns)`` of every file under ``root`` (sorted); [] without a root."""
+    if root is None or not Path(root).exists():
+        return []
+    root = Path(root)
+    if root.is_file():
+        stat = root.stat()
+        return [(root.name, stat.st_size, stat.st_mtime_ns)]
+    out = []
+    for folder, _, files in os.walk(root):
+        for name in files:
+            stat = os.stat(os.path.join(folder, name))
+            out.append((os.path.relpath(os.path.join(folder, name), root), stat.st_size, stat.st_mtime_ns))
+    return sorted(out)
+
+
+def cache_folder(cache_dir: str | Path, split: str, factory: Any) -> Path:
+    """``<cache_dir>/<Loader>-<split>-<hash>`` for a dataset factory (a ``functools.partial`` from Hydra)."""
+    if isinstance(factory, functools.partial):
+        func, settings = factory.func, {**dict(enumerate(factory.args)), **factory.keywords}
+    else:  # any other zero-argument callable: its qualified name is all we know
+        func, settings = factory, {}
+    name = f"{func.__module__}.{getattr(func, '__qualname__', repr(func))}"
+    key = {
+        "version": CACHE_VERSION,
+        "loader": name,
+        "settings": {str(k): repr(v) for k, v in sorted(settings.items(), key=lambda kv: str(kv[0]))},
+        "files": fingerprint(settings.get("root")),
+    }
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir).expanduser() / f"{getattr(func, '__name__', 'dataset')}-{split}-{digest}"
+
+
+class CacheWriter:
+    """Collects the items of one check pass into memory-mapped arrays in a temporary folder, then publishes it.
+
+    Args:
+        folder: the final cache folder (from :func:`cache_folder`).
+        length: the dataset's length (rows are allocated for every item; bad ones are never referenced).
+    """
+
+    def __init__(self, folder: Path, length: int) -> None:
+        self.folder = folder
+        self.tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+        self.length = length
+        self.arrays: dict[str, np.ndarray] = {}
+        self.strings: dict[str, list[str]] = {}
+        self.rows: list[int] = []
+
+    def add(self, index: int, item: dict[str, Any]) -> None:
+        """Store ``item`` (the loader's output for ``index``) in row ``index``."""
+        if not self.arrays and not self.strings:
+            self.allocate(item)
+        if set(item) != set(self.arrays) | set(self.strings):
+            raise DiffSegError(
+                f"{item.get('case', index)}: item fields {sorted(item)} differ from the first item's "
+                f"{sorted(set(self.arrays) | set(self.strings))}; the cache needs the same fields in every item"
+            )
+        for name, array in self.arrays.items():
+            value = as_row(item[name])
+            if value.shape != array.shape[1:]:
+                raise DiffSegError(
+                    f"{item.get('case', index)}: {name} has shape {tuple(value.shape)} but the first item's is "
+                    f"{tuple(array.shape[1:])}; the cache needs one shape per field (set data.size)"
+                )
+            array[index] = value
+        for name, values in self.strings.items():
+            values.append(str(item[name]))
+        self.rows.append(index)
+
+    def allocate(self, item: dict[str, Any]) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        for name, value in item.items():
+            row = as_row(value)
+            if row is None:
+                self.strings[name] = []
+            else:
+                self.arrays[name] = np.lib.format.open_memmap(
+                    self.tmp / f"{name}.npy", mode="w+", dtype=row.dtype, shape=(self.length, *row.shape)
+                )
+
+    def finish(self, report: SplitReport) -> ArrayCache:
+        """Flush, write ``meta.json`` and move the folder into place; return the cache opened read-only.
+
+        When another process (a DDP rank) published the same folder first, its copy is used.
+        """
+        if not self.rows:
+            raise DiffSegError(
+                f"{self.folder}: no item of the {report.split} split could be read; nothing to cache"
+            )
+        for array in self.arrays.values():
+            array.flush()
+        meta = {
+            "version": CACHE_VERSION,
+            "rows": self.rows,
+            "arrays": sorted(self.arrays),
+            "strings": self.strings,
+            "report": {"dataset": report.dataset, "problems": report.problems, "labels": report.labels},
+        }
+        (self.tmp / META).write_text(json.dumps(meta))
+        self.arrays.clear()  # close the memmaps before the move
+        try:
+            self.tmp.rename(self.folder)
+        except OSError:  # published meanwhile by another process
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return ArrayCache(self.folder)
+
+
+class ArrayCache(Dataset):
+    """A split read back from its cache folder: the loader's items, field for field, from memory maps.
+
+    Attributes:
+        report: the check report stored with the cache (its problems, label values, item count).
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        try:
+            meta = json.loads((self.folder / META).read_text())
+            self.arrays = {
+                name: np.load(self.folder / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]
+            }
+        except (OSError, ValueError, KeyError) as err:
+            raise DiffSegError(
+                f"{self.folder}: a damaged data cache ({type(err).__name__}: {err}); delete the folder"
+            ) from None
+        self.rows: list[int] = meta["rows"]
+        self.strings: dict[str, list[str]] = meta["strings"]
+        stored = meta["report"]
+        self.report = SplitReport(split="", dataset=stored["dataset"], items=len(self.rows))
+        self.report.problems = [tuple(p) for p in stored["problems"]]
+        self.report.labels = stored["labels"]
+        self.report.cases = list(dict.fromkeys(self.strings.get("case", [])))
+
+    @staticmethod
+    def exists(folder: Path) -> bool:
+        return (folder / META).is_file()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        row = self.rows[position]
+        item: dict[str, Any] = {name: torch.from_numpy(np.array(a[row])) for name, a in self.arrays.items()}
+        item.update({name: values[position] for name, values in self.strings.items()})
+        return item
