@@ -119,6 +119,11 @@ class SegmentationDataModule(L.LightningDataModule):
             dataset = factory()
             if not checked:
                 return dataset
+            if folder is not None and not getattr(dataset, "deterministic_items", True):
+                raise DiffSegError(
+                    f"data.cache_dir: the {split} split of {type(dataset).__name__} draws random crops or "
+                    "augmentations per read; caching would freeze one draw. Set data.cache_dir=null"
+                )
             writer = CacheWriter(folder, len(dataset)) if folder is not None else None
             good, report = check_dataset(dataset, split, writer.add if writer else None)
             self.enforce(report)
@@ -154,9 +159,7 @@ class SegmentationDataModule(L.LightningDataModule):
             report = self.reports.get(split)
             record[split] = {
                 "dataset": report.dataset if report else type(dataset).__name__,
-                "settings": {
-                    k: v for k, v in settings.items() if isinstance(v, (str, int, float, bool, type(None)))
-                },
+                "settings": {k: to_plain(v) for k, v in settings.items()},
                 "items": len(dataset),
                 "cases": report.cases if report else None,  # unchecked (generated) data: counts only
             }
