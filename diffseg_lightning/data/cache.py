@@ -32,6 +32,7 @@ from diffseg_lightning.utils.errors import DiffSegError
 
 CACHE_VERSION = 1
 META = "meta.json"
+COUNTERS = ("sizes", "spacings", "annotators")  # SplitReport fields kept with the cache
 
 
 def fingerprint(root: str | Path | None) -> list[tuple[str, int, int]]:
@@ -132,7 +133,12 @@ class CacheWriter:
             "rows": self.rows,
             "arrays": sorted(self.arrays),
             "strings": self.strings,
-            "report": {"dataset": report.dataset, "problems": report.problems, "labels": report.labels},
+            "report": {
+                "dataset": report.dataset,
+                "problems": report.problems,
+                "labels": report.labels,
+                **{name: list(getattr(report, name).items()) for name in COUNTERS},
+            },
         }
         (self.tmp / META).write_text(json.dumps(meta))
         self.arrays.clear()  # close the memmaps before the move
@@ -167,6 +173,10 @@ class ArrayCache(Dataset):
         self.report = SplitReport(split="", dataset=stored["dataset"], items=len(self.rows))
         self.report.problems = [tuple(p) for p in stored["problems"]]
         self.report.labels = stored["labels"]
+        for name in COUNTERS:
+            getattr(self.report, name).update(
+                {tuple(k) if isinstance(k, list) else k: n for k, n in stored[name]}
+            )
         self.report.cases = list(dict.fromkeys(self.strings.get("case", [])))
 
     @staticmethod
