@@ -4,7 +4,7 @@ Usage:
     python experiments/compare.py <run dirs, multirun dirs or summary.json files> --out experiments/results/<name>
 
 Writes ``<name>.md`` (rows sorted by Dice: overrides, cases, Dice and GED with 95% intervals,
-steps, S, fusion, seconds per image) and ``<name>.png`` (Dice, and GED where the runs have
+HM-IoU and soft Dice where the runs have several annotators, steps, S, fusion, seconds per image) and ``<name>.png`` (Dice, and GED where the runs have
 several annotators, against sampling steps and against seconds per image).
 """
 
@@ -54,13 +54,16 @@ def _cell(row: dict, name: str) -> str:
     return f"{mean:.3f}" if low is None else f"{mean:.3f} [{low:.3f}, {high:.3f}]"
 
 
+MULTI_ANNOTATOR = (("ged", "GED"), ("hm_iou", "HM-IoU"), ("soft_dice", "soft Dice"))
+
+
 def leaderboard(rows: list[dict]) -> str:
-    ged = any("ged" in row["mean"] for row in rows)
+    extra = [(key, name) for key, name in MULTI_ANNOTATOR if any(key in row["mean"] for row in rows)]
     head = [
         "run",
         "cases",
         "Dice [95% CI]",
-        *(["GED [95% CI]"] if ged else []),
+        *(f"{name} [95% CI]" for _, name in extra),
         "HD95 (px)",
         "steps",
         "S",
@@ -73,7 +76,7 @@ def leaderboard(rows: list[dict]) -> str:
             f"`{row['label']}`",
             str(row["num_cases"]),
             _cell(row, "dice"),
-            *([_cell(row, "ged")] if ged else []),
+            *(_cell(row, key) for key, _ in extra),
             _cell(row, "hd95"),
             str(row["sampler"]["num_steps"]),
             str(row["sampler"]["num_samples"]),

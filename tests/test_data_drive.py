@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_data
+from conftest import compose_config, shared_data
+from hydra.utils import instantiate
 from PIL import Image
 
 from diffseg_lightning.data import SegmentationDataModule
@@ -155,6 +156,80 @@ def test_bad_inputs_name_the_file(tmp_path):
         DiffSegError, match=r"21_training\.tif: no field-of-view mask; expected .*21_training_mask"
     ):
         DRIVE(tmp_path, "train", val_fraction=0.0)
+
+
+def names(data: DRIVE) -> list[str]:
+    return [Path(c["image"]).name for c in data.cases]
+
+
+def test_skip_leaves_out_images_without_their_masks(tmp_path):
+    write_drive(tmp_path)
+    before = {s: names(DRIVE(tmp_path, s)) for s in ("train", "val")}
+    victim = before["train"][1]
+    number = victim.split("_")[0]
+    training = tmp_path / "DRIVE" / "training"
+    (training / "1st_manual" / f"{number}_manual1.gif").unlink()
+    train = DRIVE(tmp_path, "train", on_bad_case="skip")
+    reason = f"no manual annotation; expected {training / '1st_manual' / f'{number}_manual1.gif'}"
+    assert train.skipped == [(str(training / "images" / victim), reason)]
+    assert names(train) == [n for n in before["train"] if n != victim]
+    assert names(DRIVE(tmp_path, "val", on_bad_case="skip")) == before["val"]  # the split is kept
+    assert train[0]["fov"].shape == (1, 128, 128)
+
+    test = tmp_path / "DRIVE" / "test"
+    (test / "2nd_manual" / "02_manual2.gif").unlink()
+    data = DRIVE(tmp_path, "test", size=None, on_bad_case="skip")
+    reason = f"no second observer; expected {test / '2nd_manual' / '02_manual2.gif'}"
+    assert data.skipped == [(str(test / "images" / "02_test.tif"), reason)]
+    assert names(data) == ["01_test.tif"] and data[0]["masks"].shape == (2, *SHAPE)
+    with pytest.raises(DiffSegError, match=r"02_test\.tif: no second observer"):
+        DRIVE(tmp_path, "test")
+
+
+def test_kfold_over_the_training_images(tmp_path):
+    write_drive(tmp_path)
+    vals = []
+    for fold in range(4):
+        train, val = (names(DRIVE(tmp_path, s, folds=4, fold=fold)) for s in ("train", "val"))
+        assert len(train) == 3 and len(val) == 1 and not set(train) & set(val)
+        assert sorted(train + val) == [f"{n}_training.tif" for n in TRAINING]
+        assert names(DRIVE(tmp_path, "val", folds=4, fold=fold)) == val  # deterministic
+        vals += val
+    assert sorted(vals) == [f"{n}_training.tif" for n in TRAINING]  # the validation folds partition them
+    assert names(DRIVE(tmp_path, "test", folds=4, fold=2)) == ["01_test.tif", "02_test.tif"]  # official
+    with pytest.raises(ValueError, match=r"data\.folds must lie in \[2, number of cases = 4\], got 5"):
+        DRIVE(tmp_path, "train", folds=5)
+
+
+def test_seen_labels_are_the_stored_annotation_values(tmp_path):
+    write_drive(tmp_path)
+    train = DRIVE(tmp_path, "train")
+    train[0]
+    assert train.seen_labels == {0, 255}  # 1st_manual grey GIF
+    test = DRIVE(tmp_path, "test")
+    test[0]
+    assert test.seen_labels == {0, 1, 255}  # plus 2nd_manual's palette indices
+
+
+def test_config_passes_folds_and_the_bad_case_policy(tmp_path):
+    write_drive(tmp_path)
+    (tmp_path / "DRIVE" / "test" / "mask" / "01_test_mask.gif").unlink()
+    overrides = [
+        "data=drive",
+        f"data.root={tmp_path}",
+        "data.num_workers=0",
+        "data.size=16",
+        "data.batch_size=2",
+    ]
+    overrides += ["data.folds=2", "data.fold=1", "data.on_bad_case=skip"]
+    dm = instantiate(compose_config("train", overrides, tmp_path / "run").data)
+    dm.setup("fit")
+    assert names(dm.datasets["val"]) == names(DRIVE(tmp_path, "val", folds=2, fold=1))
+    assert len(dm.datasets["train"]) == 2 and len(dm.datasets["val"]) == 2
+    assert next(iter(dm.train_dataloader()))["fov"].shape == (2, 1, 16, 16)
+    with pytest.warns(UserWarning, match=r"left out 1 bad case\(s\) of the test split .*01_test\.tif"):
+        dm.setup("test")
+    assert names(dm.datasets["test"]) == ["02_test.tif"]
 
 
 # ------------------------------------------------------------------------------------- the real subset

@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_data
+from conftest import compose_config, shared_data
+from hydra.utils import instantiate
 from PIL import Image
 
 from diffseg_lightning.data import SegmentationDataModule
 from diffseg_lightning.data.glas import GlaS, read_grades
+from diffseg_lightning.data.splits import split_by_fractions, train_val_split
 from diffseg_lightning.utils.errors import DiffSegError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -150,6 +152,92 @@ def test_bad_inputs_name_the_file(tmp_path):
     grades.unlink()
     with pytest.raises(DiffSegError, match=r"Grade\.csv: not found"):
         GlaS(tmp_path, "train")
+
+
+def test_train_val_split_is_the_former_fraction_split():
+    """Without folds, train / val are what GlaS, DRIVE and MoNuSeg drew before k-fold existed."""
+    for count in range(1, 41):
+        for val_fraction in np.linspace(0.0, 1.0, 21).tolist():
+            for seed in (0, 3):
+                former = split_by_fractions(count, (1.0 - val_fraction, val_fraction), seed)
+                assert [train_val_split(count, s, val_fraction, seed) for s in ("train", "val")] == former
+                assert split_by_fractions(count, (1.0 - val_fraction, val_fraction, 0.0), seed)[:2] == former
+
+
+def test_default_split_is_pinned(tmp_path):
+    write_glas(tmp_path)
+    train = ["train_1", "train_2", "train_10", "train_11", "train_20"]  # numeric order
+    val = [train[i] for i in split_by_fractions(5, (0.8, 0.2), 0)[1]]
+    assert GlaS(tmp_path, "val").names == val
+    assert GlaS(tmp_path, "train").names == [n for n in train if n not in val]
+
+
+def test_skip_leaves_out_images_without_annotation_or_grade(tmp_path):
+    write_glas(tmp_path)
+    folder = tmp_path / "Warwick_QU_Dataset"
+    before = {s: GlaS(folder, s).names for s in ("train", "val")}
+    (folder / "testA_10_anno.bmp").unlink()
+    with pytest.raises(DiffSegError, match=r"testA_10\.bmp: no annotation"):
+        GlaS(folder, "test")
+    data = GlaS(folder, "test", size=None, on_bad_case="skip")
+    expected = f"no annotation; expected {folder / 'testA_10_anno.bmp'}"
+    assert data.skipped == [(str(folder / "testA_10.bmp"), expected)]
+    assert data.names == ["testA_2", "testB_3"] and data[1]["case"].endswith("testB_3.bmp")
+
+    victim = before["train"][0]  # drop its grade
+    text = (folder / "Grade.csv").read_bytes()
+    (folder / "Grade.csv").write_bytes(
+        b"\r".join(r for r in text.split(b"\r") if not r.startswith(victim.encode() + b","))
+    )
+    train = GlaS(folder, "train", on_bad_case="skip")
+    assert train.skipped == [
+        (str(folder / f"{victim}.bmp"), f"no grade for {victim} in {folder / 'Grade.csv'}")
+    ]
+    assert train.names == before["train"][1:]
+    assert GlaS(folder, "val", on_bad_case="skip").names == before["val"]  # the others keep their split
+
+
+def test_kfold_over_the_training_images(tmp_path):
+    write_glas(tmp_path)
+    train_names = {n for n in CASES if n.startswith("train")}
+    vals = []
+    for fold in range(5):
+        train, val = (GlaS(tmp_path, s, folds=5, fold=fold).names for s in ("train", "val"))
+        assert len(val) == 1 and set(train) | set(val) == train_names and not set(train) & set(val)
+        assert GlaS(tmp_path, "val", folds=5, fold=fold).names == val  # deterministic
+        vals += val
+    assert sorted(vals) == sorted(train_names)  # the validation folds partition the train_* images
+    halves = [GlaS(tmp_path, "val", folds=2, fold=f).names for f in (0, 1)]
+    assert sorted(map(len, halves)) == [2, 3] and not set(halves[0]) & set(halves[1])
+    assert GlaS(tmp_path, "test", folds=5, fold=3).names == ["testA_2", "testA_10", "testB_3"]  # official
+
+
+def test_seen_labels_are_the_stored_instance_ids(tmp_path):
+    write_glas(tmp_path)
+    data = GlaS(tmp_path, "testA", size=16)
+    data[0]
+    assert data.seen_labels == {0, 1, 2, 4}  # as stored, id 3 absent; not the binarised mask
+
+
+def test_config_passes_folds_and_the_bad_case_policy(tmp_path):
+    write_glas(tmp_path)
+    (tmp_path / "Warwick_QU_Dataset" / "testB_3_anno.bmp").unlink()
+    overrides = [
+        "data=glas",
+        f"data.root={tmp_path}",
+        "data.num_workers=0",
+        "data.size=16",
+        "data.batch_size=2",
+    ]
+    overrides += ["data.folds=5", "data.fold=4", "data.on_bad_case=skip"]
+    dm = instantiate(compose_config("train", overrides, tmp_path / "run").data)
+    dm.setup("fit")
+    assert dm.datasets["val"].names == GlaS(tmp_path, "val", folds=5, fold=4).names
+    assert len(dm.datasets["train"]) == 4 and dm.datasets["train"].fold == 4
+    assert next(iter(dm.train_dataloader()))["image"].shape == (2, 3, 16, 16)
+    with pytest.warns(UserWarning, match=r"left out 1 bad case\(s\) of the test split .*testB_3\.bmp"):
+        dm.setup("test")
+    assert len(dm.datasets["test"]) == 2
 
 
 # ------------------------------------------------------------------------------------- the real subset

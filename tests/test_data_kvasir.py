@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_MODEL, compose_config, shared_data
+from hydra.utils import instantiate
 from PIL import Image
 
 from diffseg_lightning.data import SegmentationDataModule
@@ -20,6 +21,7 @@ from diffseg_lightning.utils.errors import DiffSegError
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZES = [(24, 32), (30, 40), (28, 28), (36, 24)]  # (H, W): sizes vary per image, as in the release
+SPLITS = ("train", "val", "test")
 
 
 def write_kvasir(root: Path, n: int = 10) -> dict[str, np.ndarray]:
@@ -160,6 +162,71 @@ def test_box_table_errors_name_the_json(tmp_path):
     table.unlink()
     with pytest.raises(DiffSegError, match=r"kavsir_bboxes\.json: not found"):
         KvasirSEG(tmp_path, "train", fractions=(1.0, 0.0, 0.0)).boxes(0)
+
+
+def test_skip_leaves_out_an_image_without_mask_and_keeps_the_other_splits(tmp_path):
+    write_kvasir(tmp_path, n=10)
+    before = {s: KvasirSEG(tmp_path, s, size=None).ids for s in SPLITS}
+    missing = before["train"][2]
+    image = tmp_path / "Kvasir-SEG" / "images" / f"{missing}.jpg"
+    mask = tmp_path / "Kvasir-SEG" / "masks" / f"{missing}.jpg"
+    mask.unlink()
+    with pytest.raises(DiffSegError, match=rf"images/{missing}\.jpg: no mask"):
+        KvasirSEG(tmp_path, "test")  # "error": found whatever split the case is in
+    after = {s: KvasirSEG(tmp_path, s, size=None, on_bad_case="skip") for s in SPLITS}
+    assert after["train"].skipped == [(str(image), f"no mask; expected {mask}")]
+    assert after["val"].skipped == [] and after["test"].skipped == []  # each split lists its own
+    assert after["train"].ids == [case for case in before["train"] if case != missing]
+    assert after["val"].ids == before["val"] and after["test"].ids == before["test"]
+    assert [Path(after["train"][i]["case"]).stem for i in range(len(after["train"]))] == after["train"].ids
+    with pytest.raises(ValueError, match=r"on_bad_case must be one of \('error', 'skip'\)"):
+        KvasirSEG(tmp_path, on_bad_case="ignore")
+
+
+def test_kfold_test_folds_partition_the_ids(tmp_path):
+    truth = write_kvasir(tmp_path, n=10)
+    tests = []
+    for fold in range(5):
+        parts = {s: KvasirSEG(tmp_path, s, size=None, folds=5, fold=fold).ids for s in SPLITS}
+        assert [len(parts[s]) for s in SPLITS] == [7, 1, 2]  # the 8 others cut 0.8 : 0.1 -> 7 / 1
+        assert sorted(sum(parts.values(), [])) == sorted(truth)  # train, val, test: disjoint and complete
+        assert KvasirSEG(tmp_path, "test", folds=5, fold=fold).ids == parts["test"]  # deterministic
+        tests.append(parts["test"])
+    assert sorted(sum(tests, [])) == sorted(truth)  # every id is tested in exactly one fold
+    assert [KvasirSEG(tmp_path, "test", folds=5, fold=f, seed=1).ids for f in range(5)] != tests  # seeded
+    with pytest.raises(ValueError, match=r"data\.fold must lie in \[0, data\.folds = 5\), got 5"):
+        KvasirSEG(tmp_path, folds=5, fold=5)
+    with pytest.raises(ValueError, match=r"data\.folds must lie in \[2, number of cases = 10\], got 11"):
+        KvasirSEG(tmp_path, folds=11)
+
+
+def test_seen_labels_are_the_stored_mask_values(tmp_path):
+    write_kvasir(tmp_path, n=2)
+    data = KvasirSEG(tmp_path, "train", size=16, fractions=(1.0, 0.0, 0.0))
+    assert data.seen_labels == set()
+    data[1]
+    with Image.open(data.pairs[1][1]) as img:
+        stored = np.unique(np.asarray(img))  # the JPEG's values, noise included, before binarising
+    assert len(stored) > 2 and data.seen_labels == set(stored[:64].tolist())  # at most 64 are recorded
+
+
+def test_config_passes_folds_and_the_bad_case_policy(tmp_path):
+    truth = write_kvasir(tmp_path / "data", n=10)
+    missing = sorted(truth)[0]
+    (tmp_path / "data" / "Kvasir-SEG" / "masks" / f"{missing}.jpg").unlink()
+    overrides = ["data=kvasir", f"data.root={tmp_path / 'data'}", "data.num_workers=0", "data.size=16"]
+    overrides += ["data.folds=3", "data.fold=1", "data.on_bad_case=skip", "data.batch_size=2"]
+    cfg = compose_config("train", overrides, tmp_path / "run")
+    dm = instantiate(cfg.data)
+    with pytest.warns(UserWarning, match=rf"left out 1 bad case\(s\) .*{missing}\.jpg: no mask"):
+        dm.setup(None)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (2, 3, 16, 16) and batch["mask"].shape == (2, 1, 16, 16)
+    for split in SPLITS:
+        expected = KvasirSEG(tmp_path / "data", split, folds=3, fold=1, on_bad_case="skip")
+        assert dm.datasets[split].ids == expected.ids and dm.datasets[split].folds == 3
+        assert [p for p, _ in dm.reports[split].problems] == [p for p, _ in expected.skipped]
+    assert sum(len(dm.reports[s].problems) for s in SPLITS) == 1  # the one image without a mask
 
 
 # ------------------------------------------------------------------------------------- the real subset

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_data
+from conftest import compose_config, shared_data
+from hydra.utils import instantiate
 from PIL import Image
 
 from diffseg_lightning.data import SegmentationDataModule
@@ -132,6 +133,8 @@ def test_tiles_cover_the_image_and_random_crops_stay_inside(tmp_path):
     tiles = MoNuSeg(tmp_path, "test", size=None, crop="tile", crop_size=16)
     origins = [tuple(tiles[i]["origin"].tolist()) for i in range(len(tiles))]
     assert origins == [(t, left) for t in (0, 16, 24) for left in (0, 16, 32, 34)]
+    assert whole["original_size"].tolist() == list(SHAPE) and tiles[5]["original_size"].tolist() == [16, 16]
+    assert MoNuSeg(tmp_path, "test", size=8)[0]["original_size"].tolist() == list(SHAPE)
     for i, (t, left) in enumerate(origins):
         assert torch.equal(tiles[i]["instances"], whole["instances"][t : t + 16, left : left + 16])
         assert torch.equal(tiles[i]["image"], whole["image"][:, t : t + 16, left : left + 16])
@@ -187,6 +190,79 @@ def test_bad_options_and_layouts(tmp_path):
         DiffSegError, match=r"TEST-01Z-00-DX1\.tif: image has 3 channel\(s\) but the config expects 1"
     ):
         data[0]
+
+
+def test_skip_leaves_out_images_without_xml_or_too_small_for_the_crop(tmp_path):
+    write_monuseg(tmp_path, train=10, test=2)
+
+    def stems(data):
+        return [p.stem for p, _ in data.pairs]
+
+    before = {s: stems(MoNuSeg(tmp_path, s)) for s in ("train", "val")}
+    victim = before["val"][0]
+    xml = tmp_path / "Annotations" / f"{victim}.xml"
+    xml.unlink()
+    with pytest.raises(DiffSegError, match=rf"{victim}\.tif: no annotation"):
+        MoNuSeg(tmp_path, "train")  # "error": found whatever split the image is in
+    val = MoNuSeg(tmp_path, "val", on_bad_case="skip")
+    reason = f"no annotation {xml} (MoNuSeg pairs <id>.tif with <id>.xml)"
+    assert val.skipped == [(str(tmp_path / "Tissue Images" / f"{victim}.tif"), reason)]
+    assert stems(val) == before["val"][1:] and len(val[0]["case"]) > 0
+    train = MoNuSeg(tmp_path, "train", on_bad_case="skip")
+    assert train.skipped == [] and stems(train) == before["train"]  # the other cases keep their split
+
+    small = tmp_path / "MoNuSegTestData" / "TCGA-09-SMALL-01Z-00-DX1"
+    write_pair(small.with_suffix(".tif"), small.with_suffix(".xml"), [SQUARE], shape=(20, 50))
+    with pytest.raises(DiffSegError, match=r"SMALL-01Z-00-DX1\.tif: image of size \(20, 50\) is smaller"):
+        MoNuSeg(tmp_path, "test", crop="tile", crop_size=32)
+    tiles = MoNuSeg(tmp_path, "test", size=None, crop="tile", crop_size=32, on_bad_case="skip")
+    assert [Path(p).name for p, _ in tiles.skipped] == ["TCGA-09-SMALL-01Z-00-DX1.tif"]
+    assert len(tiles.pairs) == 2 and len(tiles) == 2 * 2 * 2  # 40 x 50: 2 x 2 tiles of 32 each
+    assert {tiles[i]["case"] for i in range(len(tiles))} == {str(p) for p, _ in tiles.pairs}
+
+
+def test_kfold_over_the_training_images(tmp_path):
+    write_monuseg(tmp_path, train=10, test=2)
+
+    def stems(split, **kwargs):
+        return [p.stem for p, _ in MoNuSeg(tmp_path, split, **kwargs).pairs]
+
+    everything = sorted(stems("train", val_fraction=0.0))
+    vals = []
+    for fold in range(5):
+        train, val = stems("train", folds=5, fold=fold), stems("val", folds=5, fold=fold)
+        assert (len(train), len(val)) == (8, 2) and sorted(train + val) == everything
+        assert stems("val", folds=5, fold=fold) == val  # deterministic
+        vals += val
+    assert sorted(vals) == everything  # the validation folds partition the training images
+    assert stems("test", folds=5, fold=1) == stems("test")  # official
+
+
+def test_random_crops_are_not_deterministic_items(tmp_path):
+    write_monuseg(tmp_path, train=2, test=1)
+    assert MoNuSeg(tmp_path, "test").deterministic_items
+    assert MoNuSeg(tmp_path, "test", crop="tile", crop_size=16).deterministic_items
+    assert not MoNuSeg(tmp_path, "train", crop="random", crop_size=16).deterministic_items
+
+
+def test_seen_labels_are_the_rasterised_ids(tmp_path):
+    write_monuseg(tmp_path, train=1, test=1)
+    data = MoNuSeg(tmp_path, "test", size=8)  # small output: ids can vanish from the item, not the record
+    data[0]
+    assert data.seen_labels == {0, 1, 2}
+
+
+def test_config_passes_folds_and_the_bad_case_policy(tmp_path):
+    write_monuseg(tmp_path, train=6, test=2)
+    overrides = ["data=monuseg", f"data.root={tmp_path}", "data.num_workers=0", "data.size=16"]
+    overrides += ["data.folds=3", "data.fold=2", "data.on_bad_case=skip", "data.batch_size=2"]
+    dm = instantiate(compose_config("train", overrides, tmp_path / "run").data)
+    dm.setup("fit")
+    expected = MoNuSeg(tmp_path, "val", folds=3, fold=2)
+    assert dm.datasets["val"].pairs == expected.pairs and len(dm.datasets["train"]) == 4
+    assert dm.datasets["train"].on_bad_case == "skip"
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (2, 3, 16, 16) and batch["instances"].shape == (2, 16, 16)
 
 
 # -- the real subset ---------------------------------------------------------------------------------

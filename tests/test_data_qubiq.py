@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_MODEL, compose_config, shared_data
+from hydra.utils import instantiate
 
 from diffseg_lightning.data import SegmentationDataModule
 from diffseg_lightning.data.qubiq import CT_WINDOW, QUBIQ
+from diffseg_lightning.data.splits import split_by_fractions
 from diffseg_lightning.utils.errors import DiffSegError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -223,6 +225,106 @@ def test_bad_files_name_the_file(tmp_path):
         DiffSegError, match=r"case02/image\.nii\.gz: image has 3 channel\(s\) but the config expects 1"
     ):
         load()
+
+
+def names(data: QUBIQ) -> list[str]:
+    return [p.parent.name for p, _ in data.cases]
+
+
+def test_skip_leaves_out_bad_case_folders_and_keeps_the_split(tmp_path):
+    write_qubiq(tmp_path / "kidney", cases=20)
+    task = tmp_path / "kidney"
+    before = {s: names(QUBIQ(task, s)) for s in ("train", "val", "test")}
+    no_rater, no_image = before["test"][0], before["train"][3]
+    (task / "Training" / no_rater / "task01_seg03.nii.gz").unlink()
+    (task / "Training" / no_image / "image.nii.gz").unlink()
+    with pytest.raises(DiffSegError, match=rf"{no_image}: no image\.nii\.gz"):
+        QUBIQ(task, "val")  # "error": any case folder, whatever its split
+    after = {s: QUBIQ(task, s, on_bad_case="skip") for s in ("train", "val", "test")}
+    assert after["test"].skipped == [
+        (
+            str(task / "Training" / no_rater),
+            "missing task01_seg03.nii.gz (the other cases have 3 rater file(s): task01_seg01.nii.gz, "
+            "task01_seg02.nii.gz, task01_seg03.nii.gz); every case needs the same sub-tasks and raters",
+        )
+    ]
+    assert [p for p, _ in after["train"].skipped] == [str(task / "Training" / no_image)]
+    assert after["train"].skipped[0][1].startswith("no image.nii.gz")
+    assert after["val"].skipped == []
+    for split, data in after.items():
+        assert names(data) == [c for c in before[split] if c not in (no_rater, no_image)]
+    assert after["test"].raters == [1, 2, 3] and after["test"][0]["masks"].shape[0] == 3
+
+
+def test_skip_leaves_out_a_case_whose_header_does_not_fit(tmp_path):
+    write_qubiq(tmp_path / "kidney", cases=3)
+    case = tmp_path / "kidney" / "Training" / "case02"
+    save_nifti(case / "task01_seg02.nii.gz", np.zeros((10, 10), np.float32))
+    data = QUBIQ(tmp_path / "kidney", "train", fractions=(1.0, 0.0, 0.0), on_bad_case="skip")
+    assert names(data) == ["case01", "case03"]
+    assert data.skipped[0][0] == str(case)
+    assert "task01_seg02.nii.gz: rater mask of shape (10, 10) does not match" in data.skipped[0][1]
+
+
+def test_kfold_without_validation_folder_partitions_the_cases(tmp_path):
+    write_qubiq(tmp_path / "kidney", cases=20)
+    everything = [f"case{c:02d}" for c in range(1, 21)]
+    tests = []
+    for fold in range(5):
+        parts = {
+            s: names(QUBIQ(tmp_path / "kidney", s, folds=5, fold=fold)) for s in ("train", "val", "test")
+        }
+        assert [len(parts[s]) for s in ("train", "val", "test")] == [14, 2, 4]  # 16 others: 0.7 : 0.1
+        assert sorted(sum(parts.values(), [])) == everything  # disjoint and complete
+        assert names(QUBIQ(tmp_path / "kidney", "test", folds=5, fold=fold)) == parts["test"]
+        tests += parts["test"]
+    assert sorted(tests) == everything  # every case is tested in exactly one fold
+
+
+def test_kfold_with_validation_folder_folds_the_training_cases(tmp_path):
+    write_qubiq(tmp_path / "kidney", cases=6)
+    write_qubiq(tmp_path / "kidney", cases=2, folder="Validation", first=21)
+    training = [f"case{c:02d}" for c in range(1, 7)]
+    vals = []
+    for fold in range(3):
+        train, val = (names(QUBIQ(tmp_path / "kidney", s, folds=3, fold=fold)) for s in ("train", "val"))
+        assert len(val) == 2 and sorted(train + val) == training
+        vals += val
+        assert names(QUBIQ(tmp_path / "kidney", "test", folds=3, fold=fold)) == ["case21", "case22"]
+    assert sorted(vals) == training
+    # without folds: the former train / val cut of the Training cases, 0.7 : 0.1 renormalised
+    former = split_by_fractions(6, (0.7 / 0.8, 0.1 / 0.8, 0.0), 0)
+    assert names(QUBIQ(tmp_path / "kidney", "val")) == [training[i] for i in former[1]]
+    assert names(QUBIQ(tmp_path / "kidney", "train")) == [training[i] for i in former[0]]
+
+
+def test_seen_labels_are_the_stored_rater_values(tmp_path):
+    write_qubiq(tmp_path / "kidney", cases=2)
+    data = QUBIQ(tmp_path / "kidney", "train", size=8, fractions=(1.0, 0.0, 0.0))
+    assert data.seen_labels == set()
+    data[0]
+    assert data.seen_labels == {0, 1}
+    save_nifti(tmp_path / "kidney" / "Training" / "case02" / "task01_seg01.nii.gz", rater_mask(2, 1) * 255)
+    with pytest.raises(DiffSegError, match="rater mask values must be 0 or 1"):
+        data[1]
+    assert data.seen_labels == {0, 1, 255}  # recorded before the check, for the data report
+
+
+def test_config_passes_folds_and_the_bad_case_policy(tmp_path):
+    write_qubiq(tmp_path / "kidney", cases=10)
+    (tmp_path / "kidney" / "Training" / "case05" / "image.nii.gz").unlink()
+    overrides = ["data=qubiq", f"data.root={tmp_path / 'kidney'}", "data.num_workers=0", "data.size=16"]
+    overrides += ["data.folds=5", "data.fold=3", "data.on_bad_case=skip", "data.batch_size=2"]
+    dm = instantiate(compose_config("train", overrides, tmp_path / "run").data)
+    with pytest.warns(UserWarning, match=r"left out 1 bad case\(s\) .*case05: no image\.nii\.gz"):
+        dm.setup(None)
+    for split in ("train", "val", "test"):
+        expected = QUBIQ(tmp_path / "kidney", split, folds=5, fold=3, on_bad_case="skip")
+        assert names(dm.datasets[split]) == names(expected) and dm.datasets[split].fold == 3
+        assert dm.reports[split].problems == expected.skipped
+    assert sum(len(dm.reports[s].problems) for s in ("train", "val", "test")) == 1
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["masks"].shape == (2, 3, 16, 16)
 
 
 # -- the real subset ---------------------------------------------------------------------------------

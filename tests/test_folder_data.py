@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import compose_config
+from hydra.utils import instantiate
 from PIL import Image
 
 from diffseg_lightning.data import ImageFolder, PairedFolder, SegmentationDataModule, zscore_per_channel
@@ -48,6 +50,7 @@ def test_items_keep_the_mask_exactly(tmp_path):
         index = int(Path(item["case"]).stem[-2:])
         assert item["image"].shape == (3, 20, 30) and item["mask"].shape == (1, 20, 30)
         assert np.array_equal(item["mask"][0].numpy() > 0, masks[index])
+        assert item["original_size"].tolist() == [20, 30]
 
 
 def test_jpeg_mask_noise_is_binarised_at_127(tmp_path):
@@ -68,6 +71,64 @@ def test_bad_layouts_name_the_problem(tmp_path):
     (tmp_path / "masks" / "case01.png").unlink()
     with pytest.raises(DiffSegError, match="case01"):
         PairedFolder(tmp_path)
+
+
+def stems(data: PairedFolder) -> list[str]:
+    return [image.stem for image, _ in data.pairs]
+
+
+def test_skip_leaves_out_an_image_without_mask_and_keeps_the_split(tmp_path):
+    write_pairs(tmp_path, n=20)
+    before = {s: stems(PairedFolder(tmp_path, s)) for s in ("train", "val", "test")}
+    victim = before["val"][1]
+    (tmp_path / "masks" / f"{victim}.png").unlink()
+    with pytest.raises(DiffSegError, match=rf"masks: no mask for 1 image\(s\), e\.g\. {victim}\.png"):
+        PairedFolder(tmp_path, "train")  # "error": whatever split the image is in
+    after = {s: PairedFolder(tmp_path, s, channels=3, on_bad_case="skip") for s in ("train", "val", "test")}
+    expected = (
+        str(tmp_path / "images" / f"{victim}.png"),
+        f"no mask; expected {tmp_path / 'masks' / victim}.<ext>",
+    )
+    assert after["val"].skipped == [expected]
+    assert after["train"].skipped == [] and after["test"].skipped == []
+    assert stems(after["val"]) == [c for c in before["val"] if c != victim]
+    assert stems(after["train"]) == before["train"] and stems(after["test"]) == before["test"]
+    assert after["val"][0]["mask"].shape == (1, 64, 64)
+
+
+def test_kfold_test_folds_partition_the_cases(tmp_path):
+    write_pairs(tmp_path, n=10)
+    everything = [f"case{i:02d}" for i in range(10)]
+    tests = []
+    for fold in range(5):
+        parts = {s: stems(PairedFolder(tmp_path, s, folds=5, fold=fold)) for s in ("train", "val", "test")}
+        assert [len(parts[s]) for s in ("train", "val", "test")] == [
+            7,
+            1,
+            2,
+        ]  # 8 others: 0.7 : 0.15 -> 6.6 : 1.4
+        assert sorted(sum(parts.values(), [])) == everything
+        assert stems(PairedFolder(tmp_path, "test", folds=5, fold=fold)) == parts["test"]
+        tests += parts["test"]
+    assert sorted(tests) == everything
+
+
+def test_seen_labels_are_the_stored_mask_values(tmp_path):
+    write_pairs(tmp_path, n=2)
+    data = PairedFolder(tmp_path, "train", fractions=(1.0, 0.0, 0.0))
+    data[0]
+    assert data.seen_labels == {0, 255}
+
+
+def test_config_passes_folds_and_the_bad_case_policy(tmp_path):
+    write_pairs(tmp_path / "data", n=12)
+    overrides = ["data=folder", f"data.root={tmp_path / 'data'}", "data.num_workers=0", "data.size=16"]
+    overrides += ["data.folds=4", "data.fold=3", "data.batch_size=2"]
+    dm = instantiate(compose_config("train", overrides, tmp_path / "run").data)
+    dm.setup("test")
+    assert dm.datasets["test"].pairs == PairedFolder(tmp_path / "data", "test", folds=4, fold=3).pairs
+    assert len(dm.datasets["test"]) == 3
+    assert next(iter(dm.test_dataloader()))["image"].shape == (3, 3, 16, 16)
 
 
 def test_wrong_channel_count_names_the_file(tmp_path):

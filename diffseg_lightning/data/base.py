@@ -52,7 +52,8 @@ class CaseDataset(Dataset):
         """Record the distinct stored values of a label array (for the data report); returns it unchanged."""
         if len(self.seen_labels) < MAX_RECORDED_LABELS:
             values = np.unique(labels)
-            self.seen_labels.update(v.item() for v in values[: MAX_RECORDED_LABELS - len(self.seen_labels)])
+            for value in values[: MAX_RECORDED_LABELS - len(self.seen_labels)].tolist():
+                self.seen_labels.add(int(value) if float(value).is_integer() else value)  # 255.0 -> 255
         return labels
 
     @staticmethod

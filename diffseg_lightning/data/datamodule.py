@@ -31,7 +31,9 @@ def zscore_per_channel(image: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 def to_plain(value: Any) -> Any:
     """A config value as plain Python (OmegaConf lists and dicts become lists and dicts) for JSON."""
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+    return (
+        OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+    )
 
 
 class SegmentationDataModule(L.LightningDataModule):

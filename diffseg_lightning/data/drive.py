@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
+from diffseg_lightning.data.base import CaseDataset
 from diffseg_lightning.data.folder import (
     as_size,
     check_channels,
@@ -20,34 +20,43 @@ from diffseg_lightning.data.folder import (
     read_label_map,
     resize,
 )
-from diffseg_lightning.data.splits import check_split, split_by_fractions
+from diffseg_lightning.data.splits import check_split, train_val_split
 from diffseg_lightning.utils.errors import DiffSegError
 
 DRIVE_SPLITS = ("train", "val", "test")
 _IMAGE_NAME = re.compile(r"^(\d+)_(training|test)\.tif$")
 
 
-def read_binary_mask(path: Path) -> np.ndarray:
-    """A DRIVE mask GIF as bool (H, W).
+def read_mask_values(path: Path) -> np.ndarray:
+    """The stored values of a DRIVE mask GIF, (H, W) uint8, checked to hold at most two values.
 
     Grey GIFs (``1st_manual``, the field-of-view ``mask``) hold 0/255 and palette GIFs (``2nd_manual``) hold
     palette INDICES 0/1 whose colours are near-black / near-white: the stored values are read without
-    colour conversion (:func:`~diffseg_lightning.data.kvasir.read_label_map`) and binarised with > 0.
+    colour conversion (:func:`~diffseg_lightning.data.folder.read_label_map`).
 
     Raises:
         DiffSegError: naming the file when it cannot be read or holds more than two values.
     """
-    values = read_label_map(path)
+    return check_two_values(read_label_map(path), path)
+
+
+def check_two_values(values: np.ndarray, path: Path) -> np.ndarray:
+    """``values``, or an error naming ``path`` when they hold more than two distinct values."""
     present = np.unique(values)
     if present.size > 2:
         raise DiffSegError(
             f"{path}: expected a binary mask (0/255, or palette indices 0/1), found {present.size} values "
             f"{present[:6].tolist()}{'...' if present.size > 6 else ''}"
         )
-    return values > 0
+    return values
 
 
-class DRIVE(Dataset):
+def read_binary_mask(path: Path) -> np.ndarray:
+    """A DRIVE mask GIF as bool (H, W): its stored values (:func:`read_mask_values`) > 0."""
+    return read_mask_values(path) > 0
+
+
+class DRIVE(CaseDataset):
     """DRIVE retinal vessels (Staal et al., IEEE TMI 2004), read from the original release as it is.
 
     Layout under ``<root>/DRIVE/`` (``root`` may also be that folder itself)::
@@ -67,8 +76,16 @@ class DRIVE(Dataset):
     Splits (``split``):
         ``train``: the ``training`` images minus the validation ones; ``val``: a seeded ``val_fraction`` of the
         ``training`` images (default 0.25; sorted by number, shuffled with ``numpy.random.default_rng(seed)``,
-        see :func:`~diffseg_lightning.data.splits.split_by_fractions`); ``test``: the ``test`` images, scored
-        against the first observer (``mask``), with the second observer in ``masks``.
+        see :func:`~diffseg_lightning.data.splits.train_val_split`); ``test``: the ``test`` images, scored
+        against the first observer (``mask``), with the second observer in ``masks``. With ``folds`` = k,
+        ``val`` is fold ``fold`` of a seeded k-fold of the ``training`` images and ``train`` the other folds
+        (``val_fraction`` is then unused); ``test`` stays the official one. The split depends only on the
+        ``training`` image files found (their masks present or not).
+
+    Bad cases: an image of the split without its manual annotation or FOV mask (or second-observer mask,
+    when used) is an error naming the expected file; under ``on_bad_case="skip"`` it is left out and listed
+    in ``skipped``. ``seen_labels`` collects the stored values of the manual annotations read (0/255 for
+    ``1st_manual``, palette indices 0/1 for ``2nd_manual``; the FOV mask is not a label and is not recorded).
 
     Items (the :class:`~diffseg_lightning.data.SegmentationDataModule` contract, plus extras):
         ``image`` float32 (C, H, W), 0..255, bilinear to ``size``; ``mask`` float32 (1, H, W) {0, 1}, the
@@ -85,15 +102,20 @@ class DRIVE(Dataset):
         seed: shuffle seed of the train / val split.
         second_observer: for the test split, add ``masks``: True requires ``test/2nd_manual``, False never
             reads it, None (default) uses it when the ``test/2nd_manual`` folder exists.
+        on_bad_case: ``error`` or ``skip`` (see Bad cases).
+        folds: k for k-fold cross-validation on the ``training`` images (None: ``val_fraction``).
+        fold: the validation fold, 0 .. k - 1.
 
     Raises:
         DiffSegError: when the folder is missing, a split has no images, or an image lacks its manual or FOV
-            mask (or its second-observer mask, when used); the error names the expected file. Unreadable files,
+            mask (or its second-observer mask, when used; ``skip`` leaves that case out instead); the error
+            names the expected file. Unreadable files,
             a wrong channel count, a non-binary mask and a mask whose size differs from its image's raise when
             the item is read, naming the file.
     """
 
     FOLDER = "DRIVE"
+    WHAT = {"manual": "manual annotation", "fov": "field-of-view mask", "second": "second observer"}
 
     def __init__(
         self,
@@ -104,7 +126,11 @@ class DRIVE(Dataset):
         val_fraction: float = 0.25,
         seed: int = 0,
         second_observer: bool | None = None,
+        on_bad_case: str = "error",
+        folds: int | None = None,
+        fold: int = 0,
     ) -> None:
+        super().__init__(on_bad_case)
         self.split = check_split(split, DRIVE_SPLITS, "DRIVE")
         if not 0.0 <= val_fraction <= 1.0:
             raise ValueError(f"DRIVE: val_fraction must lie in [0, 1], got {val_fraction}")
@@ -122,8 +148,8 @@ class DRIVE(Dataset):
         if not numbered:
             raise DiffSegError(f"{folder / 'images'}: no NN_{subset}.tif images")
         if split != "test":
-            parts = split_by_fractions(len(numbered), (1.0 - val_fraction, val_fraction), seed)
-            numbered = [numbered[i] for i in parts[split == "val"]]
+            chosen = train_val_split(len(numbered), split, val_fraction, seed, folds, fold)
+            numbered = [numbered[i] for i in chosen]
         if split == "test":
             use_second = (
                 (folder / "2nd_manual").is_dir() if second_observer is None else bool(second_observer)
@@ -140,19 +166,16 @@ class DRIVE(Dataset):
             }
             if use_second:
                 files["second"] = folder / "2nd_manual" / f"{number}_manual2.gif"
-            for key, path in files.items():
-                if not path.is_file():
-                    what = {
-                        "manual": "manual annotation",
-                        "fov": "field-of-view mask",
-                        "second": "second observer",
-                    }
-                    raise DiffSegError(f"{image}: no {what[key]}; expected {path}")
+            missing = next((key for key, path in files.items() if not path.is_file()), None)
+            if missing is not None:
+                self.bad_case(image, f"no {self.WHAT[missing]}; expected {files[missing]}")
+                continue
             self.cases.append(files)
         self.size = as_size(size)
         self.channels = channels
         self.val_fraction = float(val_fraction)
         self.seed = seed
+        self.folds, self.fold = folds, fold
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -160,13 +183,20 @@ class DRIVE(Dataset):
     def __repr__(self) -> str:
         return (
             f"DRIVE(root={str(self.root)!r}, split={self.split!r}, cases={len(self)}, size={self.size}, "
-            f"val_fraction={self.val_fraction}, seed={self.seed}, second_observer={self.use_second_observer})"
+            f"val_fraction={self.val_fraction}, seed={self.seed}, second_observer={self.use_second_observer}, "
+            f"folds={self.folds}, fold={self.fold})"
         )
 
-    def _mask(self, path: Path, image_path: Path, image_shape: Sequence[int]) -> torch.Tensor:
-        mask = read_binary_mask(path)
-        check_same_size(path, mask.shape, image_path, image_shape)
-        return resize(torch.from_numpy(mask.astype(np.float32))[None], self.size, "nearest")
+    def _mask(
+        self, path: Path, image_path: Path, image_shape: Sequence[int], label: bool = True
+    ) -> torch.Tensor:
+        """A mask GIF as float32 (1, H, W) in {0, 1}, resized; ``label``: record its stored values."""
+        values = read_label_map(path)
+        if label:
+            self.note_labels(values)
+        check_two_values(values, path)
+        check_same_size(path, values.shape, image_path, image_shape)
+        return resize(torch.from_numpy((values > 0).astype(np.float32))[None], self.size, "nearest")
 
     def __getitem__(self, index: int) -> dict:
         files = self.cases[index]
@@ -176,7 +206,7 @@ class DRIVE(Dataset):
         item = {
             "image": resize(torch.from_numpy(image), self.size, "bilinear"),
             "mask": manual,
-            "fov": self._mask(files["fov"], image_path, image.shape),
+            "fov": self._mask(files["fov"], image_path, image.shape, label=False),
             "case": str(image_path),
             "index": torch.tensor(index),
             "original_size": torch.tensor(image.shape[-2:]),

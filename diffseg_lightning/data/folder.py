@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from diffseg_lightning.data.base import CaseDataset
 from diffseg_lightning.data.splits import seeded_split
 from diffseg_lightning.utils.errors import DiffSegError
 
@@ -296,11 +297,23 @@ class ImageFolder(Dataset):
         }
 
 
-class PairedFolder(Dataset):
+class PairedFolder(CaseDataset):
     """``root/images/<name>.<ext>`` with ``root/masks/<name>.<ext>`` (same stem), split by a seeded shuffle.
 
     Masks are binarised: values > 127 when the mask's maximum exceeds 1 (8-bit masks, JPEG noise
     included), else values > 0 (0/1 masks). Colour masks are averaged over channels first.
+    ``seen_labels`` collects the stored mask values read (every channel, before the average).
+
+    Split: :func:`~diffseg_lightning.data.splits.seeded_split` of the images sorted by name (their masks
+    present or not), by ``fractions``; with ``folds`` = k, ``test`` is fold ``fold`` of a seeded k-fold and
+    the other folds are split into train / val by ``fractions[0] : fractions[1]``.
+
+    Bad cases: images without a mask are an error naming the ``masks`` folder, their count and the first
+    of them (whatever their split); under ``on_bad_case="skip"`` each is left out of its split instead and
+    listed in ``skipped`` (by the dataset of that split only).
+
+    Items: ``image`` float32 (C, H, W), bilinear to ``size``; ``mask`` float32 (1, H, W) in {0, 1},
+    nearest; ``case`` (str, the image path); ``index``; ``original_size`` int64 (2,) the stored (H, W).
 
     Args:
         root: folder holding ``images/`` and ``masks/``.
@@ -309,6 +322,9 @@ class PairedFolder(Dataset):
         size: resize target (H, W) or one int; None keeps each file's size.
         seed: shuffle seed of the split.
         channels: expected image channels (an image with another count is an error naming it).
+        on_bad_case: ``error`` or ``skip`` (see Bad cases).
+        folds: k for k-fold cross-validation (None: the fraction split).
+        fold: the held-out fold, 0 .. k - 1.
     """
 
     def __init__(
@@ -319,7 +335,11 @@ class PairedFolder(Dataset):
         size: int | Sequence[int] | None = 64,
         seed: int = 0,
         channels: int | None = None,
+        on_bad_case: str = "error",
+        folds: int | None = None,
+        fold: int = 0,
     ) -> None:
+        super().__init__(on_bad_case)
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
@@ -332,14 +352,18 @@ class PairedFolder(Dataset):
         images = list_images(self.root / "images")
         masks = {p.stem: p for p in list_images(self.root / "masks")}
         missing = [p.name for p in images if p.stem not in masks]
-        if missing:
-            raise DiffSegError(
-                f"{self.root / 'masks'}: no mask for {len(missing)} image(s), e.g. {missing[0]}"
-            )
-        chosen = seeded_split(len(images), fractions, seed, split)
-        self.pairs = [(images[i], masks[images[i].stem]) for i in chosen]
+        if missing and self.on_bad_case == "error":
+            self.bad_case(self.root / "masks", f"no mask for {len(missing)} image(s), e.g. {missing[0]}")
+        chosen = seeded_split(len(images), fractions, seed, split, folds, fold)
+        self.pairs: list[tuple[Path, Path]] = []
+        for i in chosen:
+            if images[i].stem in masks:
+                self.pairs.append((images[i], masks[images[i].stem]))
+            else:
+                self.bad_case(images[i], f"no mask; expected {self.root / 'masks' / images[i].stem}.<ext>")
         self.size = as_size(size)
         self.channels = channels
+        self.folds, self.fold = folds, fold
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -347,7 +371,7 @@ class PairedFolder(Dataset):
     def __getitem__(self, index: int) -> dict:
         image_path, mask_path = self.pairs[index]
         image = torch.from_numpy(check_channels(read_image(image_path), self.channels, image_path))
-        raw = read_image(mask_path).mean(axis=0, keepdims=True)
+        raw = self.note_labels(read_image(mask_path)).mean(axis=0, keepdims=True)
         if raw.shape[-2:] != tuple(image.shape[-2:]):
             raise DiffSegError(
                 f"{mask_path}: mask size {raw.shape[-2:]} differs from image size {tuple(image.shape[-2:])}"
@@ -358,4 +382,5 @@ class PairedFolder(Dataset):
             "mask": resize(mask, self.size, "nearest"),
             "case": str(image_path),
             "index": torch.tensor(index),
+            "original_size": torch.tensor(image.shape[-2:]),
         }

@@ -11,8 +11,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
+from diffseg_lightning.data.base import CaseDataset
 from diffseg_lightning.data.folder import (
     as_size,
     check_channels,
@@ -22,7 +22,7 @@ from diffseg_lightning.data.folder import (
     read_label_map,
     resize,
 )
-from diffseg_lightning.data.splits import check_split, split_by_fractions
+from diffseg_lightning.data.splits import check_split, train_val_split
 from diffseg_lightning.utils.errors import DiffSegError
 
 GLAS_SPLITS = ("train", "val", "test", "testA", "testB")
@@ -85,7 +85,7 @@ def read_grades(path: Path) -> dict[str, GlaSGrade]:
     return grades
 
 
-class GlaS(Dataset):
+class GlaS(CaseDataset):
     """GlaS colon histology glands (Sirinukunwattana et al., MedIA 2017), read from the official release as it is.
 
     Layout: one flat folder ``<root>/Warwick_QU_Dataset/`` (``root`` may also be that folder itself) with
@@ -97,9 +97,16 @@ class GlaS(Dataset):
     Splits (``split``):
         ``train``: the ``train_*`` images minus the validation ones; ``val``: a seeded ``val_fraction`` of
         the ``train_*`` images (default 0.2; numeric-sorted names shuffled with
-        ``numpy.random.default_rng(seed)``, see :func:`~diffseg_lightning.data.splits.split_by_fractions`),
+        ``numpy.random.default_rng(seed)``, see :func:`~diffseg_lightning.data.splits.train_val_split`),
         drawn per image, not per patient; ``testA`` and ``testB``: the challenge's two test sets;
         ``test``: testA followed by testB. Images are in numeric order of ``<n>`` within each set.
+        With ``folds`` = k, ``val`` is fold ``fold`` of a seeded k-fold of the ``train_*`` images and
+        ``train`` the other folds (``val_fraction`` is then unused); the test sets stay the official ones.
+        The split depends only on the ``train_*`` image files found (annotated or not).
+
+    Bad cases: an image of the split without its ``_anno.bmp`` or its grade in ``Grade.csv`` is an error
+    naming it; under ``on_bad_case="skip"`` it is left out and listed in ``skipped``. ``seen_labels``
+    collects the stored instance ids read (at most 64 distinct values are recorded).
 
     Items (the :class:`~diffseg_lightning.data.SegmentationDataModule` contract, plus extras):
         ``image`` float32 (C, H, W), 0..255, bilinear to ``size``; ``instances`` int64 (H, W), resized with
@@ -115,10 +122,13 @@ class GlaS(Dataset):
         channels: expected image channels (3); another count is an error naming the file. None accepts any.
         val_fraction: share of the ``train_*`` images held out as ``val``.
         seed: shuffle seed of the train / val split.
+        on_bad_case: ``error`` or ``skip`` (see Bad cases).
+        folds: k for k-fold cross-validation on the ``train_*`` images (None: ``val_fraction``).
+        fold: the validation fold, 0 .. k - 1.
 
     Raises:
         DiffSegError: when the folder or ``Grade.csv`` is missing, an image has no ``_anno.bmp`` or no
-            grade, or a split holds no image. Unreadable files, a wrong channel count and an annotation whose
+            grade (``skip`` leaves it out instead), or a split holds no image. Unreadable files, a wrong channel count and an annotation whose
             size differs from its image's raise when the item is read, naming the file.
     """
 
@@ -133,7 +143,11 @@ class GlaS(Dataset):
         channels: int | None = 3,
         val_fraction: float = 0.2,
         seed: int = 0,
+        on_bad_case: str = "error",
+        folds: int | None = None,
+        fold: int = 0,
     ) -> None:
+        super().__init__(on_bad_case)
         self.split = check_split(split, GLAS_SPLITS, "GlaS")
         if not 0.0 <= val_fraction <= 1.0:
             raise ValueError(f"GlaS: val_fraction must lie in [0, 1], got {val_fraction}")
@@ -146,8 +160,8 @@ class GlaS(Dataset):
                 by_set[match.group(1)].append((int(match.group(2)), path))
         sets = {name: [p for _, p in sorted(files)] for name, files in by_set.items()}
         if split in ("train", "val"):
-            parts = split_by_fractions(len(sets["train"]), (1.0 - val_fraction, val_fraction), seed)
-            images = [sets["train"][i] for i in parts[split == "val"]]
+            chosen = train_val_split(len(sets["train"]), split, val_fraction, seed, folds, fold)
+            images = [sets["train"][i] for i in chosen]
         elif split == "test":
             images = sets["testA"] + sets["testB"]
         else:
@@ -159,14 +173,17 @@ class GlaS(Dataset):
         for image in images:
             anno = image.with_name(f"{image.stem}_anno.bmp")
             if not anno.is_file():
-                raise DiffSegError(f"{image}: no annotation; expected {anno}")
+                self.bad_case(image, f"no annotation; expected {anno}")
+                continue
             if image.stem not in self.grades:
-                raise DiffSegError(f"{image}: no grade for {image.stem} in {self.root / self.GRADE_FILE}")
+                self.bad_case(image, f"no grade for {image.stem} in {self.root / self.GRADE_FILE}")
+                continue
             self.cases.append((image, anno, GRADES[self.grades[image.stem].grade]))
         self.size = as_size(size)
         self.channels = channels
         self.val_fraction = float(val_fraction)
         self.seed = seed
+        self.folds, self.fold = folds, fold
 
     @property
     def names(self) -> list[str]:
@@ -179,13 +196,13 @@ class GlaS(Dataset):
     def __repr__(self) -> str:
         return (
             f"GlaS(root={str(self.root)!r}, split={self.split!r}, cases={len(self)}, size={self.size}, "
-            f"val_fraction={self.val_fraction}, seed={self.seed})"
+            f"val_fraction={self.val_fraction}, seed={self.seed}, folds={self.folds}, fold={self.fold})"
         )
 
     def __getitem__(self, index: int) -> dict:
         image_path, anno_path, label = self.cases[index]
         image = check_channels(read_image(image_path), self.channels, image_path)
-        labels = read_label_map(anno_path)
+        labels = self.note_labels(read_label_map(anno_path))
         check_same_size(anno_path, labels.shape, image_path, image.shape)
         # float64 keeps every integer id exact through the nearest-neighbour resize
         instances = resize(torch.from_numpy(labels.astype(np.float64))[None], self.size, "nearest")[0].long()

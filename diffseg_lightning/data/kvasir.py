@@ -1,10 +1,5 @@
 """Kvasir-SEG polyp segmentation in its official layout (Jha et al., "Kvasir-SEG: A Segmented Polyp Dataset",
-MMM 2020).
-
-Also home of the small helpers the official-layout loaders share (``glas.py`` and ``drive.py`` import them):
-locating a dataset folder, seeded fraction splits, reading label maps without colour conversion, and the
-image/mask size check.
-"""
+MMM 2020)."""
 
 from __future__ import annotations
 
@@ -15,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
+from diffseg_lightning.data.base import CaseDataset
 from diffseg_lightning.data.folder import (
     as_size,
     check_channels,
@@ -25,15 +20,13 @@ from diffseg_lightning.data.folder import (
     read_image,
     resize,
 )
-from diffseg_lightning.data.splits import check_split, split_by_fractions
+from diffseg_lightning.data.splits import check_split, seeded_split
 from diffseg_lightning.utils.errors import DiffSegError
 
 KVASIR_SPLITS = ("train", "val", "test")
 
 
-# ------------------------------------------------------------------------------------------ shared helpers
-# ------------------------------------------------------------------------------------------------ Kvasir-SEG
-class KvasirSEG(Dataset):
+class KvasirSEG(CaseDataset):
     """Kvasir-SEG polyps (Jha et al., MMM 2020), read from the official release as it is.
 
     Layout: ``<root>/Kvasir-SEG/images/<id>.jpg`` with ``<root>/Kvasir-SEG/masks/<id>.jpg``, and
@@ -46,8 +39,15 @@ class KvasirSEG(Dataset):
 
     Split (there is no official one): the ids are sorted, shuffled with ``numpy.random.default_rng(seed)``
     and cut into ``fractions`` (train / val / test, default 0.8 / 0.1 / 0.1, i.e. 800 / 100 / 100 of the
-    1000 released pairs); see :func:`split_by_fractions`. The split depends only on the set of ids, the
-    fractions and the seed.
+    1000 released pairs); see :func:`~diffseg_lightning.data.splits.seeded_split`. With ``folds`` = k,
+    ``test`` is fold ``fold`` of a seeded k-fold of the ids and the other folds are split into train / val
+    by ``fractions[0] : fractions[1]``. The split depends only on the set of image ids (masks missing or
+    not), the fractions, the seed and the fold.
+
+    Bad cases: an image without its mask is an error naming the expected mask (whatever split it falls
+    in, so it is found before training); under ``on_bad_case="skip"`` it is left out of its split instead
+    and listed in ``skipped`` (by the dataset of that split only), and the other cases keep their split.
+    ``seen_labels`` collects the stored mask values read (0..255 with JPEG noise; all channels).
 
     Items (the :class:`~diffseg_lightning.data.SegmentationDataModule` contract):
         ``image`` float32 (C, H, W), 0..255, resized bilinearly to ``size``; ``mask`` float32 (1, H, W) in
@@ -64,9 +64,13 @@ class KvasirSEG(Dataset):
         channels: expected image channels (3); another count is an error naming the file. None accepts any.
         fractions: train / val / test shares.
         seed: shuffle seed of the split.
+        on_bad_case: ``error`` or ``skip`` (see Bad cases).
+        folds: k for k-fold cross-validation (None: the fraction split).
+        fold: the held-out fold, 0 .. k - 1.
 
     Raises:
-        DiffSegError: when the folder is missing or an image has no mask (naming the expected mask path).
+        DiffSegError: when the folder is missing or an image has no mask (naming the expected mask path;
+            ``skip`` leaves that case out instead).
             Unreadable files, a wrong channel count and a mask whose size differs from its image's raise
             when the item is read, naming the file.
     """
@@ -82,7 +86,11 @@ class KvasirSEG(Dataset):
         channels: int | None = 3,
         fractions: Sequence[float] = (0.8, 0.1, 0.1),
         seed: int = 0,
+        on_bad_case: str = "error",
+        folds: int | None = None,
+        fold: int = 0,
     ) -> None:
+        super().__init__(on_bad_case)
         self.split = check_split(split, KVASIR_SPLITS, "KvasirSEG")
         if len(fractions) != 3:
             raise ValueError(
@@ -102,19 +110,21 @@ class KvasirSEG(Dataset):
             raise DiffSegError(f"{self.root / 'images'} holds no .jpg images")
         if not (self.root / "masks").is_dir():
             raise DiffSegError(f"{self.root}: no masks/ folder beside images/")
-        pairs = []
-        for image in images:
+        chosen = set(seeded_split(len(images), fractions, seed, split, folds, fold))
+        self.pairs: list[tuple[Path, Path]] = []
+        for number, image in enumerate(images):
             mask = self.root / "masks" / image.name
             if not mask.is_file():
-                raise DiffSegError(f"{image}: no mask; expected {mask}")
-            pairs.append((image, mask))
-        chosen = split_by_fractions(len(pairs), fractions, seed)[KVASIR_SPLITS.index(split)]
-        self.pairs: list[tuple[Path, Path]] = [pairs[i] for i in chosen]
+                if number in chosen or self.on_bad_case == "error":
+                    self.bad_case(image, f"no mask; expected {mask}")
+            elif number in chosen:
+                self.pairs.append((image, mask))
         self.ids: list[str] = [image.stem for image, _ in self.pairs]
         self.size = as_size(size)
         self.channels = channels
         self.fractions = tuple(float(f) for f in fractions)
         self.seed = seed
+        self.folds, self.fold = folds, fold
         self._boxes: dict | None = None
 
     def __len__(self) -> int:
@@ -123,13 +133,13 @@ class KvasirSEG(Dataset):
     def __repr__(self) -> str:
         return (
             f"KvasirSEG(root={str(self.root)!r}, split={self.split!r}, cases={len(self)}, size={self.size}, "
-            f"fractions={self.fractions}, seed={self.seed})"
+            f"fractions={self.fractions}, seed={self.seed}, folds={self.folds}, fold={self.fold})"
         )
 
     def __getitem__(self, index: int) -> dict:
         image_path, mask_path = self.pairs[index]
         image = check_channels(read_image(image_path), self.channels, image_path)
-        grey = read_image(mask_path)
+        grey = self.note_labels(read_image(mask_path))
         if grey.shape[0] >= 3:  # RGB(A) JPEG mask: luma, as PIL's convert("L")
             grey = 0.299 * grey[0:1] + 0.587 * grey[1:2] + 0.114 * grey[2:3]
         elif grey.shape[0] == 2:  # grey + alpha

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from skimage.draw import polygon as fill_polygon
-from torch.utils.data import Dataset
 
+from diffseg_lightning.data.base import CaseDataset
 from diffseg_lightning.data.folder import as_size, check_channels, read_image, resize
-from diffseg_lightning.data.splits import check_split, seeded_split
+from diffseg_lightning.data.splits import check_split, train_val_split
 from diffseg_lightning.utils.errors import DiffSegError
 
 TRAIN_IMAGES = "Tissue Images"
@@ -105,25 +105,37 @@ def resize_instances(instances: torch.Tensor, size: tuple[int, int] | None) -> t
     return F.interpolate(instances[None, None].double(), size=size, mode="nearest")[0, 0].long()
 
 
-def _image_size(path: Path) -> tuple[int, int]:
+def _image_size(path: Path) -> tuple[int, int] | str:
+    """``(height, width)`` from the header, or why the file cannot be read."""
     try:
         with Image.open(path) as img:
             width, height = img.size
     except (UnidentifiedImageError, OSError) as err:
-        raise DiffSegError(f"{path}: not a readable image ({err})") from None
+        return f"not a readable image ({err})"
     return height, width
 
 
-class MoNuSeg(Dataset):
+class MoNuSeg(CaseDataset):
     """MoNuSeg 2018 nuclei in the official layout; polygon annotations rasterised to instance maps.
 
     Dataset: Kumar et al., IEEE TMI 2017; MoNuSeg 2018 challenge.
 
     Splits (deterministic): ``test`` is every image of ``<root>/MoNuSegTestData`` (or of ``root`` itself
     when ``root`` is that folder). ``train`` and ``val`` split the images of ``<root>/Tissue Images`` (sorted
-    by name): a seeded permutation (:func:`~diffseg_lightning.data.splits.seeded_split`, ``seed``) puts
+    by name): a seeded permutation (:func:`~diffseg_lightning.data.splits.train_val_split`, ``seed``) puts
     ``round(val_fraction * N)`` of them in ``val`` (6 of the 30 official training images by default) and
-    the rest in ``train``.
+    the rest in ``train``. With ``folds`` = k, ``val`` is fold ``fold`` of a seeded k-fold of the training
+    images and ``train`` the other folds (``val_fraction`` is then unused); ``test`` stays the official
+    one. The split depends only on the image files found (their XML present or not).
+
+    Bad cases: an image without its XML is an error naming both (any training image, whatever its split,
+    so it is found before training); so is, with crops, an image whose header cannot be read or that is
+    smaller than ``crop_size``. Under ``on_bad_case="skip"`` such a case is left out of its split and listed
+    in ``skipped`` (by the dataset of that split only). ``seen_labels`` collects the ids of the rasterised
+    instance maps (the stored label is a polygon list; at most 64 distinct ids are recorded).
+
+    Caching: with ``crop="random"`` every read of an item gives another window, so
+    ``deterministic_items`` is False and the DataModule's array cache refuses the dataset.
 
     Annotations: :func:`parse_regions` then :func:`rasterize_instances` (pixel centres inside the polygon,
     x = column; later regions win where nuclei overlap). A missing XML, one that cannot be parsed or lacks
@@ -147,8 +159,9 @@ class MoNuSeg(Dataset):
         downsizing); ``mask`` (1, H, W) float32 = ``instances > 0`` after resizing;
         ``spacing`` (2,) float32 micrometres per returned pixel (the XML's ``MicronsPerPixel`` scaled by
         the resize; NaN when the XML does not give it); ``origin`` (2,) int64 the crop's top-left
-        (row, col) in the original image ((0, 0) without crops); ``case`` (str, the image file path);
-        ``index``.
+        (row, col) in the original image ((0, 0) without crops); ``original_size`` (2,) int64 the (H, W)
+        of the stored pixels the item covers (the image, or the crop), to resize predictions back;
+        ``case`` (str, the image file path); ``index``.
 
     Args:
         root: the MoNuSeg folder (holding ``Tissue Images``, ``Annotations`` and / or ``MoNuSegTestData``),
@@ -161,11 +174,15 @@ class MoNuSeg(Dataset):
         crop: ``none``, ``random`` or ``tile`` (see above).
         crop_size: crop / tile size (H, W) or one int.
         cache: keep every rasterised instance map in memory.
+        on_bad_case: ``error`` or ``skip`` (see Bad cases).
+        folds: k for k-fold cross-validation on the training images (None: ``val_fraction``).
+        fold: the validation fold, 0 .. k - 1.
 
     Raises:
         ValueError: for an unknown split or crop, or a ``val_fraction`` outside [0, 1].
         DiffSegError: naming the file, for a missing folder, image or XML, an unreadable image or XML, a
-            wrong channel count, or a crop larger than the image.
+            wrong channel count, or a crop larger than the image (``skip`` leaves out a case whose XML is
+            missing, or whose image is unreadable or smaller than the crop when the items are laid out).
     """
 
     def __init__(
@@ -179,7 +196,11 @@ class MoNuSeg(Dataset):
         crop: str = "none",
         crop_size: int | Sequence[int] = 256,
         cache: bool = True,
+        on_bad_case: str = "error",
+        folds: int | None = None,
+        fold: int = 0,
     ) -> None:
+        super().__init__(on_bad_case)
         self.split = check_split(split)
         if crop not in CROPS:
             raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
@@ -193,6 +214,8 @@ class MoNuSeg(Dataset):
         self.crop = crop
         self.crop_size = as_size(crop_size)
         self.cache = cache
+        self.folds, self.fold = folds, fold
+        self.deterministic_items = crop != "random"  # a random crop differs on every read: not cacheable
 
         if split == "test":
             folder = self.root / TEST_FOLDER if (self.root / TEST_FOLDER).is_dir() else self.root
@@ -200,7 +223,8 @@ class MoNuSeg(Dataset):
                 raise DiffSegError(
                     f"{self.root / TEST_FOLDER}: no MoNuSeg test folder (<root>/{TEST_FOLDER}/*.tif)"
                 )
-            self.pairs = self.find_pairs(folder, folder)
+            files = self.list_images(folder)
+            pairs = self.find_pairs(files, folder, range(len(files)))
         else:
             images = self.root / TRAIN_IMAGES
             if not images.is_dir():
@@ -208,23 +232,29 @@ class MoNuSeg(Dataset):
                     f"{images}: no MoNuSeg training folder (the layout is <root>/{TRAIN_IMAGES}/*.tif with "
                     f"<root>/{TRAIN_ANNOTATIONS}/*.xml)"
                 )
-            pairs = self.find_pairs(images, self.root / TRAIN_ANNOTATIONS)
-            chosen = seeded_split(
-                len(pairs), (1.0 - float(val_fraction), float(val_fraction), 0.0), seed, split
-            )
-            self.pairs = [pairs[i] for i in chosen]
+            files = self.list_images(images)
+            chosen = train_val_split(len(files), split, float(val_fraction), seed, folds, fold)
+            pairs = self.find_pairs(files, self.root / TRAIN_ANNOTATIONS, chosen)
 
+        self.pairs: list[tuple[Path, Path]] = []
         self.items: list[tuple[int, int, int]] = []  # (pair, top, left); (pair, -1, -1): whole or random
-        for number, (image_path, _) in enumerate(self.pairs):
+        for image_path, xml in pairs:
+            number = len(self.pairs)
             if crop == "none":
+                self.pairs.append((image_path, xml))
                 self.items.append((number, 0, 0))
                 continue
-            height, width = _image_size(image_path)
-            ch, cw = self.crop_size
+            size = _image_size(image_path)
+            if isinstance(size, str):
+                self.bad_case(image_path, size)
+                continue
+            (height, width), (ch, cw) = size, self.crop_size
             if ch > height or cw > width:
-                raise DiffSegError(
-                    f"{image_path}: image of size {(height, width)} is smaller than data.crop_size {(ch, cw)}"
+                self.bad_case(
+                    image_path, f"image of size {(height, width)} is smaller than data.crop_size {(ch, cw)}"
                 )
+                continue
+            self.pairs.append((image_path, xml))
             if crop == "random":
                 self.items.append((number, -1, -1))
             else:
@@ -234,17 +264,30 @@ class MoNuSeg(Dataset):
         self._instances: dict[int, tuple[np.ndarray, float | None]] = {}
 
     @staticmethod
-    def find_pairs(images: Path, annotations: Path) -> list[tuple[Path, Path]]:
-        """Images of ``images`` (sorted) with ``annotations/<stem>.xml``; a missing XML is an error naming it."""
-        files = sorted(p for p in images.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    def list_images(folder: Path) -> list[Path]:
+        """The image files of ``folder``, sorted by name; none at all is an error naming the folder."""
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise DiffSegError(f"{images} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            raise DiffSegError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        return files
+
+    def find_pairs(
+        self, files: Sequence[Path], annotations: Path, chosen: Sequence[int]
+    ) -> list[tuple[Path, Path]]:
+        """The images ``files[i]`` for ``i`` in ``chosen`` with their ``annotations/<stem>.xml``.
+
+        An image of ``files`` without its XML is :meth:`bad_case` (under ``error`` whichever split it is
+        in; under ``skip`` it is recorded only when it is one of ``chosen``) and is left out.
+        """
+        chosen = set(chosen)
         pairs = []
-        for path in files:
+        for number, path in enumerate(files):
             xml = annotations / f"{path.stem}.xml"
             if not xml.is_file():
-                raise DiffSegError(f"{path}: no annotation {xml} (MoNuSeg pairs <id>.tif with <id>.xml)")
-            pairs.append((path, xml))
+                if number in chosen or self.on_bad_case == "error":
+                    self.bad_case(path, f"no annotation {xml} (MoNuSeg pairs <id>.tif with <id>.xml)")
+            elif number in chosen:
+                pairs.append((path, xml))
         return pairs
 
     def instances_of(self, number: int, shape: tuple[int, int]) -> tuple[np.ndarray, float | None]:
@@ -253,7 +296,7 @@ class MoNuSeg(Dataset):
             polygons, microns = parse_regions(self.pairs[number][1])
             if not self.cache:
                 self._instances.clear()
-            self._instances[number] = (rasterize_instances(polygons, shape), microns)
+            self._instances[number] = (self.note_labels(rasterize_instances(polygons, shape)), microns)
         instances, microns = self._instances[number]
         if instances.shape != shape:
             raise DiffSegError(
@@ -284,6 +327,7 @@ class MoNuSeg(Dataset):
             "mask": (out_ids > 0).float()[None],
             "spacing": scale * (microns if microns is not None else float("nan")),
             "origin": torch.tensor([top, left]),
+            "original_size": torch.tensor([h, w]),
             "case": str(image_path),
             "index": torch.tensor(index),
         }

@@ -27,10 +27,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
+from diffseg_lightning.data.base import CaseDataset
 from diffseg_lightning.data.folder import as_size, channels_first, check_channels, resize
-from diffseg_lightning.data.splits import check_split, seeded_split
+from diffseg_lightning.data.splits import check_split, pool_split, seeded_split, train_val_split
 from diffseg_lightning.utils.errors import DiffSegError
 
 TASKS = ("kidney", "brain-growth", "prostate", "brain-tumor", "pancreas", "pancreatic-lesion")
@@ -86,7 +86,7 @@ def _subtask_name(subtask: int | str | None, found: Sequence[str], where: Path) 
     return name
 
 
-class QUBIQ(Dataset):
+class QUBIQ(CaseDataset):
     """One QUBIQ task in its official layout: each item is an image, the raters' masks and their majority.
 
     Dataset: QUBIQ challenge (MICCAI 2020 / 2021), https://qubiq.grand-challenge.org.
@@ -100,14 +100,27 @@ class QUBIQ(Dataset):
     lacks (or has in excess). Rater masks must hold only 0 and 1. (The challenge page says one prostate
     case has 5 of the 6 raters: that case is reported, not silently padded or dropped.)
 
+    Bad cases: a case folder without ``image.nii.gz`` or without rater files, with two files for one
+    rater, with a rater set unlike the other cases', or whose headers do not fit (a rater shape unlike the
+    image's, an unreadable header, a wrong channel count) is an error naming it. The folder checks cover
+    every case of ``Training`` and ``Validation`` whatever the split, so they fail before training. Under
+    ``on_bad_case="skip"`` such a case is left out of its split instead and listed in ``skipped`` (by the
+    dataset of that split only), and the other cases keep their split. ``seen_labels`` collects the stored
+    rater mask values read (0 and 1).
+
     Splits (deterministic):
         - With a ``Validation`` folder: ``test`` is every ``Validation`` case (the labelled held-out set
           that QUBIQ papers report on; the challenge's test labels were not released), and ``train`` /
-          ``val`` split the ``Training`` cases by ``fractions[0] : fractions[1]`` (renormalised).
+          ``val`` split the ``Training`` cases by ``fractions[0] : fractions[1]`` (renormalised; see
+          :func:`~diffseg_lightning.data.splits.pool_split`). With ``folds`` = k, ``val`` is fold ``fold``
+          of a seeded k-fold of the ``Training`` cases and ``train`` the other folds
+          (:func:`~diffseg_lightning.data.splits.train_val_split`).
         - With ``Training`` only: ``train`` / ``val`` / ``test`` split its cases by ``fractions``
-          (default 0.7 / 0.1 / 0.2, so 14 / 2 / 4 of the 20 kidney cases).
-        - Either way the split is :func:`seeded_split` of the case folders sorted by name, by case (never
-          by slice), seeded by ``seed``.
+          (default 0.7 / 0.1 / 0.2, so 14 / 2 / 4 of the 20 kidney cases). With ``folds`` = k, ``test``
+          is fold ``fold`` of a seeded k-fold and the other folds are split into train / val by
+          ``fractions[0] : fractions[1]`` (:func:`~diffseg_lightning.data.splits.seeded_split`).
+        - Either way the split is seeded by ``seed`` over the case folders sorted by name, by case (never
+          by slice), and depends only on the case folders found (bad cases included).
 
     Array layout: the NIfTI array as stored, axis 0 = H (rows), axis 1 = W; no reorientation, the same
     for the image and the masks, so they stay aligned. A 2D image is (H, W) or (H, W, C) (C channels,
@@ -139,12 +152,16 @@ class QUBIQ(Dataset):
         window: ``"auto"``, ``[low, high]`` or None (see above).
         fractions: train / val / test shares of the cases (see Splits).
         seed: seed of the split.
+        on_bad_case: ``error`` or ``skip`` (see Bad cases).
+        folds: k for k-fold cross-validation (see Splits; None: the fraction split).
+        fold: the held-out fold, 0 .. k - 1.
 
     Raises:
         ValueError: for an unknown split or window, or fractions that are not three shares summing to 1.
         DiffSegError: naming the file or case, for a missing root / task / image / rater file, an
             inconsistent rater or sub-task set, an unreadable file, a rater mask whose shape differs from
-            the image, label values other than 0 and 1, a wrong channel count, NaN or infinite pixels.
+            the image, label values other than 0 and 1, a wrong channel count, NaN or infinite pixels
+            (``skip`` leaves out the cases whose problem shows while scanning: see Bad cases).
     """
 
     def __init__(
@@ -158,7 +175,11 @@ class QUBIQ(Dataset):
         window: str | Sequence[float] | None = "auto",
         fractions: Sequence[float] = (0.7, 0.1, 0.2),
         seed: int = 0,
+        on_bad_case: str = "error",
+        folds: int | None = None,
+        fold: int = 0,
     ) -> None:
+        super().__init__(on_bad_case)
         self.split = check_split(split)
         self.fractions = check_fractions(fractions)
         self.root = Path(root)
@@ -167,6 +188,7 @@ class QUBIQ(Dataset):
         self.size = as_size(size)
         self.channels = channels
         self.seed = seed
+        self.folds, self.fold = folds, fold
 
         folders = {name: self.task_dir / name for name in OFFICIAL_FOLDERS if (self.task_dir / name).is_dir()}
         if not folders:
@@ -177,35 +199,59 @@ class QUBIQ(Dataset):
             raise DiffSegError(
                 f"{self.task_dir}: no Training folder (the QUBIQ layout is <task>/Training/caseNN/)"
             )
+        # every case folder of both folders, each with its files and its problem ("" when usable)
         cases = {name: self.scan(folder) for name, folder in folders.items()}
         all_cases = [case for name in folders for case in cases[name]]
         if not all_cases:
             raise DiffSegError(f"{self.task_dir}: no case folders in {' or '.join(folders)}")
-        self.subtasks, rater_ids = self.check_consistency(all_cases)
+        for case_dir, _, problem in all_cases:  # under "error", the first problem in folder order
+            if problem and self.on_bad_case == "error":
+                self.bad_case(case_dir, problem)
+        usable = [case for case in all_cases if not case[2]]
+        if not usable:
+            reasons = "; ".join(f"{case_dir.name}: {problem}" for case_dir, _, problem in all_cases)
+            raise DiffSegError(f"{self.task_dir}: no usable case ({reasons})")
+        self.subtasks, rater_ids, odd = self.check_consistency(usable)
+        for case_dir, reason in odd.items():  # raises under "error"; recorded below for this split
+            if self.on_bad_case == "error":
+                self.bad_case(case_dir, reason)
         self.subtask = _subtask_name(subtask, self.subtasks, self.task_dir)
         self.raters = rater_ids[self.subtask]
 
-        if "Validation" in folders:
-            if split == "test":
-                chosen = cases["Validation"]
+        if "Validation" in folders and split == "test":
+            chosen = cases["Validation"]
+        elif "Validation" in folders:
+            training = cases["Training"]
+            train_share, val_share = self.fractions[:2]
+            if train_share + val_share <= 0:
+                raise ValueError(f"fractions {list(fractions)} leave no Training case for train or val")
+            if folds is None:
+                numbers = pool_split(list(range(len(training))), train_share, val_share, seed, split)
             else:
-                shares = self.fractions[0] + self.fractions[1]
-                if shares <= 0:
-                    raise ValueError(f"fractions {list(fractions)} leave no Training case for train or val")
-                two = (self.fractions[0] / shares, self.fractions[1] / shares, 0.0)
-                training = cases["Training"]
-                chosen = [training[i] for i in seeded_split(len(training), two, seed, split)]
+                numbers = train_val_split(len(training), split, val_share, seed, folds, fold)
+            chosen = [training[i] for i in numbers]
         else:
             training = cases.get("Training", [])
-            chosen = [training[i] for i in seeded_split(len(training), self.fractions, seed, split)]
+            chosen = [
+                training[i] for i in seeded_split(len(training), self.fractions, seed, split, folds, fold)
+            ]
 
         self.cases: list[tuple[Path, list[Path]]] = []
         self.items: list[tuple[int, int]] = []  # (case number, slice; -1 for a 2D image)
         self.spacings: list[tuple[float, float]] = []  # header pixdim of the first two axes, per case
-        for _, files in chosen:
+        for case_dir, files, problem in chosen:
+            if problem or case_dir in odd:
+                self.bad_case(case_dir, problem or odd[case_dir])
+                continue
             image_path = files["image"]
             rater_paths = [files[(self.subtask, k)] for k in self.raters]
-            slices, spacing = self.inspect(image_path, rater_paths)
+            try:
+                slices, spacing = self.inspect(image_path, rater_paths)
+            except DiffSegError as err:  # the message names the file; "skip" records it for the case
+                if self.on_bad_case == "error":
+                    raise
+                self.bad_case(case_dir, str(err))
+                continue
             self.items.extend((len(self.cases), k) for k in (range(slices) if slices else [-1]))
             self.cases.append((image_path, rater_paths))
             self.spacings.append(spacing)
@@ -246,55 +292,58 @@ class QUBIQ(Dataset):
         return low, high
 
     @staticmethod
-    def scan(folder: Path) -> list[tuple[Path, dict]]:
+    def scan(folder: Path) -> list[tuple[Path, dict, str]]:
         """The case folders of ``Training`` or ``Validation``, sorted, each with ``{"image": path,
-        (subtask, rater): path}``; a case without an image or any rater file is an error naming it."""
+        (subtask, rater): path}`` and why it cannot be used ("" when it can: it has an image, at least one
+        rater file and one file per rater)."""
         out = []
         for case_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
             files: dict = {}
-            for path in case_dir.iterdir():
+            problem = ""
+            for path in sorted(case_dir.iterdir()):
                 match = RATER_FILE.match(path.name)
                 if match:
                     key = (match.group(1), int(match.group(2)))
-                    if key in files:
-                        raise DiffSegError(
-                            f"{case_dir}: both {files[key].name} and {path.name} for one rater"
-                        )
+                    if key in files and not problem:
+                        problem = f"both {files[key].name} and {path.name} for one rater"
                     files[key] = path
                 elif path.name in IMAGE_NAMES:
                     files["image"] = path
             if "image" not in files:
-                raise DiffSegError(
-                    f"{case_dir}: no image.nii.gz (a QUBIQ case folder holds image.nii.gz "
-                    "and one taskNN_segKK.nii.gz per rater)"
+                problem = (
+                    "no image.nii.gz (a QUBIQ case folder holds image.nii.gz and one taskNN_segKK.nii.gz per "
+                    "rater)"
                 )
-            if len(files) == 1:
-                raise DiffSegError(f"{case_dir}: no rater masks (taskNN_segKK.nii.gz) beside image.nii.gz")
-            out.append((case_dir, files))
+            elif len(files) == 1:
+                problem = "no rater masks (taskNN_segKK.nii.gz) beside image.nii.gz"
+            out.append((case_dir, files, problem))
         return out
 
     @staticmethod
-    def check_consistency(cases: list[tuple[Path, dict]]) -> tuple[list[str], dict[str, list[int]]]:
-        """The sub-tasks and each one's raters, identical for every case, else an error naming the case.
+    def check_consistency(
+        cases: list[tuple[Path, dict, str]],
+    ) -> tuple[list[str], dict[str, list[int]], dict[Path, str]]:
+        """The sub-tasks and each one's raters, and the cases whose rater files differ from them.
 
-        The reference is the rater-file set most cases have; the first case that differs is reported with
-        the files it lacks and those it has in excess.
+        The reference is the rater-file set most cases have (the first such set on a tie); each case that
+        differs is returned (in case order) with the files it lacks and those it has in excess.
         """
-        sets = [frozenset(k for k in files if k != "image") for _, files in cases]
+        sets = [frozenset(k for k in files if k != "image") for _, files, _ in cases]
         reference, _ = Counter(sets).most_common(1)[0]
-        for (case_dir, _), keys in zip(cases, sets, strict=True):
+        odd = {}
+        for (case_dir, _, _), keys in zip(cases, sets, strict=True):
             if keys != reference:
                 missing, extra = reference - keys, keys - reference
                 what = "; ".join(
                     [f"missing {_names(missing)}"] * bool(missing)
                     + [f"unexpected {_names(extra)}"] * bool(extra)
                 )
-                raise DiffSegError(
-                    f"{case_dir}: {what} (the other cases have {len(reference)} rater file(s): {_names(reference)}); "
+                odd[case_dir] = (
+                    f"{what} (the other cases have {len(reference)} rater file(s): {_names(reference)}); "
                     "every case needs the same sub-tasks and raters"
                 )
         subtasks = sorted({s for s, _ in reference})
-        return subtasks, {s: sorted(r for t, r in reference if t == s) for s in subtasks}
+        return subtasks, {s: sorted(r for t, r in reference if t == s) for s in subtasks}, odd
 
     def inspect(self, image_path: Path, rater_paths: list[Path]) -> tuple[int, tuple[float, float]]:
         """(slices, spacing) from the headers (0 slices: a 2D image); checks that the raters' shapes match
@@ -334,7 +383,7 @@ class QUBIQ(Dataset):
             raise DiffSegError(f"{image_path}: image holds NaN or infinite values")
         raters = []
         for path in rater_paths:
-            rater = read_nifti_array(path)
+            rater = self.note_labels(read_nifti_array(path))
             if rater.shape != image.shape[: rater.ndim]:
                 raise DiffSegError(
                     f"{path}: rater mask of shape {rater.shape} does not match the image {image.shape}"
