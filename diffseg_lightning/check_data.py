@@ -9,6 +9,7 @@ directory, and exits 1 when there is any problem.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
@@ -23,14 +24,16 @@ from diffseg_lightning.utils import CONFIG_DIR, run_cli, user_errors
 SPLITS = ("train", "val", "test")
 
 
-def check_splits(data_cfg: DictConfig) -> dict[str, SplitReport]:
+def check_splits(data_cfg: DictConfig, splits: Sequence[str] = SPLITS) -> dict[str, SplitReport]:
     """The check report of every configured split; loaders collect every problem (``on_bad_case=skip``)."""
     data_cfg = data_cfg.copy()
     with open_dict(data_cfg):
         data_cfg.on_bad_case = "skip"  # collect every problem instead of stopping at the first
     datamodule = instantiate(data_cfg)
     reports = {}
-    for split in SPLITS:
+    for split in splits:
+        if split not in SPLITS:
+            raise ValueError(f"splits must be a subset of {list(SPLITS)}, got {split!r}")
         factory = datamodule.factories.get(split)
         if factory is None:
             continue
@@ -99,7 +102,7 @@ def as_json(reports: dict[str, SplitReport]) -> dict:
 
 def check_data(cfg: DictConfig) -> int:
     """Check, print, write ``data_report.json``; return the exit code (1 when anything is wrong)."""
-    reports = check_splits(cfg.data)
+    reports = check_splits(cfg.data, cfg.get("splits", SPLITS))
     console = Console(width=160)
     print_reports(reports, console)
     out = Path(cfg.paths.output_dir)

@@ -232,3 +232,27 @@ def test_check_data_passes_on_clean_data(tmp_path):
     sizes = [len(part) for part in split_by_fractions(10, (0.7, 0.15, 0.15), 0)]
     assert [report[s]["items"] for s in ("train", "val", "test")] == sizes
     assert report["train"]["sizes"] == {"12x16": 7} and report["train"]["annotators"] == {"1": 7}
+
+
+REAL_SUBSETS = {  # data option -> (folder under ../shared/data, extra overrides, items per split from its README)
+    "kvasir": ("kvasir-seg", [], {"train": 240, "val": 30, "test": 30}),
+    "glas": ("glas", [], {"train": 13, "val": 3, "test": 10}),
+    "drive": ("drive", [], {"train": 6, "val": 2, "test": 6}),
+    "monuseg": ("monuseg", ["splits=[test]"], {"test": 2}),  # the subset holds only MoNuSegTestData
+    "qubiq": ("qubiq/kidney", [], {"train": 14, "val": 2, "test": 4}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_SUBSETS))
+def test_check_data_passes_on_every_real_subset(name, tmp_path):
+    from conftest import shared_data
+
+    from diffseg_lightning.check_data import check_data
+
+    folder, extra, items = REAL_SUBSETS[name]
+    root = shared_data(folder)
+    cfg = compose_config("check_data", [f"data={name}", f"data.root={root}", *extra], tmp_path / "out")
+    assert check_data(cfg) == 0
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text())
+    assert {split: r["items"] for split, r in report.items()} == items
+    assert all(not r["problems"] for r in report.values())
