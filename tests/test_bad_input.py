@@ -111,21 +111,28 @@ def write_folder(root: Path, n: int, nan_image: bool = False) -> None:
         )
 
 
-def test_nan_loss_stops_and_names_the_step(tmp_path):
+def nan_folder_config(tmp_path, *extra: str):
     write_folder(tmp_path / "data", 12, nan_image=True)
-    cfg = compose_config(
-        "train",
-        [
-            *TINY_MODEL,
-            "data=folder",
-            f"data.root={tmp_path / 'data'}",
-            "data.channels=1",
-            "data.num_workers=0",
-        ],
-        tmp_path / "run",
-    )
+    overrides = [
+        *TINY_MODEL,
+        "data=folder",
+        f"data.root={tmp_path / 'data'}",
+        "data.channels=1",
+        "data.num_workers=0",
+    ]
+    return compose_config("train", [*overrides, *extra], tmp_path / "run")
+
+
+def test_nan_images_fail_the_data_check_before_training(tmp_path):
+    with pytest.raises(DiffSegError, match=r"bad case\(s\) in the train split.*c0\.tif: image holds NaN"):
+        train(nan_folder_config(tmp_path))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_nan_loss_stops_and_names_the_step(tmp_path):
+    # with the data check off, the NaN reaches the loss, and the loss guard stops the run
     with pytest.raises(NonFiniteLossError, match="at global step 0"):
-        train(cfg)
+        train(nan_folder_config(tmp_path, "data.check=false"))
 
 
 def test_channel_mismatch_fails_before_training(tmp_path):
