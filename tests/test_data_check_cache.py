@@ -142,6 +142,19 @@ def test_cache_returns_the_loaders_items_and_later_reads_decode_nothing(tmp_path
     assert again.reports["train"].annotators == {1: 8}
 
 
+def test_cache_pickles_as_its_folder_not_its_arrays(tmp_path):
+    import pickle
+
+    root = write_pairs(tmp_path / "data")
+    dm = module(root, cache_dir=str(tmp_path / "cache"))
+    dm.setup("fit")
+    cache = dm.datasets["train"]
+    payload = pickle.dumps(cache)
+    assert len(payload) < 2_000 < cache.arrays["image"].nbytes
+    copy = pickle.loads(payload)
+    assert torch.equal(copy[3]["image"], cache[3]["image"]) and copy.report.cases == cache.report.cases
+
+
 def test_cache_key_changes_with_settings_and_files(tmp_path):
     root = write_pairs(tmp_path / "data")
     base = partial(PairedFolder, root=root, split="train", size=8)

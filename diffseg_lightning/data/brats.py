@@ -19,8 +19,8 @@ import torch
 
 from diffseg_lightning.data.base import CaseDataset
 from diffseg_lightning.data.folder import as_size, resize
-from diffseg_lightning.data.qubiq import check_fractions, load_nifti
-from diffseg_lightning.data.splits import check_fold, check_split, seeded_split
+from diffseg_lightning.data.qubiq import load_nifti
+from diffseg_lightning.data.splits import check_fold, check_fractions, check_split, seeded_split
 from diffseg_lightning.utils.errors import DiffSegError
 
 NAMINGS = ("auto", "2021", "2023")

@@ -179,6 +179,14 @@ class ArrayCache(Dataset):
             )
         self.report.cases = list(dict.fromkeys(self.strings.get("case", [])))
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled (ddp_spawn, spawned DataLoader workers) as its folder, not as copies of the arrays.
+        return {"folder": self.folder, "report": self.report}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["folder"])
+        self.report = state["report"]
+
     @staticmethod
     def exists(folder: Path) -> bool:
         return (folder / META).is_file()

@@ -42,8 +42,7 @@ from diffseg_lightning.data.folder import (
     read_label_map,
     resize,
 )
-from diffseg_lightning.data.qubiq import check_fractions
-from diffseg_lightning.data.splits import SPLITS, check_fold, check_split, seeded_split
+from diffseg_lightning.data.splits import SPLITS, check_fold, check_fractions, check_split, seeded_split
 from diffseg_lightning.utils.errors import DiffSegError
 
 FORMATS = ("auto", "pickle", "png")

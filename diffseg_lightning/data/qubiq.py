@@ -30,7 +30,13 @@ import torch
 
 from diffseg_lightning.data.base import CaseDataset
 from diffseg_lightning.data.folder import as_size, channels_first, check_channels, resize
-from diffseg_lightning.data.splits import check_split, pool_split, seeded_split, train_val_split
+from diffseg_lightning.data.splits import (
+    check_fractions,
+    check_split,
+    pool_split,
+    seeded_split,
+    train_val_split,
+)
 from diffseg_lightning.utils.errors import DiffSegError
 
 TASKS = ("kidney", "brain-growth", "prostate", "brain-tumor", "pancreas", "pancreatic-lesion")
@@ -44,14 +50,6 @@ SPLITS = ("train", "val", "test")
 IMAGE_NAMES = ("image.nii.gz", "image.nii")
 RATER_FILE = re.compile(r"^(task\d+)_seg(\d+)\.nii(\.gz)?$")
 OFFICIAL_FOLDERS = ("Training", "Validation")
-
-
-def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
-    """Three non-negative train / val / test shares that sum to 1, else a ``ValueError``."""
-    values = tuple(float(f) for f in fractions)
-    if len(values) != 3 or abs(sum(values) - 1.0) > 1e-6 or min(values) < 0:
-        raise ValueError(f"fractions must be three non-negative shares summing to 1, got {list(fractions)}")
-    return values  # type: ignore[return-value]
 
 
 def load_nifti(path: Path) -> nib.Nifti1Image:

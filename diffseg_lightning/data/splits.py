@@ -17,6 +17,14 @@ def check_split(split: str, splits: Sequence[str] = SPLITS, name: str = "") -> s
     return split
 
 
+def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+    """Three non-negative train / val / test shares that sum to 1, else a ``ValueError``."""
+    values = tuple(float(f) for f in fractions)
+    if len(values) != 3 or abs(sum(values) - 1.0) > 1e-6 or min(values) < 0:
+        raise ValueError(f"fractions must be three non-negative shares summing to 1, got {list(fractions)}")
+    return values  # type: ignore[return-value]
+
+
 def split_by_fractions(count: int, fractions: Sequence[float], seed: int) -> list[list[int]]:
     """Partition ``range(count)`` into ``len(fractions)`` sorted index lists by a seeded shuffle.
 
