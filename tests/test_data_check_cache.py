@@ -167,6 +167,31 @@ def test_cache_key_changes_with_settings_and_files(tmp_path):
     assert folder != cache_folder(tmp_path, "train", base)
 
 
+def test_cache_key_covers_every_path_argument_symlinked_folders_and_the_loader_code(tmp_path, monkeypatch):
+    from diffseg_lightning.data import cache as cache_module
+
+    root = write_pairs(tmp_path / "data")
+    splits = tmp_path / "elsewhere" / "splits.json"
+    splits.parent.mkdir()
+    splits.write_text("[1]")
+    keyed = partial(PairedFolder, root=root, split="train", splits_file=str(splits))
+    before = cache_folder(tmp_path, "train", keyed)
+    splits.write_text("[2, 3]")  # a file outside root that an argument names
+    assert cache_folder(tmp_path, "train", keyed) != before
+
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "images").symlink_to(root / "images")
+    by_link = partial(PairedFolder, root=linked, split="train")
+    before = cache_folder(tmp_path, "train", by_link)
+    Image.fromarray(np.zeros((12, 16, 3), np.uint8)).save(root / "images" / "c0.png")
+    after = cache_folder(tmp_path, "train", by_link)
+    assert after != before
+
+    monkeypatch.setattr(cache_module, "source_digest", lambda func: "another loader version")
+    assert cache_folder(tmp_path, "train", by_link) != after
+
+
 def test_cache_refuses_items_of_different_shapes(tmp_path):
     root = write_pairs(tmp_path / "data", n=2)
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(root / "images" / "c1.png")
@@ -189,9 +214,12 @@ def test_cache_refuses_datasets_with_random_reads(tmp_path):
         def __getitem__(self, i):
             return {"image": torch.rand(1, 4, 4), "case": "a", "index": torch.tensor(i)}
 
-    dm = SegmentationDataModule(train=RandomCrops, cache_dir=str(tmp_path))
+    dm = SegmentationDataModule(train=partial(RandomCrops), cache_dir=str(tmp_path))
     with pytest.raises(DiffSegError, match="caching would freeze"):
         dm.setup("fit")
+    unkeyed = SegmentationDataModule(train=RandomCrops, cache_dir=str(tmp_path))  # no readable settings
+    with pytest.raises(DiffSegError, match="needs each split given as a loader with its arguments"):
+        unkeyed.setup("fit")
 
 
 # ---------------------------------------------------------------------------------- splits.json and CLI
@@ -269,3 +297,15 @@ def test_check_data_passes_on_every_real_subset(name, tmp_path):
     report = json.loads((tmp_path / "out" / "data_report.json").read_text())
     assert {split: r["items"] for split, r in report.items()} == items
     assert all(not r["problems"] for r in report.values())
+
+
+def test_label_values_are_recorded_by_the_check_pass_only(tmp_path):
+    root = write_pairs(tmp_path)
+    dm = module(root)
+    dm.setup("fit")
+    dataset = dm.datasets["train"]
+    assert dm.reports["train"].labels == [0, 255] and dataset.seen_labels == {0, 255}
+    assert dataset.recording is False  # training reads skip the np.unique
+    dataset.seen_labels.clear()
+    dataset[0]
+    assert dataset.seen_labels == set()

@@ -12,8 +12,8 @@ from conftest import compose_config
 from hydra.utils import instantiate
 from PIL import Image
 
-from diffseg_lightning.data.folder import read_image, resize
-from diffseg_lightning.data.isic import ISIC, ISIC_LAYOUT, present_values, read_jpeg
+from diffseg_lightning.data.folder import present_values, read_image, resize
+from diffseg_lightning.data.isic import ISIC, ISIC_LAYOUT, read_jpeg
 from diffseg_lightning.data.splits import kfold, split_by_fractions
 from diffseg_lightning.utils.errors import DiffSegError
 

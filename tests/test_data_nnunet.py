@@ -311,8 +311,11 @@ def test_splits_final_json_and_labelled_test_set(tmp_path):
         for path in (root / folder).iterdir():
             path.unlink()
         (root / folder).rmdir()
+    with pytest.raises(DiffSegError, match="no labelsTs/.*set data.test_from_val=true"):
+        NNUNetRaw(root, "test", channels=2, splits_file=str(elsewhere))
     with pytest.warns(UserWarning, match="the test split is fold 0's val cases"):
-        assert NNUNetRaw(root, "test", channels=2, splits_file=str(elsewhere)).case_ids == ["prostate_00"]
+        test = NNUNetRaw(root, "test", channels=2, splits_file=str(elsewhere), test_from_val=True)
+        assert test.case_ids == ["prostate_00"]
 
 
 def test_predict_split_is_unlabelled_images_ts(tmp_path):
@@ -353,3 +356,14 @@ def test_a_batch_through_the_hydra_config(tmp_path):
     assert batch["image"].shape == (16, 1, 128, 128) and batch["mask"].shape == (16, 1, 128, 128)
     assert batch["spacing"].shape == (16, 2) and set(batch["mask"].unique().tolist()) <= {0.0, 1.0}
     assert len(set(batch["case"])) == 16  # one item per slice, each named by file and slice
+
+
+def test_a_malformed_dataset_json_entry_names_the_file(tmp_path):
+    root = write_v2_nifti(tmp_path)
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["dataset"] = {"prostate_00": {"label": "labelsTr/prostate_00.nii.gz"}}  # no "images"
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        DiffSegError, match=r"dataset\.json: malformed nnU-Net dataset\.json \(KeyError: 'images'\)"
+    ):
+        NNUNetRaw(root, "train", channels=2)

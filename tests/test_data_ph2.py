@@ -32,7 +32,7 @@ CASES = {
     "IMD437": (2, "Melanoma"),
 }
 RGB_MASK = "IMD058"  # stored as 24-bit RGB with equal channels, as at least one mask of the release
-ONE_BIT_MASK = "IMD101"  # stored 0/1 (1-bit BMP)
+ONE_BIT_MASK = "IMD101"  # stored as a 1-bit BMP (grey values 0 / 255)
 SHAPE = (28, 36)  # (H, W); the release's are about 560 x 768
 HEADER = (
     "||   Name || Histological Diagnosis || Clinical Diagnosis || Asymmetry | Pigment Network | "
@@ -79,7 +79,7 @@ def write_ph2(root: Path) -> dict[str, np.ndarray]:
         if name == RGB_MASK:
             stored = Image.fromarray(mask).convert("RGB")
         elif name == ONE_BIT_MASK:
-            stored = Image.fromarray(mask > 0)  # mode "1": read back as 0/1
+            stored = Image.fromarray(mask > 0)  # mode "1": its grey values are 0 / 255
         else:
             stored = Image.fromarray(mask)
         stored.save(case / f"{name}_lesion" / f"{name}_lesion.bmp")
@@ -173,7 +173,7 @@ def test_items_masks_and_labels(tmp_path):
         assert torch.equal(item["mask"][0], torch.from_numpy(truth[name]).float())  # RGB and 0/1 masks too
         assert item["label"].dtype == torch.int64 and int(item["label"]) == CASES[name][0]
         assert item["original_size"].tolist() == list(SHAPE) and int(item["index"]) == i
-    assert data.seen_labels == {0, 1, 255}  # 0/255 masks and the 0/1 one
+    assert data.seen_labels == {0, 255}  # grey values: the 1-bit mask reads as 0 / 255 too
     assert data.records["IMD016"].histology == "Dermal Nevus"
     resized = PH2(tmp_path / "PH2Dataset", "train", size=(14, 18), fractions=(1.0, 0.0, 0.0))[0]
     assert resized["image"].shape == (3, 14, 18)
@@ -250,7 +250,7 @@ def test_corrupt_files_and_bad_masks_name_the_file(tmp_path):
         DiffSegError, match=rf"{second}_lesion\.bmp: unexpected label value\(s\) 128; .*\[0, 255\]"
     ):
         data[1]
-    with pytest.raises(DiffSegError, match=rf"{third}_lesion\.bmp: expected a grey or palette label image"):
+    with pytest.raises(DiffSegError, match=rf"{third}_lesion\.bmp: expected a grey label image"):
         data[2]
     with pytest.raises(DiffSegError, match=rf"{fourth}_lesion\.bmp: mask size \(7, 5\) .*differs"):
         data[3]
@@ -298,3 +298,17 @@ def test_hydra_config_loads_a_batch(tmp_path):
     assert batch["image"].shape == (4, 3, 16, 16) and batch["mask"].shape == (4, 1, 16, 16)
     assert batch["label"].dtype == torch.int64 and set(batch["label"].tolist()) <= {0, 1, 2}
     assert set(batch["mask"].unique().tolist()) == {0.0, 1.0}
+
+
+def test_a_palette_mask_reads_by_its_grey_values_not_its_indices(tmp_path):
+    """A mask whose palette is [white, black] stores index 1 for the black background: reading indices would
+    invert the lesion; reading grey values cannot."""
+    truth = write_ph2(tmp_path)
+    name = next(iter(CASES))
+    path = tmp_path / "PH2Dataset" / "PH2 Dataset images" / name / f"{name}_lesion" / f"{name}_lesion.bmp"
+    inverted = Image.fromarray((truth[name] == 0).astype(np.uint8), mode="P")  # index 0 = lesion
+    inverted.putpalette([255, 255, 255, 0, 0, 0] + [0, 0, 0] * 254)  # index 0 white, index 1 black
+    inverted.save(path)
+    data = PH2(tmp_path, "train", size=None, fractions=(1.0, 0.0, 0.0))
+    item = data[names(data).index(name)]
+    assert torch.equal(item["mask"][0], torch.from_numpy(truth[name]).float())

@@ -41,6 +41,9 @@ class CaseDataset(Dataset):
         self.on_bad_case = check_policy(on_bad_case)
         self.skipped: list[tuple[str, str]] = []
         self.seen_labels: set[int | float] = set()
+        # The check pass reads every item once and then turns this off, so training reads (every epoch, in
+        # every worker) skip the np.unique that only the data report needs.
+        self.recording = True
 
     def bad_case(self, path: str | Path, reason: str) -> None:
         """Report an unusable case found while scanning: raise (``error``) or record it (``skip``)."""
@@ -49,8 +52,9 @@ class CaseDataset(Dataset):
         self.skipped.append((str(path), reason))
 
     def note_labels(self, labels: np.ndarray) -> np.ndarray:
-        """Record the distinct stored values of a label array (for the data report); returns it unchanged."""
-        if len(self.seen_labels) < MAX_RECORDED_LABELS:
+        """Record the distinct stored values of a label array (for the data report) while ``recording``;
+        returns it unchanged."""
+        if self.recording and len(self.seen_labels) < MAX_RECORDED_LABELS:
             values = np.unique(labels)
             for value in values[: MAX_RECORDED_LABELS - len(self.seen_labels)].tolist():
                 self.seen_labels.add(int(value) if float(value).is_integer() else value)  # 255.0 -> 255

@@ -15,11 +15,15 @@ the item's input dict, not the loader's settings, and cannot memory-map fields.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
+import inspect
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from diffseg_lightning.data import base as base_module
+from diffseg_lightning.data import folder as folder_module
 from diffseg_lightning.data.check import SplitReport, as_row
 from diffseg_lightning.utils.errors import DiffSegError
 
@@ -36,36 +42,75 @@ COUNTERS = ("sizes", "spacings", "annotators")  # SplitReport fields kept with t
 
 
 def fingerprint(root: str | Path | None) -> list[tuple[str, int, int]]:
-    """``(relative path, size, mtime_ns)`` of every file under ``root`` (sorted); [] without a root."""
-    if root is None or not Path(root).exists():
+    """``(relative path, size, mtime_ns)`` of every file under ``root`` (sorted, symlinks followed); [] when
+    ``root`` is not an existing path."""
+    if root is None or not isinstance(root, (str, Path)) or not Path(root).exists():
         return []
     root = Path(root)
     if root.is_file():
         stat = root.stat()
         return [(root.name, stat.st_size, stat.st_mtime_ns)]
     out = []
-    for folder, _, files in os.walk(root):
+    for folder, _, files in os.walk(root, followlinks=True):
         for name in files:
             stat = os.stat(os.path.join(folder, name))
             out.append((os.path.relpath(os.path.join(folder, name), root), stat.st_size, stat.st_mtime_ns))
     return sorted(out)
 
 
+def names_a_path(key: str, value: Any) -> bool:
+    """``root``, or a string argument that looks like a path (``splits_file=/data/splits_final.json``)."""
+    return key == "root" or (isinstance(value, (str, Path)) and os.sep in str(value))
+
+
+def source_digest(func: Any) -> str:
+    """A hash of the code that makes the items: the loader's module and the shared data helpers, so that a
+    fixed or changed loader never reads items an older version cached."""
+    modules = {inspect.getmodule(func), folder_module, base_module}
+    digest = hashlib.sha1()
+    for path in sorted(str(inspect.getsourcefile(m)) for m in modules if m is not None):
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()
+
+
 def cache_folder(cache_dir: str | Path, split: str, factory: Any) -> Path:
-    """``<cache_dir>/<Loader>-<split>-<hash>`` for a dataset factory (a ``functools.partial`` from Hydra)."""
-    if isinstance(factory, functools.partial):
-        func, settings = factory.func, {**dict(enumerate(factory.args)), **factory.keywords}
-    else:  # any other zero-argument callable: its qualified name is all we know
-        func, settings = factory, {}
-    name = f"{func.__module__}.{getattr(func, '__qualname__', repr(func))}"
+    """``<cache_dir>/<Loader>-<split>-<hash>`` for a dataset factory (a ``functools.partial`` from Hydra).
+
+    The hash covers the loader's class and code, every argument, and the files under every argument that
+    names an existing path (``root``, and e.g. nnU-Net's ``splits_file``).
+
+    Raises:
+        DiffSegError: for a factory that is not a ``functools.partial``: its settings cannot be read, so a
+            cache of it could not tell two configurations apart.
+    """
+    if not isinstance(factory, functools.partial):
+        raise DiffSegError(
+            f"data.cache_dir needs each split given as a loader with its arguments (a Hydra partial), got {factory!r}"
+        )
+    func, settings = factory.func, {**dict(enumerate(factory.args)), **factory.keywords}
+    items = sorted(settings.items(), key=lambda kv: str(kv[0]))
     key = {
         "version": CACHE_VERSION,
-        "loader": name,
-        "settings": {str(k): repr(v) for k, v in sorted(settings.items(), key=lambda kv: str(kv[0]))},
-        "files": fingerprint(settings.get("root")),
+        "loader": f"{func.__module__}.{getattr(func, '__qualname__', repr(func))}",
+        "code": source_digest(func),
+        "settings": {str(k): repr(v) for k, v in items},
+        "files": {str(k): fingerprint(v) for k, v in items if names_a_path(str(k), v)},
     }
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cache_dir).expanduser() / f"{getattr(func, '__name__', 'dataset')}-{split}-{digest}"
+
+
+@contextmanager
+def build_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<folder>.lock`` while one process builds the cache: the other DDP ranks of
+    the node wait for it, then read the published folder instead of building their own copy."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class CacheWriter:

@@ -11,8 +11,7 @@ import pydicom
 import torch
 
 from diffseg_lightning.data.base import CaseDataset
-from diffseg_lightning.data.folder import as_size, check_channels, check_same_size, resize
-from diffseg_lightning.data.refuge import read_grey
+from diffseg_lightning.data.folder import as_size, check_channels, check_same_size, read_grey, resize
 from diffseg_lightning.data.splits import check_split, seeded_split
 from diffseg_lightning.utils.errors import DiffSegError
 

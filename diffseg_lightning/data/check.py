@@ -18,8 +18,9 @@ from torch.utils.data import Dataset
 
 from diffseg_lightning.utils.errors import DiffSegError
 
-# What a bad case raises while its files are read; anything else is a bug and propagates.
-READ_ERRORS = (DiffSegError, OSError, ValueError, EOFError)
+# What a bad case raises while its files are read (loaders wrap library errors in DiffSegError, naming the
+# file); anything else, ValueError included, is a bug and propagates instead of being skipped.
+READ_ERRORS = (DiffSegError, OSError, EOFError)
 SHOWN_PROBLEMS = 5
 
 
@@ -106,6 +107,8 @@ def check_dataset(
         good.append(index)
         if on_item is not None:
             on_item(index, item)
+    if hasattr(dataset, "recording"):
+        dataset.recording = False  # recorded once for the report: later (training) reads skip it
     seen = getattr(dataset, "seen_labels", None)
     report.labels = sorted(seen) if seen else []
     return good, report

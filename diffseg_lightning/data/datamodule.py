@@ -14,7 +14,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from diffseg_lightning.data.base import check_policy
-from diffseg_lightning.data.cache import ArrayCache, CacheWriter, cache_folder
+from diffseg_lightning.data.cache import ArrayCache, CacheWriter, build_lock, cache_folder
 from diffseg_lightning.data.check import SplitReport, check_dataset
 from diffseg_lightning.utils.errors import DiffSegError
 
@@ -113,26 +113,18 @@ class SegmentationDataModule(L.LightningDataModule):
         """The split's dataset: from its cache when one matches, else built, checked (and cached)."""
         factory = self.factories[split]
         checked = split != "predict" and (self.check or self.cache_dir is not None)
-        folder = cache_folder(self.cache_dir, split, factory) if checked and self.cache_dir else None
-        if folder is not None and ArrayCache.exists(folder):
-            dataset = ArrayCache(folder)
-            report = dataset.report
+        if not checked:
+            return factory()
+        if self.cache_dir is None:
+            dataset, report = self.checked(split, factory(), None)
         else:
-            dataset = factory()
-            if not checked:
-                return dataset
-            if folder is not None and not getattr(dataset, "deterministic_items", True):
-                raise DiffSegError(
-                    f"data.cache_dir: the {split} split of {type(dataset).__name__} draws random crops or "
-                    "augmentations per read; caching would freeze one draw. Set data.cache_dir=null"
-                )
-            writer = CacheWriter(folder, len(dataset)) if folder is not None else None
-            good, report = check_dataset(dataset, split, writer.add if writer else None)
-            self.enforce(report)
-            if writer is not None:
-                dataset = writer.finish(report)
-            elif len(good) < len(dataset):
-                dataset = Subset(dataset, good)
+            folder = cache_folder(self.cache_dir, split, factory)
+            with build_lock(folder):  # one process of the node builds; the others then read its cache
+                if ArrayCache.exists(folder):
+                    dataset = ArrayCache(folder)
+                    report = dataset.report
+                else:
+                    dataset, report = self.checked(split, factory(), folder)
         report.split = split
         if report.problems:
             rank_zero_warn(
@@ -141,6 +133,21 @@ class SegmentationDataModule(L.LightningDataModule):
             )
         self.reports[split] = report
         return dataset
+
+    def checked(self, split: str, dataset: Dataset, folder: Path | None) -> tuple[Dataset, SplitReport]:
+        """Run the check pass over ``dataset``; return the clean items (cached in ``folder`` when given)."""
+        if folder is not None and not getattr(dataset, "deterministic_items", True):
+            raise DiffSegError(
+                f"data.cache_dir: the {split} split of {type(dataset).__name__} draws random crops or "
+                "augmentations per read; caching would freeze one draw. Set data.cache_dir=null"
+            )
+        writer = CacheWriter(folder, len(dataset)) if folder is not None else None
+        good, report = check_dataset(dataset, split, writer.add if writer else None)
+        report.split = split
+        self.enforce(report)
+        if writer is not None:
+            return writer.finish(report), report
+        return (dataset if len(good) == len(dataset) else Subset(dataset, good)), report
 
     def enforce(self, report: SplitReport) -> None:
         """Raise under ``on_bad_case=error`` when the check found problems (all counted, five named)."""

@@ -38,8 +38,8 @@ from diffseg_lightning.data.folder import (
     as_size,
     check_channels,
     check_same_size,
+    read_grey,
     read_image,
-    read_label_map,
     resize,
 )
 from diffseg_lightning.data.splits import SPLITS, check_fold, check_fractions, check_split, seeded_split
@@ -441,7 +441,7 @@ class LIDC(CaseDataset):
         image = check_channels(read_image(image_path), self.channels, image_path)
         out = []
         for path in gt_paths:
-            raw = read_label_map(path)
+            raw = read_grey(path)
             self.note_labels(raw)
             self.check_labels(raw, PNG_MASK_VALUES, path, "expected mask values")
             check_same_size(path, raw.shape, image_path, image.shape)

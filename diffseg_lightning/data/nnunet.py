@@ -74,6 +74,16 @@ def _label_values(value, where: Path, name: str) -> tuple[int, ...]:
 
 
 def read_dataset_json(path: Path) -> DatasetJson:
+    """:func:`parse_dataset_json`, with a malformed entry (a missing key, a wrong type) named as the file's."""
+    try:
+        return parse_dataset_json(path)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise DiffSegError(
+            f"{path}: malformed nnU-Net dataset.json ({type(err).__name__}: {err}); see the v1 / v2 layouts"
+        ) from None
+
+
+def parse_dataset_json(path: Path) -> DatasetJson:
     """Parse an nnU-Net ``dataset.json``, v2 (``channel_names``, ``labels`` name -> value, ``file_ending``)
     or v1 (``modality``, ``labels`` value -> name, ``training`` list of ``{image, label}``).
 
@@ -181,11 +191,11 @@ class NNUNetRaw(CaseDataset):
           ``fractions[0] : fractions[1]`` (or k-fold: ``val`` = fold ``fold``); otherwise ``train`` /
           ``val`` / ``test`` are :func:`~diffseg_lightning.data.splits.seeded_split` of the training cases
           (sorted ids) by ``fractions``, or k-fold with ``test`` = fold ``fold``.
-        - ``test`` = imagesTs + labelsTs when labelsTs exists. With a splits file and no labelsTs, ``test`` is
-          the fold's ``val`` cases (nnU-Net's cross-validation protocol), with a warning: the splits file
-          leaves no other case, and ``diffseg-train`` builds every split before training, so an error here
-          would block training itself. Those results are optimistic (the best checkpoint is chosen on the
-          same cases); report them as cross-validation.
+        - ``test`` = imagesTs + labelsTs when labelsTs exists. With a splits file and no labelsTs there is
+          no held-out labelled case: the test split is an error that says so, unless ``test_from_val``
+          makes it the fold's ``val`` cases (nnU-Net's cross-validation protocol, with a warning). Those
+          results are optimistic (the best checkpoint is chosen on the same cases): report them as
+          cross-validation. (``diffseg-train test=false`` trains without a test split.)
         - ``predict`` = every imagesTs case, unlabelled.
 
     Intensities: as stored, clipped to ``window`` when given (e.g. a CT window in HU); the DataModule
@@ -211,6 +221,7 @@ class NNUNetRaw(CaseDataset):
         fractions: train / val / test shares (see Splits).
         seed: seed of the split.
         splits_file: path to a ``splits_final.json``; None looks beside dataset.json.
+        test_from_val: with a splits file and no labelsTs/, make the test split the fold's val cases.
         on_bad_case: ``error`` or ``skip``: a case missing a channel file or its label (or with files whose
             shapes differ) is raised naming the expected file, or left out and listed in ``skipped``.
         folds: k for k-fold cross-validation (see Splits).
@@ -236,11 +247,13 @@ class NNUNetRaw(CaseDataset):
         fractions: Sequence[float] = (0.7, 0.1, 0.2),
         seed: int = 0,
         splits_file: str | Path | None = None,
+        test_from_val: bool = False,
         on_bad_case: str = "error",
         folds: int | None = None,
         fold: int = 0,
     ) -> None:
         super().__init__(on_bad_case)
+        self.test_from_val = bool(test_from_val)
         self.split = check_split(split, NNUNET_SPLITS, "NNUNetRaw")
         if empty_slices not in EMPTY_SLICES:
             raise ValueError(f"NNUNetRaw: empty_slices must be one of {EMPTY_SLICES}, got {empty_slices!r}")
@@ -399,6 +412,12 @@ class NNUNetRaw(CaseDataset):
             if not 0 <= self.fold < len(splits):
                 raise ValueError(
                     f"NNUNetRaw: data.fold must lie in [0, {len(splits)}) for {self.splits_path}"
+                )
+            if split == "test" and not self.test_from_val:
+                raise DiffSegError(
+                    f"{self.root}: no labelsTs/, and {self.splits_path.name} leaves no labelled case outside "
+                    f"fold {self.fold}'s train / val: set data.test_from_val=true to score its val cases "
+                    "(cross-validation; optimistic, the best checkpoint is chosen on them), or train with test=false"
                 )
             if split == "test":  # no labelsTs: nnU-Net's cross-validation protocol, the fold's val cases
                 warnings.warn(

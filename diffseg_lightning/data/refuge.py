@@ -2,9 +2,7 @@
 framework for evaluating automated methods for glaucoma assessment from fundus photographs", Medical Image
 Analysis 2020).
 
-Also home of two small readers other loaders may share: :func:`read_grey` (the grey VALUES of a label image,
-whatever its storage: palette BMP, "L", "1", grey stored as RGB) and :func:`read_table` (the rows of a CSV
-or XLSX sheet, the latter with the standard library only).
+Also home of :func:`read_table` (the rows of a CSV or XLSX sheet, the latter with the standard library only).
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from diffseg_lightning.data.base import CaseDataset
-from diffseg_lightning.data.folder import as_size, check_channels, check_same_size, resize
+from diffseg_lightning.data.folder import as_size, check_channels, check_same_size, read_grey, resize
 from diffseg_lightning.data.splits import check_split, train_val_split
 from diffseg_lightning.utils.errors import DiffSegError
 
@@ -39,39 +37,6 @@ _CELL = re.compile(r"^([A-Z]+)\d*$")
 
 
 # ------------------------------------------------------------------------------------------ shared readers
-def read_grey(path: Path) -> np.ndarray:
-    """A label image's grey VALUES as uint8 (H, W), however the file stores them.
-
-    An 8-bit BMP always carries a colour table: PIL reads it as "L" when that table is the identity grey
-    ramp, but as "P" (palette INDICES) otherwise, e.g. a 3-entry table [0, 128, 255] gives indices 0, 1, 2.
-    So palette images are looked up in their palette here (unlike
-    :func:`~diffseg_lightning.data.folder.read_label_map`, which keeps indices on purpose), "1" images
-    become 0 / 255, and RGB(A) is accepted when its colour channels are equal.
-
-    Raises:
-        DiffSegError: naming the file when it is missing, unreadable, holds colour or more than 8 bits.
-    """
-    try:
-        with Image.open(path) as img:
-            if img.mode in ("P", "PA", "1"):
-                img = img.convert("RGB")
-            array = np.asarray(img)
-    except FileNotFoundError:
-        raise DiffSegError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DiffSegError(f"{path}: not a readable image ({err})") from None
-    if array.ndim == 3:
-        colour = array[..., :3]
-        if not (
-            np.array_equal(colour[..., 0], colour[..., 1]) and np.array_equal(colour[..., 0], colour[..., 2])
-        ):
-            raise DiffSegError(f"{path}: expected a grey label image, found colour")
-        array = colour[..., 0]
-    if array.dtype != np.uint8:
-        raise DiffSegError(f"{path}: expected an 8-bit grey label image, found {array.dtype}")
-    return array
-
-
 def _column(ref: str) -> int:
     """``"C7"`` -> 2."""
     match = _CELL.match(ref or "")
@@ -473,4 +438,4 @@ class REFUGE(CaseDataset):
         }
 
 
-__all__ = ["MASK_VALUES", "REFUGE", "TARGETS", "UNKNOWN_LABEL", "find_folder", "read_grey", "read_table"]
+__all__ = ["MASK_VALUES", "REFUGE", "TARGETS", "UNKNOWN_LABEL", "find_folder", "read_table"]
