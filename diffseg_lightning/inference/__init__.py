@@ -1,13 +1,24 @@
-"""Multi-sample inference: batched sampling, fusion of the S samples, uncertainty maps."""
+"""Multi-sample inference: batched sampling, fusion of the S samples (mean, vote, STAPLE, MB-Diff's evolution
+fusion), uncertainty maps."""
 
-from diffseg_lightning.inference.fusion import Fusion, fuse_samples, staple
+from diffseg_lightning.inference.fusion import (
+    Fusion,
+    check_learned_variance,
+    evolution_fusion,
+    final_step_log_variance,
+    fuse_samples,
+    staple,
+)
 from diffseg_lightning.inference.sampler import DiffusionSampler, describe_samples, repeat_condition
 from diffseg_lightning.inference.uncertainty import mutual_information, predictive_entropy, sample_std
 
 __all__ = [
     "DiffusionSampler",
     "Fusion",
+    "check_learned_variance",
     "describe_samples",
+    "evolution_fusion",
+    "final_step_log_variance",
     "fuse_samples",
     "mutual_information",
     "predictive_entropy",

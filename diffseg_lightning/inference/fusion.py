@@ -1,14 +1,21 @@
-"""Fusion of S sampled masks into one prediction: mean, majority vote, STAPLE.
+"""Fusion of S sampled masks into one prediction: mean, majority vote, STAPLE, MB-Diff's evolution fusion.
 
 STAPLE is the expectation-maximisation label fusion of Warfield, Zou & Wells, "Simultaneous truth and
 performance level estimation (STAPLE): an algorithm for the validation of image segmentation", IEEE
 Transactions on Medical Imaging 23(7):903-921, 2004. The released MedSegDiff code calls a one-iteration
 mean of the samples "STAPLE"; :func:`staple` runs the EM loop to convergence instead.
+
+The evolution-uncertainty fusion is that of MB-Diff: Wang, Yang, Zhou & Wang, "Medical Boundary Diffusion Model
+for Skin Lesion Segmentation", MICCAI 2023 (:func:`evolution_fusion`). It needs the mean and the learned
+log-variance of the final reverse step of every sample, so the sampler computes them
+(:func:`final_step_log_variance`) and :func:`fuse_samples` refuses it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
+from typing import Any
 
 import torch
 
@@ -21,11 +28,16 @@ class Fusion(str, Enum):
     (threshold 0.5 is the majority vote).
     STAPLE: binarise every sample at 0.5, fuse the S binary masks with :func:`staple` (Warfield et al.,
     IEEE TMI 2004), and threshold its foreground probability W.
+    EVOLUTION: MB-Diff's evolution-uncertainty fusion (Wang et al., MICCAI 2023; :func:`evolution_fusion`):
+    ``y_i = mu_i + exp(Sigma_i / 2) z_i`` from the mean and learned log-variance of every sample's final
+    step, fused as ``sum_i y_i >= tau``. Only :class:`~diffseg_lightning.inference.DiffusionSampler` can run
+    it (it needs the kernel's learned variance, not just the samples).
     """
 
     MEAN = "mean"
     VOTE = "vote"
     STAPLE = "staple"
+    EVOLUTION = "evolution"
 
     @classmethod
     def parse(cls, value: str | Fusion) -> Fusion:
@@ -49,8 +61,17 @@ def fuse_samples(
     Returns:
         ``(probability, mask)``: the fused soft map (B, C, H, W) and its binary mask (B, C, H, W) float.
         For ``staple`` the soft map is STAPLE's posterior foreground probability W (:func:`staple`).
+
+    Raises:
+        ValueError: an unknown fusion, or ``evolution``, which needs more than the samples
+            (:func:`evolution_fusion`; the sampler runs it).
     """
     fusion = Fusion.parse(fusion)
+    if fusion is Fusion.EVOLUTION:
+        raise ValueError(
+            "fusion 'evolution' needs the mean and learned log-variance of every sample's final step, not just "
+            "the samples: use DiffusionSampler(fusion='evolution') or evolution_fusion()"
+        )
     if fusion is Fusion.MEAN:
         probability = samples.mean(dim=1)
     elif fusion is Fusion.VOTE:
@@ -176,3 +197,124 @@ def staple(
 
     w = torch.where(degenerate.unsqueeze(-1), w0, w)
     return w.reshape(b, c, *spatial).to(out_dtype)
+
+
+def check_learned_variance(kernel: object) -> None:
+    """Refuse a kernel without a learned variance for the evolution fusion, with the fix in the message.
+
+    Raises:
+        ValueError: ``kernel.learn_variance`` is missing or false (e.g. the Bernoulli kernel, or the Gaussian
+            kernel without ``learn_variance=True``).
+    """
+    if not getattr(kernel, "learn_variance", False):
+        raise ValueError(
+            f"fusion 'evolution' (MB-Diff's evolution-uncertainty fusion) needs a kernel with a learned variance, "
+            f"but {type(kernel).__name__} has none (learn_variance="
+            f"{getattr(kernel, 'learn_variance', 'absent')}); train and sample with "
+            f"noise=gaussian noise.learn_variance=true, or choose another fusion (sampler.fusion=mean|vote|staple)"
+        )
+
+
+def final_step_log_variance(
+    kernel: Any, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    """The learned log-variance ``Sigma`` of the reverse step at ``t``, from the network output already computed.
+
+    Improved DDPM (Nichol & Dhariwal, ICML 2021, Eq. 15): ``Sigma = v' log beta_t + (1 - v') log beta~_t`` with
+    ``v' = (v + 1) / 2`` and ``v`` the variance half of the output (``kernel.split_output``), ``beta~_t`` the
+    clipped posterior variance (``beta~_1`` at ``t = 0``). These are the per-timestep tables of the training
+    chain, i.e. the log-variance that the kernel's variational-bound loss (``GaussianKernel.vlb_terms``) trains
+    at ``t``; at ``t = 0`` it is the variance of the decoder ``p(y_0 | y_1)``. A strided sampler's final step
+    starts at ``t_0 = round(T / N) - 1`` (``t_0 = 0`` with ``N = T`` steps, as MB-Diff's full chain); we use
+    the learned variance of ``t_0`` as trained rather than a respaced reinterpretation (the respaced chain's
+    last step has posterior variance 0, so its "clipped" bounds are not defined there).
+
+    Args:
+        kernel: a kernel with ``learn_variance`` true, ``split_output``, and the ``log_betas`` and
+            ``posterior_log_variance_clipped`` tables (the Gaussian kernel).
+        model_output: (B, 2C, H, W) network output at ``t``.
+        x_t: (B, C, H, W) the sample it was computed on.
+        t: (B,) timesteps.
+
+    Returns:
+        (B, C, H, W) log-variances in kernel space.
+
+    Raises:
+        ValueError: the kernel has no learned variance (:func:`check_learned_variance`).
+    """
+    check_learned_variance(kernel)
+    _, v = kernel.split_output(model_output, x_t)
+    t = t.to(device=kernel.log_betas.device, dtype=torch.long)
+    shape = (x_t.shape[0],) + (1,) * (x_t.ndim - 1)
+    log_beta = kernel.log_betas.index_select(0, t).reshape(shape).to(v.device)
+    log_tilde = kernel.posterior_log_variance_clipped.index_select(0, t).reshape(shape).to(v.device)
+    frac = (v + 1.0) / 2.0
+    return frac * log_beta + (1.0 - frac) * log_tilde
+
+
+def evolution_fusion(
+    mean: torch.Tensor,
+    log_variance: torch.Tensor,
+    noise: torch.Tensor,
+    tau: float | None = None,
+    threshold: float = 0.5,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """MB-Diff's evolution-uncertainty fusion of n evolutions (samples) of the same image.
+
+    Wang, Yang, Zhou & Wang, "Medical Boundary Diffusion Model for Skin Lesion Segmentation", MICCAI 2023
+    (Sec. "evolution uncertainty"; the formulas as in the project survey, Sec. 9.3.1): with ``mu_i`` and
+    ``Sigma_i`` the mean and log-variance of the final reverse step of evolution ``i`` (from the learned
+    variance of improved DDPM),
+
+    - ``y_i = mu_i + exp(Sigma_i / 2) * z_i``, ``z_i ~ N(0, I)`` (here ``noise``);
+    - the evolution uncertainty ``delta = sqrt(1/n sum_i (mu_i - mean_j mu_j)^2)``, the population std of
+      the means;
+    - the fused mask ``y* = (sum_i y_i) >= tau``, ``tau`` the voting threshold.
+
+    Where the survey is silent (the paper could not be consulted here), our choices:
+
+    - The sum runs over the evolutions mapped to the foreground-probability scale by the kernel's
+      ``decode_mask`` (the Gaussian kernel: ``(y + 1) / 2`` clamped to [0, 1]), so every evolution casts a
+      soft vote in [0, 1] and ``sum_i y_i`` lies in [0, n]; ``delta`` is computed on ``decode(mu_i)`` too
+      (for the Gaussian kernel half the kernel-space std, as ``mu_i`` is clipped to [-1, 1]).
+    - ``tau`` is in the units of that sum; the default ``tau = threshold * n`` is ``n / 2`` at the default
+      threshold 0.5: a pixel is foreground when the evolutions' votes reach half of n (a majority vote
+      of soft votes; with binary votes, at least half of the evolutions). ``>=`` as in the formula.
+    - The votes are not binarised before summing (the formula sums ``y_i``).
+
+    Args:
+        mean: (B, n, C, H, W) ``mu_i`` in kernel space.
+        log_variance: (B, n, C, H, W) ``Sigma_i``, natural-log variances in kernel space.
+        noise: (B, n, C, H, W) standard normal draws ``z_i``.
+        tau: the voting threshold on ``sum_i y_i`` (in [0, n]); ``None`` gives ``threshold * n``.
+        threshold: the fraction of n that ``tau`` defaults to.
+        decode: kernel space -> foreground probability (``kernel.decode_mask``); ``None`` for the identity.
+
+    Returns:
+        ``samples`` (B, n, C, H, W) the decoded evolutions ``y_i``; ``probability`` (B, C, H, W) their mean
+        ``sum_i y_i / n``; ``mask`` (B, C, H, W) float ``sum_i y_i >= tau``; ``evolution_uncertainty``
+        (B, C, H, W) ``delta``.
+
+    Raises:
+        ValueError: shapes differ or are not 5-D, or ``tau`` is negative.
+    """
+    if mean.ndim != 5 or log_variance.shape != mean.shape or noise.shape != mean.shape:
+        raise ValueError(
+            "evolution_fusion: mean, log_variance and noise must share one (B, n, C, H, W) shape, got "
+            f"{tuple(mean.shape)}, {tuple(log_variance.shape)}, {tuple(noise.shape)}"
+        )
+    n = mean.shape[1]
+    if tau is None:
+        tau = threshold * n
+    if tau < 0:
+        raise ValueError(f"evolution_fusion: tau must be >= 0 (a threshold on a sum of n votes), got {tau}")
+    decode = decode if decode is not None else (lambda x: x)
+    y = decode(mean + torch.exp(0.5 * log_variance) * noise)
+    votes = y.sum(dim=1)
+    return {
+        "samples": y,
+        "probability": votes / n,
+        "mask": (votes >= tau).to(y.dtype),
+        "evolution_uncertainty": decode(mean).std(dim=1, unbiased=False),
+    }

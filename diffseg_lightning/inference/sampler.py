@@ -9,7 +9,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from diffseg_lightning.inference.fusion import Fusion, fuse_samples
+from diffseg_lightning.inference.fusion import (
+    Fusion,
+    check_learned_variance,
+    evolution_fusion,
+    final_step_log_variance,
+    fuse_samples,
+)
 from diffseg_lightning.inference.uncertainty import mutual_information, predictive_entropy, sample_std
 
 PARALLEL_MODES = ("data", "sample")
@@ -67,16 +73,29 @@ class DiffusionSampler:
     ``(seed, case id)``, so deterministic samplers (DDIM with eta = 0) give the same mask for a case
     whatever the batch or process it lands in. Stochastic steps draw from one generator per batch.
 
+    ``fusion="evolution"`` (MB-Diff, Wang et al., MICCAI 2023; see
+    :func:`~diffseg_lightning.inference.fusion.evolution_fusion`) needs a kernel with a learned variance
+    (``noise=gaussian noise.learn_variance=true``; anything else is refused with a ``ValueError`` before
+    sampling starts). The mean ``mu_i`` of each sample's final step is the ``x0_pred`` that the kernel's
+    last ``step`` returns, and its log-variance ``Sigma_i`` is read from the same network output
+    (:func:`~diffseg_lightning.inference.fusion.final_step_log_variance`): no extra network pass. The
+    ``z_i`` of ``y_i = mu_i + exp(Sigma_i / 2) z_i`` come from the per-case generators, drawn right after
+    the prior, so they too do not depend on the batch or the process. The returned ``samples`` are the
+    decoded ``y_i``, and the dict gains ``evolution_uncertainty``, the std of the ``mu_i``.
+
     Args:
         num_steps: strided inference steps (the kernel's ``inference_timesteps``).
         num_samples: S, samples per image.
-        fusion: ``mean``, ``vote`` or ``staple`` (see :class:`Fusion`).
-        threshold: the cut on the fused map.
+        fusion: ``mean``, ``vote``, ``staple`` or ``evolution`` (see :class:`Fusion`).
+        threshold: the cut on the fused map (for ``evolution``: ``tau = threshold * S`` unless ``tau`` is set).
         seed: base seed of the per-case generators.
         parallel: under DDP, ``data`` splits the images across processes (the distributed sampler
             does it); ``sample`` gives every process all images and splits their S samples instead,
             gathering them before fusion (needs ``trainer.use_distributed_sampler=false``, which
             ``diffseg-eval`` sets). Both give the same result as one process for deterministic samplers.
+        tau: the evolution fusion's voting threshold on ``sum_i y_i`` over the S decoded evolutions, in
+            [0, S]; ``None`` (default) gives ``threshold * S``, i.e. ``S / 2`` (a majority) at threshold 0.5.
+            Ignored by the other fusions.
     """
 
     num_steps: int = 25
@@ -85,9 +104,17 @@ class DiffusionSampler:
     threshold: float = 0.5
     seed: int = 0
     parallel: str = "data"
+    tau: float | None = None
 
     def __post_init__(self) -> None:
         Fusion.parse(self.fusion)
+        if self.tau is not None and not (
+            isinstance(self.tau, int | float) and 0.0 <= self.tau <= self.num_samples
+        ):
+            raise ValueError(
+                f"sampler.tau must be null or a number in [0, num_samples={self.num_samples}] (a threshold on the "
+                f"sum of the S evolutions' votes), got {self.tau!r}"
+            )
         if self.parallel not in PARALLEL_MODES:
             raise ValueError(f"sampler.parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
         if self.num_steps < 1 or self.num_samples < 1:
@@ -106,6 +133,7 @@ class DiffusionSampler:
             "threshold": self.threshold,
             "seed": self.seed,
             "parallel": self.parallel,
+            "tau": self.tau,
         }
 
     def _sample_shard(self) -> tuple[int, int]:
@@ -122,17 +150,27 @@ class DiffusionSampler:
         x: torch.Tensor,
         repeats: int,
         generator: torch.Generator,
-    ) -> torch.Tensor:
-        """Run the strided reverse process from ``x`` (B*repeats, C, H, W); returns the final x_0."""
+        final_log_variance: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Run the strided reverse process from ``x`` (B*repeats, C, H, W); returns the final x_0.
+
+        With ``final_log_variance``, returns ``(x0, log_variance)``: also the learned log-variance of the
+        final step (:func:`final_step_log_variance`), from the output the step already computed.
+        """
         cond = repeat_condition(denoiser.encode_condition(image), repeats)
         timesteps = kernel.inference_timesteps(self.num_steps).tolist()
         x0 = x
+        log_variance = None
         for i, t in enumerate(timesteps):
             t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
             t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
             t_prev_batch = torch.full((x.shape[0],), t_prev, device=x.device, dtype=torch.long)
-            output = denoiser(x, t_batch, cond)
-            x, x0 = kernel.step(output.float(), t_batch, t_prev_batch, x, generator=generator)
+            output = denoiser(x, t_batch, cond).float()
+            if final_log_variance and t_prev < 0:
+                log_variance = final_step_log_variance(kernel, output, x, t_batch)
+            x, x0 = kernel.step(output, t_batch, t_prev_batch, x, generator=generator)
+        if final_log_variance:
+            return x0, log_variance
         return x0
 
     @torch.no_grad()
@@ -155,26 +193,50 @@ class DiffusionSampler:
 
         Returns:
             ``samples`` (B, S, C, H, W) probabilities, ``probability`` and ``mask`` (B, C, H, W) fused,
-            ``std``, ``entropy`` and ``mutual_information`` (B, C, H, W) uncertainty maps (bits).
+            ``std``, ``entropy`` and ``mutual_information`` (B, C, H, W) uncertainty maps (bits); with
+            ``fusion="evolution"`` also ``evolution_uncertainty`` (B, C, H, W).
+
+        Raises:
+            ValueError: ``fusion="evolution"`` with a kernel that has no learned variance.
         """
+        evolution = Fusion.parse(self.fusion) is Fusion.EVOLUTION
+        if evolution:
+            check_learned_variance(kernel)
         b, s = image.shape[0], self.num_samples
         h, w = image.shape[-2:]
         device = image.device
         if case_ids is None:
             case_ids = torch.arange(b)
         generators = case_generators(self.seed, case_ids, device)
+        shape = (s, mask_channels, h, w)
         prior = torch.stack(
-            [kernel.sample_prior((s, mask_channels, h, w), device=device, generator=g) for g in generators]
+            [kernel.sample_prior(shape, device=device, generator=g) for g in generators]
         )  # (B, S, C, H, W): every rank draws all S, so a sample's noise does not depend on the rank count
+        if evolution:  # z_i of y_i = mu_i + exp(Sigma_i / 2) z_i, per case, before any step draws
+            z = torch.stack([torch.randn(shape, device=device, generator=g) for g in generators])
         rank, world = self._sample_shard()
         per_rank = -(-s // world)
         mine = torch.arange(rank * per_rank, (rank + 1) * per_rank, device=device).clamp(max=s - 1)
         x = prior[:, mine].flatten(0, 1)
-        x0 = self._reverse(denoiser, kernel, image, x, len(mine), generators[0])
-        x0 = x0.reshape(b, len(mine), mask_channels, h, w)
+        result = self._reverse(
+            denoiser, kernel, image, x, len(mine), generators[0], final_log_variance=evolution
+        )
+        parts = list(result) if evolution else [result]  # x0 (and the final log-variance)
+        parts = [p.reshape(b, len(mine), mask_channels, h, w) for p in parts]
         if world > 1:
-            shards = [torch.empty_like(x0) for _ in range(world)]
-            dist.all_gather(shards, x0.contiguous())
-            x0 = torch.cat(shards, dim=1)[:, :s]  # drops the padding repeats of the last sample
-        samples = kernel.decode_mask(x0)
-        return describe_samples(samples, self.fusion, self.threshold)
+            gathered = []
+            for part in parts:
+                shards = [torch.empty_like(part) for _ in range(world)]
+                dist.all_gather(shards, part.contiguous())
+                gathered.append(torch.cat(shards, dim=1)[:, :s])  # [:, :s] drops the padding repeats
+            parts = gathered
+        if not evolution:
+            return describe_samples(kernel.decode_mask(parts[0]), self.fusion, self.threshold)
+        fused = evolution_fusion(parts[0], parts[1], z, self.tau, self.threshold, kernel.decode_mask)
+        samples = fused["samples"]
+        return {
+            **fused,
+            "std": sample_std(samples),
+            "entropy": predictive_entropy(samples),
+            "mutual_information": mutual_information(samples),
+        }

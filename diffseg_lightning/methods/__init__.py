@@ -1,5 +1,6 @@
 """LightningModules, one per paradigm: they orchestrate a kernel, a denoiser and an inference recipe."""
 
-from diffseg_lightning.methods.mask_diffusion import MaskDiffusionModule, warmup_cosine
+from diffseg_lightning.methods.mask_diffusion import MaskDiffusionModule, SegmentationMethod, warmup_cosine
+from diffseg_lightning.methods.segmentation import DiceBCELoss, SegmentationModule
 
-__all__ = ["MaskDiffusionModule", "warmup_cosine"]
+__all__ = ["DiceBCELoss", "MaskDiffusionModule", "SegmentationMethod", "SegmentationModule", "warmup_cosine"]

@@ -1,4 +1,8 @@
-"""Conditional mask diffusion: the paradigm of MedSegDiff, MedSegDiff-V2, BerDiff, MB-Diff and DT-UNet."""
+"""Conditional mask diffusion: the paradigm of MedSegDiff, MedSegDiff-V2, BerDiff, MB-Diff and DT-UNet.
+
+:class:`SegmentationMethod` holds what every method shares (the evaluation protocol, ``summary.json``
+results, panels, checkpoints); :class:`MaskDiffusionModule` adds the diffusion training and sampling.
+"""
 
 from __future__ import annotations
 
@@ -32,25 +36,21 @@ def warmup_cosine(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-class MaskDiffusionModule(L.LightningModule):
-    """Train a denoiser on masks with a noise kernel; sample, fuse and score S masks per image.
+class SegmentationMethod(L.LightningModule):
+    """What every method shares: the training target, the optimiser, the evaluation protocol, checkpoints.
 
-    Training: x_0 is the (kernel-encoded) mask, t ~ U[0, T), x_t ~ q(x_t | x_0), and the loss is the
-    kernel's (``kernel.loss``). With several annotators per image (``batch["masks"]`` with A > 1 and a
-    one-channel mask), each training step draws one annotator per image, as the LIDC literature does.
-
-    Validation and test: the sampler draws S samples per image in one batched pass per step, fuses
-    them, and every metric of the evaluation protocol that applies is computed per case
-    (:func:`~diffseg_lightning.metrics.report.case_metrics`: Dice, IoU, HD95, calibration, and the
-    multi-annotator metrics when ``batch["masks"]`` holds several annotators). The per-case rows are
-    gathered across processes, deduplicated by case index (the distributed sampler pads), and kept in
-    ``self.results[stage]`` in the ``summary.json`` layout. EMA weights are used for sampling through
-    Lightning's ``EMAWeightAveraging`` callback (see ``conf/callbacks``).
+    A subclass implements ``training_step``, :meth:`sample` (one image batch in, the fused mask, its
+    probability and uncertainty maps out, as :func:`~diffseg_lightning.inference.sampler.describe_samples`
+    returns them) and :meth:`inference_settings` (the ``sampler`` block of ``summary.json``). This class
+    then scores validation and test batches with
+    :func:`~diffseg_lightning.metrics.report.case_metrics`, gathers the per-case rows across processes,
+    deduplicates them by case index (the distributed sampler pads), keeps them in ``self.results[stage]``
+    in the ``summary.json`` layout (read by :class:`~diffseg_lightning.callbacks.SummaryWriter`), keeps
+    the first validation batch in ``self.panel`` (read by
+    :class:`~diffseg_lightning.callbacks.ImagePanelLogger`) and stores the resolved config
+    (``self.run_config``) and the RNG states in checkpoints.
 
     Args:
-        denoiser: ``forward(x_t, t, cond)`` with ``cond = denoiser.encode_condition(image)``.
-        kernel: a noise kernel (see ``shared/DESIGN.md``).
-        sampler: the inference recipe.
         optimizer: a partial optimiser, called with the parameters.
         scheduler: a partial LR scheduler, called with ``(optimizer, total_steps=...)``, or None.
         mask_channels: C, channels of the mask.
@@ -59,18 +59,12 @@ class MaskDiffusionModule(L.LightningModule):
 
     def __init__(
         self,
-        denoiser: nn.Module,
-        kernel: nn.Module,
-        sampler: DiffusionSampler,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
         mask_channels: int = 1,
         spacing: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        self.denoiser = denoiser
-        self.kernel = kernel
-        self.sampler = sampler
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.mask_channels = mask_channels
@@ -90,19 +84,13 @@ class MaskDiffusionModule(L.LightningModule):
         pick = torch.randint(masks.shape[1], (masks.shape[0],), device=masks.device)
         return masks[torch.arange(masks.shape[0], device=masks.device), pick].unsqueeze(1)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        x0 = self.kernel.encode_mask(self.training_target(batch).float())
-        t = self.kernel.sample_timesteps(x0.shape[0], device=x0.device)
-        x_t = self.kernel.q_sample(x0, t)
-        output = self.denoiser(x_t, t, self.denoiser.encode_condition(batch["image"]))
-        losses = self.kernel.loss(output.float(), x0, x_t, t)
-        if not torch.isfinite(losses["loss"]):
+    def check_loss(self, loss: torch.Tensor, batch_idx: int) -> None:
+        """Raise :class:`NonFiniteLossError` (one line, with the step) when the loss is NaN or inf."""
+        if not torch.isfinite(loss):
             raise NonFiniteLossError(
-                f"the training loss is {losses['loss'].item()} at global step {self.global_step} "
+                f"the training loss is {loss.item()} at global step {self.global_step} "
                 f"(epoch {self.current_epoch}, batch {batch_idx}); lower the learning rate or check the data"
             )
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=x0.shape[0])
-        return losses["loss"]
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
@@ -115,8 +103,13 @@ class MaskDiffusionModule(L.LightningModule):
 
     # ------------------------------------------------------------------------ sampling and metrics
     def sample(self, image: torch.Tensor, case_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """S samples per image, fused, with uncertainty maps (see :class:`DiffusionSampler`)."""
-        return self.sampler.sample(self.denoiser, self.kernel, image, self.mask_channels, case_ids)
+        """The prediction for (B, C_img, H, W) images: ``samples`` (B, S, C, H, W), ``probability`` and
+        ``mask`` (B, C, H, W), and the ``std``, ``entropy`` and ``mutual_information`` maps (B, C, H, W)."""
+        raise NotImplementedError
+
+    def inference_settings(self) -> dict[str, Any]:
+        """The ``sampler`` block of ``summary.json``, with ``num_samples``, ``num_steps`` and ``fusion``."""
+        raise NotImplementedError
 
     def _evaluate_batch(self, batch: dict, batch_idx: int) -> None:
         start = time.perf_counter()
@@ -151,12 +144,13 @@ class MaskDiffusionModule(L.LightningModule):
         rows = [unique[i] for i in sorted(unique)]
         summary = summarize(rows)
         seconds_per_image = seconds / max(1, num_processed)
+        settings = self.inference_settings()
         self.results[stage] = {
             "metric_per_case": rows,
             **summary,
-            "sampler": self.sampler.settings(),
+            "sampler": settings,
             "seconds_per_image": seconds_per_image,
-            "samples_per_second": self.sampler.num_samples / seconds_per_image
+            "samples_per_second": settings["num_samples"] / seconds_per_image
             if seconds_per_image > 0
             else None,
         }
@@ -190,3 +184,64 @@ class MaskDiffusionModule(L.LightningModule):
         if "rng_states" in checkpoint:
             _set_rng_states(checkpoint["rng_states"])
         self.run_config = checkpoint.get("diffseg_config", self.run_config)
+
+
+class MaskDiffusionModule(SegmentationMethod):
+    """Train a denoiser on masks with a noise kernel; sample, fuse and score S masks per image.
+
+    Training: x_0 is the (kernel-encoded) mask, t ~ U[0, T), x_t ~ q(x_t | x_0), and the loss is the
+    kernel's (``kernel.loss``). With several annotators per image (``batch["masks"]`` with A > 1 and a
+    one-channel mask), each training step draws one annotator per image, as the LIDC literature does.
+
+    Validation and test: the sampler draws S samples per image in one batched pass per step, fuses
+    them, and every metric of the evaluation protocol that applies is computed per case
+    (:func:`~diffseg_lightning.metrics.report.case_metrics`: Dice, IoU, HD95, calibration, and the
+    multi-annotator metrics when ``batch["masks"]`` holds several annotators). The per-case rows are
+    gathered across processes, deduplicated by case index (the distributed sampler pads), and kept in
+    ``self.results[stage]`` in the ``summary.json`` layout. EMA weights are used for sampling through
+    Lightning's ``EMAWeightAveraging`` callback (see ``conf/callbacks``).
+
+    Args:
+        denoiser: ``forward(x_t, t, cond)`` with ``cond = denoiser.encode_condition(image)``.
+        kernel: a noise kernel (see ``shared/DESIGN.md``).
+        sampler: the inference recipe.
+        optimizer: a partial optimiser, called with the parameters.
+        scheduler: a partial LR scheduler, called with ``(optimizer, total_steps=...)``, or None.
+        mask_channels: C, channels of the mask.
+        spacing: pixel spacing for HD95, or None for pixels.
+    """
+
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        kernel: nn.Module,
+        sampler: DiffusionSampler,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        mask_channels: int = 1,
+        spacing: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__(optimizer, scheduler, mask_channels, spacing)
+        self.denoiser = denoiser
+        self.kernel = kernel
+        self.sampler = sampler
+
+    # ----------------------------------------------------------------------------------- training
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x0 = self.kernel.encode_mask(self.training_target(batch).float())
+        t = self.kernel.sample_timesteps(x0.shape[0], device=x0.device)
+        x_t = self.kernel.q_sample(x0, t)
+        output = self.denoiser(x_t, t, self.denoiser.encode_condition(batch["image"]))
+        losses = self.kernel.loss(output.float(), x0, x_t, t)
+        self.check_loss(losses["loss"], batch_idx)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=x0.shape[0])
+        return losses["loss"]
+
+    # ------------------------------------------------------------------------ sampling and metrics
+    def sample(self, image: torch.Tensor, case_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """S samples per image, fused, with uncertainty maps (see :class:`DiffusionSampler`)."""
+        return self.sampler.sample(self.denoiser, self.kernel, image, self.mask_channels, case_ids)
+
+    def inference_settings(self) -> dict[str, Any]:
+        """The sampler's settings (:meth:`DiffusionSampler.settings`)."""
+        return self.sampler.settings()

@@ -18,15 +18,21 @@ from diffseg_lightning.nets.blocks import (
     norm_groups,
     zero_module,
 )
+from diffseg_lightning.nets.dtunet import DiffusionTransformerUNet
+from diffseg_lightning.nets.mbdiff import MBDiffUNet
 from diffseg_lightning.nets.medsegdiff import MedSegDiffUNet
+from diffseg_lightning.nets.medsegdiff_v2 import MedSegDiffV2UNet
 
 __all__ = [
     "AttentionBlock",
     "BerDiffUNet",
+    "DiffusionTransformerUNet",
     "Downsample",
     "DynamicConditionalEncoding",
     "FFParser",
+    "MBDiffUNet",
     "MedSegDiffUNet",
+    "MedSegDiffV2UNet",
     "ResBlock",
     "TimestepEmbedding",
     "Upsample",
