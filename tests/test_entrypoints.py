@@ -32,6 +32,8 @@ def test_train_run_directory_holds_everything(trained_run):
     assert summary["mean"]["dice"] == pytest.approx(float(np.mean(dice)))
     assert summary["sampler"]["num_samples"] == 2 and summary["sampler"]["num_steps"] == 2
     assert summary["seconds_per_image"] > 0
+    network = summary["network"]  # the denoiser's size and cost per pass, measured at the data's size
+    assert network["image_size"] == [32, 32] and network["parameters"] > 0 and network["macs_per_pass"] > 0
 
 
 def test_checkpoint_stores_config_and_ema_weights(trained_run):

@@ -15,11 +15,23 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from diffseg_lightning.inference.sampler import DiffusionSampler
 from diffseg_lightning.metrics.report import case_metrics, summarize
 from diffseg_lightning.utils.errors import NonFiniteLossError
+
+
+def count_macs(module: nn.Module, args: tuple) -> int:
+    """Multiply-accumulates of ``module(*args)``: torch's FLOP counter (matmuls and convolutions) / 2."""
+    training = module.training
+    module.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(*args)
+    module.train(training)
+    return counter.get_total_flops() // 2
 
 
 def warmup_cosine(
@@ -74,6 +86,36 @@ class SegmentationMethod(L.LightningModule):
         self.panel: dict[str, torch.Tensor] | None = None
         self._rows: list[dict] = []
         self._sampling_seconds = 0.0
+        self.network_cost: dict[str, Any] | None = (
+            None  # parameters, MACs per network pass (measured in setup)
+        )
+
+    # ----------------------------------------------------------------------------- network cost
+    def example_input(self, image: torch.Tensor) -> Any:
+        """The arguments of one network pass (``self(*args)``) for one (1, C_img, H, W) image."""
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        """Measure the network once: parameters and multiply-accumulates per pass, at the data's image size.
+
+        Lightning's model summary also shows FLOPs (= 2 MACs) once ``example_input_array`` is set here.
+        """
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dataset = getattr(datamodule, "datasets", {}).get("train") if datamodule is not None else None
+        if stage != "fit" or dataset is None or self.network_cost is not None:
+            return
+        image = dataset[0]["image"][None].float()
+        self.example_input_array = self.example_input(image)
+        self.network_cost = {
+            "parameters": sum(p.numel() for p in self.parameters()),
+            "macs_per_pass": count_macs(self, self.example_input_array),
+            "image_size": list(image.shape[-2:]),
+        }
+        rank_zero_info(
+            f"{type(self).__name__}: {self.network_cost['parameters']:,} parameters, "
+            f"{self.network_cost['macs_per_pass'] / 1e9:.3f} GMACs per network pass at "
+            f"{image.shape[-2]}x{image.shape[-1]}"
+        )
 
     # ----------------------------------------------------------------------------------- training
     def training_target(self, batch: dict) -> torch.Tensor:
@@ -153,6 +195,7 @@ class SegmentationMethod(L.LightningModule):
             "samples_per_second": settings["num_samples"] / seconds_per_image
             if seconds_per_image > 0
             else None,
+            "network": self.network_cost,
         }
         for name, value in summary["mean"].items():
             self.log(f"{stage}/{name}", value, sync_dist=False, rank_zero_only=False)
@@ -227,6 +270,14 @@ class MaskDiffusionModule(SegmentationMethod):
         self.sampler = sampler
 
     # ----------------------------------------------------------------------------------- training
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """One network pass (image branch included): what each sampling step costs, per image."""
+        return self.denoiser(x_t, t, self.denoiser.encode_condition(image))
+
+    def example_input(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x_t = torch.zeros(1, self.mask_channels, *image.shape[-2:])
+        return x_t, torch.zeros(1, dtype=torch.long), image
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x0 = self.kernel.encode_mask(self.training_target(batch).float())
         t = self.kernel.sample_timesteps(x0.shape[0], device=x0.device)

@@ -151,6 +151,9 @@ class SegmentationModule(SegmentationMethod):
         self._sampler_keys = list(sampler.settings()) if sampler is not None else []
         self.size_factor = _stride_product(net)
 
+    def example_input(self, image: torch.Tensor) -> tuple[torch.Tensor]:
+        return (image,)
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """(B, C_img, H, W) images -> (B, C, H, W) logits."""
         h, w = image.shape[-2:]
