@@ -279,11 +279,16 @@ class MaskDiffusionModule(SegmentationMethod):
         return x_t, torch.zeros(1, dtype=torch.long), image
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        x0 = self.kernel.encode_mask(self.training_target(batch).float())
+        target = self.training_target(batch).float()
+        x0 = self.kernel.encode_mask(target)
         t = self.kernel.sample_timesteps(x0.shape[0], device=x0.device)
         x_t = self.kernel.q_sample(x0, t)
-        output = self.denoiser(x_t, t, self.denoiser.encode_condition(batch["image"]))
-        losses = self.kernel.loss(output.float(), x0, x_t, t)
+        cond = self.denoiser.encode_condition(batch["image"])
+        losses = self.kernel.loss(self.denoiser(x_t, t, cond).float(), x0, x_t, t)
+        auxiliary = getattr(self.denoiser, "auxiliary_loss", None)  # a denoiser's own terms (MedSegDiff-V2)
+        if auxiliary is not None:
+            extra = auxiliary(cond, target, self.global_step)
+            losses = {**losses, **extra, "loss": losses["loss"] + sum(extra.values())}
         self.check_loss(losses["loss"], batch_idx)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=x0.shape[0])
         return losses["loss"]
