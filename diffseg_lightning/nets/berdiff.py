@@ -12,6 +12,8 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 from torch import Tensor, nn
 
+from diffseg_lightning.nets.blocks import batch_timesteps, check_input
+
 
 class BerDiffUNet(nn.Module):
     """BerDiff's denoiser ``f(y_t, t, I)``: a U-Net whose input is ``[y_t, I]`` concatenated on channels.
@@ -69,18 +71,12 @@ class BerDiffUNet(nn.Module):
 
     def encode_condition(self, image: Tensor) -> Tensor:
         """(B, image_channels, H, W) -> the same image (there is nothing to cache)."""
-        if image.ndim != 4 or image.shape[1] != self.image_channels:
-            raise ValueError(f"expected {self.image_channels} image channels, got shape {tuple(image.shape)}")
-        return image
+        return check_input(image, self.image_channels, "image")
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         """(B, mask_channels, H, W), (B,), (B, image_channels, H, W) -> (B, out_channels, H, W)."""
-        h, w = x_t.shape[-2:]
-        if h % self.downsample_factor or w % self.downsample_factor:
-            raise ValueError(
-                f"input size {h}x{w} is not divisible by the downsampling factor {self.downsample_factor}"
-            )
+        check_input(x_t, self.mask_channels, "x_t", self.downsample_factor)
         if cond.shape[0] != x_t.shape[0] or cond.shape[-2:] != x_t.shape[-2:]:
             raise ValueError(f"condition {tuple(cond.shape)} does not match x_t {tuple(x_t.shape)}")
-        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
+        t = batch_timesteps(t, x_t)
         return self.unet(torch.cat([x_t, cond], dim=1), t.long())

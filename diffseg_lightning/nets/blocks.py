@@ -14,6 +14,10 @@ reused by the other U-Net denoisers of the package:
   upsampling blocks).
 - :class:`FFParser`: the paper's learnable frequency-domain filter.
 - :class:`DynamicConditionalEncoding`: the paper's fusion of condition and mask features.
+- :func:`batch_timesteps`, :func:`check_input`, :func:`check_divisible`: the input checks every
+  denoiser does (timesteps to a (B,) tensor, a (B, C, H, W) tensor with C channels, H and W
+  divisible by the downsampling factor), with the same error messages everywhere.
+- :func:`output_head`: the GroupNorm, SiLU, zero-initialised 3x3 convolution head of the U-Nets.
 
 All blocks are size-agnostic (no parameter depends on the spatial size, except the
 FF-Parser map, which is resampled to the actual size) and use no Python loops over
@@ -40,8 +44,12 @@ __all__ = [
     "ResBlock",
     "TimestepEmbedding",
     "Upsample",
+    "batch_timesteps",
+    "check_divisible",
+    "check_input",
     "conv3x3",
     "norm_groups",
+    "output_head",
     "zero_module",
 ]
 
@@ -97,6 +105,128 @@ def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Module:
         padding=1,
         conv_only=True,
     )
+
+
+def output_head(channels: int, out_channels: int) -> nn.Sequential:
+    """The output head of the U-Net denoisers: ``GroupNorm``, ``SiLU``, zero-initialised 3x3 convolution.
+
+    The convolution starts at zero, so that a fresh network outputs zeros (as in ADM / MedSegDiff).
+    The layout (indices 0, 1, 2 of the ``Sequential``) is part of the state_dict keys of the networks
+    that use it (``out.0.weight``, ``out.2.conv.weight``, ...).
+
+    Args:
+        channels: input channels C.
+        out_channels: output channels C_out.
+
+    Returns:
+        A module mapping (B, C, H, W) to (B, C_out, H, W).
+    """
+    return nn.Sequential(
+        nn.GroupNorm(norm_groups(channels), channels),
+        nn.SiLU(),
+        zero_module(conv3x3(channels, out_channels)),
+    )
+
+
+def _prefix(owner: str | None) -> str:
+    return f"{owner}: " if owner else ""
+
+
+def batch_timesteps(t: Tensor | int | float, x: Tensor, owner: str | None = None) -> Tensor:
+    """Timesteps as a (B,) tensor on ``x``'s device, B the batch size of ``x``.
+
+    Args:
+        t: a Python or 0-dim scalar (broadcast to the batch) or a (B,) tensor.
+        x: the (B, ...) network input whose batch size and device ``t`` must match.
+        owner: name put in front of the error message (e.g. the network's class name).
+
+    Returns:
+        (B,) tensor of the dtype of ``t``, on ``x.device``.
+
+    Raises:
+        ValueError: if ``t`` is neither a scalar nor of shape (B,), naming the expected shape.
+    """
+    batch = x.shape[0]
+    t = torch.as_tensor(t, device=x.device)
+    if t.ndim == 0:
+        t = t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(
+            f"{_prefix(owner)}expected timesteps t of shape ({batch},) (or a scalar), got {tuple(t.shape)}"
+        )
+    return t
+
+
+def check_divisible(
+    height: int,
+    width: int,
+    factor: int,
+    *,
+    what: str = "input",
+    why: str | None = None,
+    multiple: int | None = None,
+    owner: str | None = None,
+) -> None:
+    """Raise a ValueError naming the size and the factor unless ``factor`` divides ``height`` and ``width``.
+
+    Args:
+        height: input height H.
+        width: input width W.
+        factor: the downsampling factor of the network.
+        what: name of the input in the message (``"image"``, ``"x_t"``, ...).
+        why: how the factor comes about, shown in parentheses after it (e.g. ``"2**(levels-1)"``).
+        multiple: the size multiple to advise (default ``factor``).
+        owner: name put in front of the message (e.g. the network's class name).
+
+    Raises:
+        ValueError: ``"<what> size (H, W) = (h, w) is not divisible by the downsampling factor f
+            (= why); pad or resize the input to a multiple of m"``.
+    """
+    if height % factor or width % factor:
+        because = f" (= {why})" if why else ""
+        raise ValueError(
+            f"{_prefix(owner)}{what} size (H, W) = ({height}, {width}) is not divisible by the downsampling "
+            f"factor {factor}{because}; pad or resize the input to a multiple of "
+            f"{multiple if multiple is not None else factor}"
+        )
+
+
+def check_input(
+    x: object,
+    channels: int,
+    what: str,
+    size_factor: int | None = None,
+    *,
+    why: str | None = None,
+    owner: str | None = None,
+) -> Tensor:
+    """Check that ``x`` is a (B, channels, H, W) tensor, with H and W divisible by ``size_factor``.
+
+    Args:
+        x: the input to check.
+        channels: the expected channel count C.
+        what: name of the input in the messages (``"image"``, ``"x_t"``, ``"mask"``, ...).
+        size_factor: the downsampling factor H and W must be divisible by (:func:`check_divisible`);
+            ``None`` to skip the size check (for networks with more constraints, checked separately).
+        why: how the factor comes about (see :func:`check_divisible`).
+        owner: name put in front of the messages (e.g. the network's class name).
+
+    Returns:
+        ``x``.
+
+    Raises:
+        ValueError: ``"expected <what> of shape (B, C, H, W), got <shape>"`` for anything but a 4-D
+            tensor, ``"expected C <what> channels, got N"`` for a wrong channel count, and the message
+            of :func:`check_divisible` for a wrong size.
+    """
+    if not isinstance(x, Tensor) or x.ndim != 4:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{_prefix(owner)}expected {what} of shape (B, {channels}, H, W), got {shape}")
+    if x.shape[1] != channels:
+        raise ValueError(f"{_prefix(owner)}expected {channels} {what} channels, got {x.shape[1]}")
+    if size_factor is not None:
+        check_divisible(x.shape[-2], x.shape[-1], size_factor, what=what, why=why, owner=owner)
+    return x
 
 
 class TimestepEmbedding(nn.Module):

@@ -27,7 +27,15 @@ from einops import rearrange
 from monai.networks.blocks import Convolution, MLPBlock
 from torch import Tensor, nn
 
-from diffseg_lightning.nets.blocks import ResBlock, TimestepEmbedding, conv3x3, norm_groups
+from diffseg_lightning.nets.blocks import (
+    ResBlock,
+    TimestepEmbedding,
+    batch_timesteps,
+    check_divisible,
+    check_input,
+    conv3x3,
+    norm_groups,
+)
 
 __all__ = [
     "CrossAttentionFusion",
@@ -716,13 +724,13 @@ class DiffusionTransformerUNet(nn.Module):
         Raises:
             ValueError: with the input size, and the level, map size and window size that fail.
         """
-        f = self.downsample_factor
-        if height % f or width % f:
-            raise ValueError(
-                f"input size (H, W) = ({height}, {width}) is not divisible by the downsampling factor {f} "
-                f"(= patch_size {self.patch_size} x 2**(levels-1) for {self.num_levels} levels); pad or resize "
-                f"the input (multiples of {self.size_multiple} always work)"
-            )
+        check_divisible(
+            height,
+            width,
+            self.downsample_factor,
+            why=f"patch_size {self.patch_size} x 2**(levels-1) for {self.num_levels} levels",
+            multiple=self.size_multiple,
+        )
         for k in range(self.num_levels):
             scale = self.patch_size * 2**k
             h, w = height // scale, width // scale
@@ -736,23 +744,10 @@ class DiffusionTransformerUNet(nn.Module):
                         f"at most it); pad or resize the input (multiples of {self.size_multiple} always work)"
                     ) from err
 
-    def _check(self, x: object, name: str, channels: int) -> None:
-        if not isinstance(x, Tensor) or x.ndim != 4:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"expected {name} of shape (B, {channels}, H, W), got {shape}")
-        if x.shape[1] != channels:
-            raise ValueError(f"expected {channels} {name} channels, got {x.shape[1]}")
+    def _check_input(self, x: object, channels: int, what: str) -> Tensor:
+        x = check_input(x, channels, what)
         self.check_size(x.shape[-2], x.shape[-1])
-
-    def _timesteps(self, t: Tensor | int | float, x_t: Tensor) -> Tensor:
-        batch = x_t.shape[0]
-        if not isinstance(t, Tensor):
-            t = torch.tensor(t, device=x_t.device)
-        if t.ndim == 0:
-            t = t.expand(batch)
-        if t.ndim != 1 or t.shape[0] != batch:
-            raise ValueError(f"expected timesteps t of shape ({batch},) (or a scalar), got {tuple(t.shape)}")
-        return t.to(x_t.device)
+        return x
 
     # ------------------------------------------------------------------ network
     def encode_condition(self, image: Tensor) -> Tensor:
@@ -767,7 +762,7 @@ class DiffusionTransformerUNet(nn.Module):
         Raises:
             ValueError: wrong channel count or a size the network cannot take (see :meth:`check_size`).
         """
-        self._check(image, "image", self.image_channels)
+        self._check_input(image, self.image_channels, "image")
         return self.image_encoder(image)
 
     def fuse(self, x_t: Tensor, cond: Tensor) -> Tensor:
@@ -788,8 +783,8 @@ class DiffusionTransformerUNet(nn.Module):
         Raises:
             ValueError: wrong x_t shape or size, wrong t shape, or ``cond`` not matching x_t.
         """
-        self._check(x_t, "x_t", self.mask_channels)
-        t = self._timesteps(t, x_t)
+        self._check_input(x_t, self.mask_channels, "x_t")
+        t = batch_timesteps(t, x_t)
         p = self.patch_size
         expected = (x_t.shape[0], self.cond_dim, x_t.shape[-2] // p, x_t.shape[-1] // p)
         if not isinstance(cond, Tensor) or tuple(cond.shape) != expected:

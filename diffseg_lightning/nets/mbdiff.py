@@ -22,9 +22,11 @@ from diffseg_lightning.nets.blocks import (
     ResBlock,
     TimestepEmbedding,
     Upsample,
+    batch_timesteps,
+    check_input,
     conv3x3,
     norm_groups,
-    zero_module,
+    output_head,
 )
 
 __all__ = ["MBDiffUNet", "MultiScaleImageGuidance"]
@@ -244,37 +246,12 @@ class MBDiffUNet(nn.Module):
             for k in range(self.num_levels)
         )
         self.ups = nn.ModuleList(Upsample(chans[k]) for k in range(1, self.num_levels))
-        self.out = nn.Sequential(
-            nn.GroupNorm(norm_groups(chans[0]), chans[0]),
-            nn.SiLU(),
-            zero_module(conv3x3(chans[0], self.out_channels)),
-        )
+        self.out = output_head(chans[0], self.out_channels)
 
     # ------------------------------------------------------------------ checks
-    def _check_size(self, height: int, width: int, what: str) -> None:
+    def _check_input(self, x: object, channels: int, what: str) -> Tensor:
         f = self.downsample_factor
-        if height % f or width % f:
-            raise ValueError(
-                f"MBDiffUNet: {what} size (H, W) = ({height}, {width}) is not divisible by the downsampling "
-                f"factor {f} (= 2**(len(channel_mults)-1)); pad or resize to a multiple of {f}"
-            )
-
-    def _check_4d(self, x: object, channels: int, what: str) -> Tensor:
-        if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != channels:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"MBDiffUNet: expected {what} of shape (B, {channels}, H, W), got {shape}")
-        self._check_size(x.shape[-2], x.shape[-1], what)
-        return x
-
-    def _timesteps(self, t: Tensor | int | float, x_t: Tensor) -> Tensor:
-        t = torch.as_tensor(t, device=x_t.device)
-        if t.ndim == 0:
-            t = t.expand(x_t.shape[0])
-        if t.shape != (x_t.shape[0],):
-            raise ValueError(
-                f"MBDiffUNet: expected timesteps of shape ({x_t.shape[0]},), got {tuple(t.shape)}"
-            )
-        return t
+        return check_input(x, channels, what, f, why="2**(len(channel_mults)-1)", owner="MBDiffUNet")
 
     def _check_cond(self, cond: object, x_t: Tensor) -> tuple[Tensor, ...]:
         b, _, h, w = x_t.shape
@@ -301,7 +278,7 @@ class MBDiffUNet(nn.Module):
         Raises:
             ValueError: wrong shape or channel count, or a size not divisible by :attr:`downsample_factor`.
         """
-        return self.guidance(self._check_4d(image, self.image_channels, "image"))
+        return self.guidance(self._check_input(image, self.image_channels, "image"))
 
     def _run(self, x_t: Tensor, t: Tensor, guidance: Sequence[Tensor]) -> Tensor:
         emb = self.time_embed(t)
@@ -337,8 +314,8 @@ class MBDiffUNet(nn.Module):
         Raises:
             ValueError: a wrong shape of x_t, t or cond, or a size not divisible by :attr:`downsample_factor`.
         """
-        x_t = self._check_4d(x_t, self.mask_channels, "x_t")
-        return self._run(x_t, self._timesteps(t, x_t), self._check_cond(cond, x_t))
+        x_t = self._check_input(x_t, self.mask_channels, "x_t")
+        return self._run(x_t, batch_timesteps(t, x_t, owner="MBDiffUNet"), self._check_cond(cond, x_t))
 
     def forward_with_image(self, x_t: Tensor, t: Tensor | int | float, image: Tensor) -> Tensor:
         """Un-split forward (the guidance is computed inside); equal to ``forward(x_t, t, encode_condition(image))``.

@@ -19,9 +19,10 @@ from diffseg_lightning.nets.blocks import (
     ResBlock,
     TimestepEmbedding,
     Upsample,
+    batch_timesteps,
+    check_input,
     conv3x3,
-    norm_groups,
-    zero_module,
+    output_head,
 )
 
 __all__ = ["MedSegDiffUNet"]
@@ -262,46 +263,12 @@ class MedSegDiffUNet(nn.Module):
         )
         self.upsamples = nn.ModuleList(Upsample(chans[k]) for k in range(1, self.num_levels))
 
-        self.out = nn.Sequential(
-            nn.GroupNorm(norm_groups(chans[0]), chans[0]),
-            nn.SiLU(),
-            zero_module(conv3x3(chans[0], self.out_channels)),
-        )
+        self.out = output_head(chans[0], self.out_channels)
 
     # ------------------------------------------------------------------ validation
-    def _check_size(self, height: int, width: int) -> None:
-        f = self.downsample_factor
-        if height % f or width % f:
-            raise ValueError(
-                f"input size (H, W) = ({height}, {width}) is not divisible by the downsampling factor {f} "
-                f"(= 2**(len(channel_mults)-1) for channel_mults={self.channel_mults}); pad or resize the input"
-            )
-
-    def _check_image(self, image: Tensor) -> None:
-        if not isinstance(image, Tensor) or image.ndim != 4:
-            shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
-            raise ValueError(f"expected an image of shape (B, {self.image_channels}, H, W), got {shape}")
-        if image.shape[1] != self.image_channels:
-            raise ValueError(f"expected {self.image_channels} image channels, got {image.shape[1]}")
-        self._check_size(image.shape[-2], image.shape[-1])
-
-    def _check_x_t(self, x_t: Tensor) -> None:
-        if not isinstance(x_t, Tensor) or x_t.ndim != 4:
-            shape = tuple(x_t.shape) if isinstance(x_t, Tensor) else type(x_t).__name__
-            raise ValueError(f"expected x_t of shape (B, {self.mask_channels}, H, W), got {shape}")
-        if x_t.shape[1] != self.mask_channels:
-            raise ValueError(f"expected {self.mask_channels} mask channels in x_t, got {x_t.shape[1]}")
-        self._check_size(x_t.shape[-2], x_t.shape[-1])
-
-    def _timesteps(self, t: Tensor | int | float, x_t: Tensor) -> Tensor:
-        batch = x_t.shape[0]
-        if not isinstance(t, Tensor):
-            t = torch.tensor(t, device=x_t.device)
-        if t.ndim == 0:
-            t = t.expand(batch)
-        if t.ndim != 1 or t.shape[0] != batch:
-            raise ValueError(f"expected timesteps t of shape ({batch},) (or a scalar), got {tuple(t.shape)}")
-        return t.to(x_t.device)
+    def _check_input(self, x: Tensor, channels: int, what: str) -> Tensor:
+        why = f"2**(len(channel_mults)-1) for channel_mults={self.channel_mults}"
+        return check_input(x, channels, what, self.downsample_factor, why=why)
 
     def _cond_shapes(self, batch: int, height: int, width: int) -> list[tuple[int, ...]]:
         if self.dynamic_encoding:
@@ -342,7 +309,7 @@ class MedSegDiffUNet(nn.Module):
             ValueError: wrong channel count ("expected N image channels, got M") or a
                 size not divisible by :attr:`downsample_factor`.
         """
-        self._check_image(image)
+        self._check_input(image, self.image_channels, "image")
         h = self.cond_stem(image)
         if self.dynamic_encoding:
             return (h,)
@@ -409,8 +376,8 @@ class MedSegDiffUNet(nn.Module):
             ValueError: wrong x_t shape, size not divisible by :attr:`downsample_factor`,
                 wrong t shape, or ``cond`` not matching this network and x_t.
         """
-        self._check_x_t(x_t)
-        t = self._timesteps(t, x_t)
+        self._check_input(x_t, self.mask_channels, "x_t mask")
+        t = batch_timesteps(t, x_t)
         stem, cached = self._split_cond(cond, x_t)
         return self._run(x_t, t, stem, cached)
 
@@ -428,13 +395,13 @@ class MedSegDiffUNet(nn.Module):
         Returns:
             (B, out_channels, H, W).
         """
-        self._check_x_t(x_t)
-        self._check_image(image)
+        self._check_input(x_t, self.mask_channels, "x_t mask")
+        self._check_input(image, self.image_channels, "image")
         if image.shape[0] != x_t.shape[0] or image.shape[-2:] != x_t.shape[-2:]:
             raise ValueError(
                 f"image {tuple(image.shape)} does not match x_t {tuple(x_t.shape)} in batch or size"
             )
-        t = self._timesteps(t, x_t)
+        t = batch_timesteps(t, x_t)
         return self._run(x_t, t, self.cond_stem(image), None)
 
     def encoder_features(
@@ -452,8 +419,8 @@ class MedSegDiffUNet(nn.Module):
             mask-branch features m_x^k (after the FF-Parser), ``"condition"`` the
             condition-encoder outputs m_I^k, ``"fused"`` e_I^k = m_I^k + A(m_I^k, m_x^k).
         """
-        self._check_x_t(x_t)
-        t = self._timesteps(t, x_t)
+        self._check_input(x_t, self.mask_channels, "x_t mask")
+        t = batch_timesteps(t, x_t)
         stem, cached = self._split_cond(cond, x_t)
         mask_feats, cond_feats, fused = self._encode(x_t, self.time_embed(t), stem, cached)
         return {"mask": tuple(mask_feats), "condition": tuple(cond_feats), "fused": tuple(fused)}

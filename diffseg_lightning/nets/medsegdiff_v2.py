@@ -36,9 +36,11 @@ from diffseg_lightning.nets.blocks import (
     ResBlock,
     TimestepEmbedding,
     Upsample,
+    batch_timesteps,
+    check_input,
     conv3x3,
     norm_groups,
-    zero_module,
+    output_head,
 )
 
 __all__ = [
@@ -821,38 +823,12 @@ class MedSegDiffV2UNet(nn.Module):
             for k in range(self.num_levels)
         )
         self.upsamples = nn.ModuleList(Upsample(chans[k]) for k in range(1, self.num_levels))
-        self.out = nn.Sequential(
-            nn.GroupNorm(norm_groups(chans[0]), chans[0]),
-            nn.SiLU(),
-            zero_module(conv3x3(chans[0], self.out_channels)),
-        )
+        self.out = output_head(chans[0], self.out_channels)
 
     # ------------------------------------------------------------------ validation
-    def _check_size(self, height: int, width: int) -> None:
-        f = self.downsample_factor
-        if height % f or width % f:
-            raise ValueError(
-                f"input size (H, W) = ({height}, {width}) is not divisible by the downsampling factor {f} "
-                f"(= 2**(len(channel_mults)-1) for channel_mults={self.channel_mults}); pad or resize the input"
-            )
-
-    def _check_input(self, x: Tensor, channels: int, what: str) -> None:
-        if not isinstance(x, Tensor) or x.ndim != 4:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"expected {what} of shape (B, {channels}, H, W), got {shape}")
-        if x.shape[1] != channels:
-            raise ValueError(f"expected {channels} {what} channels, got {x.shape[1]}")
-        self._check_size(x.shape[-2], x.shape[-1])
-
-    def _timesteps(self, t: Tensor | int | float, x_t: Tensor) -> Tensor:
-        batch = x_t.shape[0]
-        if not isinstance(t, Tensor):
-            t = torch.tensor(t, device=x_t.device)
-        if t.ndim == 0:
-            t = t.expand(batch)
-        if t.ndim != 1 or t.shape[0] != batch:
-            raise ValueError(f"expected timesteps t of shape ({batch},) (or a scalar), got {tuple(t.shape)}")
-        return t.to(x_t.device)
+    def _check_input(self, x: Tensor, channels: int, what: str) -> Tensor:
+        why = f"2**(len(channel_mults)-1) for channel_mults={self.channel_mults}"
+        return check_input(x, channels, what, self.downsample_factor, why=why)
 
     def cond_shapes(self, batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
         """Shapes of :meth:`encode_condition`'s output for a (batch, ., height, width) input.
@@ -956,7 +932,7 @@ class MedSegDiffV2UNet(nn.Module):
                 or ``cond`` not matching this network and x_t.
         """
         self._check_input(x_t, self.mask_channels, "mask")
-        t = self._timesteps(t, x_t)
+        t = batch_timesteps(t, x_t)
         self._check_cond(cond, x_t)
         emb = self.time_embed(t)
         h = self.mask_stem(x_t)
