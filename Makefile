@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-full lint clean
+.PHONY: help install train test test-full lint bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ test-full: $(STAMP) ## every test, including the training runs that must learn
 lint: $(STAMP) ## ruff lint and format check
 	$(VENV)/bin/ruff check diffseg_lightning tests experiments
 	$(VENV)/bin/ruff format --check diffseg_lightning tests experiments
+
+bench: $(STAMP) ## sampling speed against the released MedSegDiff protocol (reduced grid, < 10 min on 2 CPUs); ARGS="--full ..."
+	$(PY) experiments/bench_sampling.py $(ARGS)
 
 clean: ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun logs wandb .pytest_cache .ruff_cache
