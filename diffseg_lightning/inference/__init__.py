@@ -9,7 +9,12 @@ from diffseg_lightning.inference.fusion import (
     fuse_samples,
     staple,
 )
-from diffseg_lightning.inference.sampler import DiffusionSampler, describe_samples, repeat_condition
+from diffseg_lightning.inference.sampler import (
+    DiffusionSampler,
+    describe_samples,
+    repeat_condition,
+    slice_condition,
+)
 from diffseg_lightning.inference.uncertainty import mutual_information, predictive_entropy, sample_std
 
 __all__ = [
@@ -24,5 +29,6 @@ __all__ = [
     "predictive_entropy",
     "repeat_condition",
     "sample_std",
+    "slice_condition",
     "staple",
 ]

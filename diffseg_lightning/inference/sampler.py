@@ -57,6 +57,19 @@ def repeat_condition(cond: Any, repeats: int) -> Any:
     raise TypeError(f"cannot repeat a condition of type {type(cond).__name__}")
 
 
+def slice_condition(cond: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of every batch-first tensor in ``cond`` (a tensor, tuple, list or dict)."""
+    if torch.is_tensor(cond):
+        return cond[start:stop]
+    if isinstance(cond, tuple | list):
+        return type(cond)(slice_condition(c, start, stop) for c in cond)
+    if isinstance(cond, dict):
+        return {k: slice_condition(v, start, stop) for k, v in cond.items()}
+    if cond is None:
+        return None
+    raise TypeError(f"cannot slice a condition of type {type(cond).__name__}")
+
+
 def case_generators(seed: int, case_ids: torch.Tensor, device: torch.device) -> list[torch.Generator]:
     """One generator per case, seeded from (seed, case id), so a case's noise does not depend on its batch."""
     return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + int(i)) for i in case_ids.tolist()]
@@ -96,6 +109,10 @@ class DiffusionSampler:
         tau: the evolution fusion's voting threshold on ``sum_i y_i`` over the S decoded evolutions, in
             [0, S]; ``None`` (default) gives ``threshold * S``, i.e. ``S / 2`` (a majority) at threshold 0.5.
             Ignored by the other fusions.
+        max_batch: the most rows (images x samples) one network pass may take: each step's (B*S) batch
+            is split into chunks of at most ``max_batch`` rows, run one after the other, and their outputs
+            concatenated before the kernel's step, which still runs on the whole batch (so the samples,
+            random draws included, are the same whatever the chunking). ``None`` (default): one pass.
     """
 
     num_steps: int = 25
@@ -105,8 +122,16 @@ class DiffusionSampler:
     seed: int = 0
     parallel: str = "data"
     tau: float | None = None
+    max_batch: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_batch is not None and (
+            isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1
+        ):
+            raise ValueError(
+                f"sampler.max_batch must be null (one network pass per step) or a positive integer (the most "
+                f"rows, images x samples, per network pass), got {self.max_batch!r}"
+            )
         Fusion.parse(self.fusion)
         if self.tau is not None and not (
             isinstance(self.tau, int | float) and 0.0 <= self.tau <= self.num_samples
@@ -134,6 +159,7 @@ class DiffusionSampler:
             "seed": self.seed,
             "parallel": self.parallel,
             "tau": self.tau,
+            "max_batch": self.max_batch,
         }
 
     def _sample_shard(self) -> tuple[int, int]:
@@ -141,6 +167,22 @@ class DiffusionSampler:
         if self.parallel == "sample" and dist.is_available() and dist.is_initialized():
             return dist.get_rank(), dist.get_world_size()
         return 0, 1
+
+    def _denoise(self, denoiser: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        """The network's output for the (N, ...) batch ``x``, in passes of at most ``max_batch`` rows."""
+        n = x.shape[0]
+        if self.max_batch is None or n <= self.max_batch:
+            return denoiser(x, t, cond).float()
+        return torch.cat(
+            [
+                denoiser(
+                    x[i : i + self.max_batch],
+                    t[i : i + self.max_batch],
+                    slice_condition(cond, i, i + self.max_batch),
+                ).float()
+                for i in range(0, n, self.max_batch)
+            ]
+        )
 
     def _reverse(
         self,
@@ -165,7 +207,7 @@ class DiffusionSampler:
             t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
             t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
             t_prev_batch = torch.full((x.shape[0],), t_prev, device=x.device, dtype=torch.long)
-            output = denoiser(x, t_batch, cond).float()
+            output = self._denoise(denoiser, x, t_batch, cond)
             if final_log_variance and t_prev < 0:
                 log_variance = final_step_log_variance(kernel, output, x, t_batch)
             x, x0 = kernel.step(output, t_batch, t_prev_batch, x, generator=generator)

@@ -1,0 +1,130 @@
+"""``sampler.max_batch``: each step's (B*S) network pass split into chunks, with identical samples."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from diffseg_lightning.diffusion import BernoulliKernel, GaussianKernel
+from diffseg_lightning.inference import DiffusionSampler, repeat_condition, slice_condition
+
+
+class TinyDenoiser(nn.Module):
+    """A fixed random conv net on [x_t, image]; records the rows of every pass."""
+
+    def __init__(self, out_channels: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, out_channels, 3, padding=1)
+        self.rows: list[int] = []
+
+    def encode_condition(self, image):
+        return image
+
+    def forward(self, x_t, t, cond):
+        self.rows.append(x_t.shape[0])
+        assert cond.shape[0] == x_t.shape[0] == t.shape[0]
+        return torch.tanh(self.conv(torch.cat([x_t, cond], 1)) + t.float().view(-1, 1, 1, 1) / 100)
+
+
+class DictDenoiser(nn.Module):
+    """A condition as a dict of batch-first tensors, nested in a tuple; checks each chunk's rows agree."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 3, padding=1)
+        self.rows: list[int] = []
+
+    def encode_condition(self, image):
+        return {"image": image, "extra": (image.flatten(1).mean(1), [image * 0.5])}
+
+    def forward(self, x_t, t, cond):
+        self.rows.append(x_t.shape[0])
+        mean, (half,) = cond["extra"]
+        assert cond["image"].shape[0] == mean.shape[0] == half.shape[0] == x_t.shape[0]
+        bias = mean.view(-1, 1, 1, 1)
+        return torch.tanh(self.conv(torch.cat([x_t, cond["image"], half], 1)) + bias)
+
+
+KERNELS = {
+    "ddim_eta0": lambda: GaussianKernel(num_train_timesteps=50, objective="x0"),
+    "ddpm": lambda: GaussianKernel(num_train_timesteps=50, objective="x0", sampling="ddpm"),
+    "ddim_eta1": lambda: GaussianKernel(num_train_timesteps=50, objective="epsilon", eta=1.0),
+    "bernoulli": lambda: BernoulliKernel(num_train_timesteps=50),
+}
+
+
+def sample(max_batch, kernel, net, images, **kwargs):
+    sampler = DiffusionSampler(num_steps=5, num_samples=3, seed=3, max_batch=max_batch, **kwargs)
+    return sampler.sample(net, kernel, images, 1, case_ids=torch.arange(images.shape[0]))
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+@pytest.mark.parametrize("max_batch", [1, 4, 5, 11, 12, 100])
+def test_chunked_sampling_equals_one_pass(name, max_batch):
+    torch.manual_seed(0)
+    kernel, net = KERNELS[name](), TinyDenoiser()
+    images = torch.randn(4, 1, 8, 8)
+    whole = sample(None, kernel, net, images)
+    assert net.rows == [12] * 5
+    net.rows.clear()
+    chunked = sample(max_batch, kernel, net, images)
+    assert max(net.rows) <= max_batch and sum(net.rows) == 12 * 5
+    assert len(net.rows) == 5 * -(-12 // max_batch)
+    for key in ("samples", "probability", "mask", "std", "entropy"):
+        torch.testing.assert_close(chunked[key], whole[key], rtol=0, atol=1e-6)
+
+
+def test_stochastic_sampler_still_differs_across_seeds():
+    torch.manual_seed(0)
+    kernel, net = KERNELS["bernoulli"](), TinyDenoiser()
+    images = torch.randn(2, 1, 8, 8)
+    a = sample(2, kernel, net, images)
+    b = DiffusionSampler(num_steps=5, num_samples=3, seed=4, max_batch=2).sample(net, kernel, images, 1)
+    assert not torch.equal(a["samples"], b["samples"])
+
+
+def test_dict_condition_is_chunked_row_for_row():
+    torch.manual_seed(0)
+    kernel, net = KERNELS["ddpm"](), DictDenoiser()
+    images = torch.randn(3, 1, 8, 8)
+    whole = sample(None, kernel, net, images)
+    net.rows.clear()
+    chunked = sample(4, kernel, net, images)
+    assert net.rows == [4, 4, 1] * 5
+    torch.testing.assert_close(chunked["samples"], whole["samples"], rtol=0, atol=1e-6)
+
+
+def test_evolution_fusion_reads_the_final_step_through_the_chunks():
+    torch.manual_seed(0)
+    kernel = GaussianKernel(num_train_timesteps=50, objective="x0", learn_variance=True)
+    net, images = TinyDenoiser(out_channels=2), torch.randn(3, 1, 8, 8)
+    whole = sample(None, kernel, net, images, fusion="evolution")
+    net.rows.clear()
+    chunked = sample(2, kernel, net, images, fusion="evolution")
+    assert max(net.rows) <= 2
+    for key in ("samples", "mask", "evolution_uncertainty"):
+        torch.testing.assert_close(chunked[key], whole[key], rtol=0, atol=1e-6)
+
+
+def test_slice_condition_on_nested_structures():
+    a, b = torch.arange(3).reshape(3, 1), torch.arange(6).reshape(3, 2)
+    cond = repeat_condition({"x": a, "y": (b, [a]), "none": None}, 2)
+    out = slice_condition(cond, 1, 4)
+    assert out["x"].ravel().tolist() == [0, 1, 1]
+    assert isinstance(out["y"], tuple) and isinstance(out["y"][1], list)
+    assert out["y"][0].tolist() == [[0, 1], [2, 3], [2, 3]] and out["y"][1][0].shape == (3, 1)
+    assert out["none"] is None
+    with pytest.raises(TypeError, match="cannot slice a condition of type str"):
+        slice_condition("image", 0, 1)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, "8", True])
+def test_max_batch_is_validated(bad):
+    with pytest.raises(ValueError, match=r"sampler.max_batch must be null .* or a positive integer"):
+        DiffusionSampler(max_batch=bad)
+
+
+def test_max_batch_in_settings():
+    assert DiffusionSampler().settings()["max_batch"] is None
+    assert DiffusionSampler(max_batch=8).settings()["max_batch"] == 8
