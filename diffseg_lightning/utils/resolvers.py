@@ -32,11 +32,30 @@ def model_output_channels(mask_channels: int, learn_variance: bool) -> int:
     return int(mask_channels) * (2 if learn_variance else 1)
 
 
+def slurm_tasks(devices) -> int:
+    """SLURM tasks per node for ``hydra/launcher=slurm``: one per device, as Lightning's SLURMEnvironment
+    expects."""
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise ValueError(
+            f"hydra/launcher=slurm needs trainer.devices as a positive number of devices per node, got "
+            f"{devices!r} (-1 / auto are unknown before the job lands on a node): e.g. trainer.devices=8"
+        )
+    return devices
+
+
+def slurm_gpus(accelerator: str, devices) -> int | None:
+    """GPUs per node to request: one per task, none when the trainer runs on CPU."""
+    tasks = slurm_tasks(devices)
+    return None if str(accelerator) == "cpu" else tasks
+
+
 def register_resolvers() -> None:
     """Register the ``diffseg.*`` resolvers (idempotent)."""
     resolvers = {
         "diffseg.wandb_offline": wandb_offline,
         "diffseg.output_channels": model_output_channels,
+        "diffseg.slurm_tasks": slurm_tasks,
+        "diffseg.slurm_gpus": slurm_gpus,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
