@@ -585,3 +585,141 @@ def test_bad_options(kwargs, valid):
 def test_bad_schedule_name():
     with pytest.raises(ValueError, match=r"\['linear', 'cosine'\]"):
         make_beta_schedule("sigmoid", 10)
+
+
+# ----------------------------------------------------------------------------- DPM-Solver++(2M)
+def dpmpp_2m_by_hand(abar: torch.Tensor, grid: list[int], x_T: float, x0_preds: list[float]) -> list[float]:
+    """DPM-Solver++(2M) on scalars in float64, straight from Lu et al. (2022), Alg. 2.
+
+    lambda = log(alpha / sigma), h = lambda_prev - lambda_t; first step D = x0_pred; later steps
+    r = h_last / h, D = (1 + 1/(2r)) x0_pred - 1/(2r) x0_pred_last;
+    x_prev = (sigma_prev / sigma_t) x_t - alpha_prev (e^{-h} - 1) D; the final step returns x0_pred.
+    """
+
+    def lam(t: int) -> float:
+        return math.log(math.sqrt(abar[t].item()) / math.sqrt(1.0 - abar[t].item()))
+
+    x, xs, last = x_T, [], None
+    for i, t in enumerate(grid):
+        t_prev = grid[i + 1] if i + 1 < len(grid) else -1
+        x0 = x0_preds[i]
+        if t_prev < 0:
+            x = x0
+        else:
+            h = lam(t_prev) - lam(t)
+            d = x0
+            if last is not None:
+                r = (lam(t) - last[1]) / h
+                d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * last[0]
+            a_p, s_p, s_t = (
+                math.sqrt(abar[t_prev].item()),
+                math.sqrt(1 - abar[t_prev].item()),
+                math.sqrt(1 - abar[t].item()),
+            )
+            x = s_p / s_t * x - a_p * (math.exp(-h) - 1) * d
+        last = (x0, lam(t))
+        xs.append(x)
+    return xs
+
+
+def test_dpmpp_2m_matches_the_update_rule_by_hand():
+    """An arbitrary (non-oracle) x0 model: every step equals the float64 hand computation of the paper's rule.
+
+    Two samples on different grids in one batch (per-sample timesteps and lambdas).
+    """
+    k = GaussianKernel(objective="x0", sampling="dpmpp_2m", clip_x0=False)
+    grids = [k.inference_timesteps(5).tolist(), k.inference_timesteps(20).tolist()[:4] + [37]]
+    x0_preds = [[0.3, -0.7, 0.9, 0.1, -0.2], [-0.5, 0.8, 0.25, -0.9, 0.6]]
+    x_T = [1.3, -0.4]
+    want = [
+        dpmpp_2m_by_hand(linear_abar64(), g, xt, p) for g, xt, p in zip(grids, x_T, x0_preds, strict=True)
+    ]
+    x = torch.tensor(x_T).view(2, 1, 1, 1)
+    history: dict[str, torch.Tensor] = {}
+    for i in range(5):
+        t = torch.tensor([g[i] for g in grids])
+        tp = torch.tensor([g[i + 1] if i + 1 < 5 else -1 for g in grids])
+        out = torch.tensor([p[i] for p in x0_preds]).view(2, 1, 1, 1)
+        x, x0_pred = k.step(out, t, tp, x, history=history)
+        assert torch.equal(x0_pred, out)
+        torch.testing.assert_close(
+            x.double().flatten(),
+            torch.tensor([w[i] for w in want], dtype=torch.float64),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+    assert torch.equal(x, x0_pred), "the final step must return x0_pred"
+
+
+def test_dpmpp_2m_second_order_term_is_used():
+    """With history the second step differs from a first-order step; without history it is first order."""
+    k = GaussianKernel(objective="x0", sampling="dpmpp_2m", clip_x0=False)
+    x = torch.full((1, 1, 1, 1), 0.7)
+    t0, t1, t2 = 999, 499, 199
+    history: dict[str, torch.Tensor] = {}
+    x1, _ = k.step(torch.full_like(x, 0.4), t0, t1, x, history=history)
+    assert set(history) == {"x0_pred", "lambda"}
+    second, _ = k.step(torch.full_like(x, -0.6), t1, t2, x1, history=history)
+    first, _ = k.step(torch.full_like(x, -0.6), t1, t2, x1)
+    assert not torch.allclose(second, first)
+
+
+@pytest.mark.parametrize("objective", ["epsilon", "x0"])
+def test_dpmpp_2m_first_order_step_equals_ddim_eta0(objective):
+    """DPM-Solver++(1) is DDIM (Lu et al. 2022, Sec. 4): a step without history equals a deterministic DDIM step."""
+    t, t_prev = random_pairs(8, 11)
+    x_t = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(12))
+    out = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(13))
+    dpm = GaussianKernel(objective=objective, sampling="dpmpp_2m").step(out, t, t_prev, x_t)
+    ddim = GaussianKernel(objective=objective, sampling="ddim", eta=0.0).step(out, t, t_prev, x_t)
+    torch.testing.assert_close(dpm[1], ddim[1])
+    torch.testing.assert_close(dpm[0], ddim[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("learn_variance", [False, True], ids=["fixedvar", "learnedvar"])
+@pytest.mark.parametrize("objective", ["epsilon", "x0"])
+def test_dpmpp_2m_oracle_stays_on_the_ode_trajectory(objective, learn_variance):
+    """With an oracle, x0_pred is x0 at the end, and every sample is alpha_t x0 + sigma_t eps exactly.
+
+    eps is fixed by the prior: x_T = alpha_{T-1} x0 + sigma_{T-1} eps. The data-prediction ODE keeps an
+    oracle chain on this deterministic trajectory, at every step count.
+    """
+    k = GaussianKernel(objective=objective, learn_variance=learn_variance, sampling="dpmpp_2m")
+    x0 = binary_x0(14)
+    abar = k.alphas_cumprod.double()
+    for num_steps in (1000, 50, 10, 5):
+        x = k.sample_prior(x0.shape, "cpu", generator=torch.Generator().manual_seed(num_steps))
+        ts = k.inference_timesteps(num_steps).tolist()
+        eps = (x.double() - abar[ts[0]].sqrt() * x0) / (1 - abar[ts[0]]).sqrt()
+        history: dict[str, torch.Tensor] = {}
+        for i, t in enumerate(ts):
+            t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+            tb = torch.full((x0.shape[0],), t, dtype=torch.long)
+            x, x0_pred = k.step(
+                oracle_output(k, x, x0, tb), tb, torch.full_like(tb, t_prev), x, history=history
+            )
+            if t_prev >= 0:
+                on_path = abar[t_prev].sqrt() * x0 + (1 - abar[t_prev]).sqrt() * eps
+                torch.testing.assert_close(
+                    x.double(), on_path, atol=1e-4, rtol=0, msg=f"{num_steps}: {t}->{t_prev}"
+                )
+        assert torch.equal(x, x0_pred), "the final step must return x0_pred"
+        torch.testing.assert_close(x0_pred, x0, atol=1e-4, rtol=0)
+
+
+def test_dpmpp_2m_does_not_sync_host(monkeypatch):
+    """No .item(), bool(tensor), int(tensor) or tolist() in a multistep chain with per-sample final steps."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host synchronisation inside the kernel")
+
+    x = binary_x0(0, (2, 1, 8, 8))
+    k = GaussianKernel(sampling="dpmpp_2m")
+    out = torch.zeros(2, 1, 8, 8)
+    for name in ("item", "__bool__", "__int__", "__float__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    history: dict[str, torch.Tensor] = {}
+    x, _ = k.step(out, torch.tensor([999, 20]), torch.tensor([500, 10]), x, history=history)
+    x, _ = k.step(out, torch.tensor([500, 10]), torch.tensor([100, -1]), x, history=history)
+    monkeypatch.undo()
+    assert torch.isfinite(x).all()

@@ -422,6 +422,7 @@ class BernoulliKernel(NoiseKernel):
         t_prev: Tensor | int,
         x_t: Tensor,
         generator: torch.Generator | None = None,
+        history: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """One strided reverse step from the noise level of ``t`` to that of ``t_prev``.
 
@@ -438,6 +439,8 @@ class BernoulliKernel(NoiseKernel):
             t_prev: LongTensor ``(B,)`` (or 0-dim / int); ``-1`` for the final step.
             x_t: current sample in ``{0, 1}``, ``(B, C, H, W)``.
             generator: random generator for the step's draw (on ``x_t``'s device).
+            history: the kernel contract's per-chain memory for multistep samplers; unused here
+                (every step of this kernel is one-step).
 
         Returns:
             ``(x_prev, x0_pred)``, each ``(B, C, H, W)``; ``x0_pred`` in ``[0, 1]``.

@@ -5,6 +5,9 @@ References:
     process ``q(x_t | x_0)``, posterior ``q(x_{t-1} | x_t, x_0)``, the simple epsilon loss.
     Song, Meng & Ermon (2021), "Denoising Diffusion Implicit Models" (DDIM): the
     non-Markovian update with stochasticity ``eta`` (Eq. 12 and 16).
+    Lu, Zhou, Bao, Chen, Li & Zhu (2022), "DPM-Solver++: Fast Solver for Guided Sampling of
+    Diffusion Probabilistic Models": the multistep second-order data-prediction solver
+    DPM-Solver++(2M) (Alg. 2), ``sampling="dpmpp_2m"``.
     Nichol & Dhariwal (2021), "Improved Denoising Diffusion Probabilistic Models": cosine
     schedule, learned variance ``log Sigma = v log beta + (1 - v) log beta_tilde`` (Eq. 15),
     the hybrid loss ``L_simple + lambda L_vlb`` with a stop-gradient on the mean for
@@ -46,7 +49,7 @@ __all__ = [
 #: Valid values of the ``objective`` option: what the network predicts.
 OBJECTIVES: tuple[str, ...] = ("epsilon", "x0")
 #: Valid values of the ``sampling`` option: the update used by ``GaussianKernel.step``.
-SAMPLERS: tuple[str, ...] = ("ddim", "ddpm")
+SAMPLERS: tuple[str, ...] = ("ddim", "ddpm", "dpmpp_2m")
 
 _LOG2 = math.log(2.0)
 
@@ -137,7 +140,8 @@ class GaussianKernel(NoiseKernel):
             ``[-1, 1]`` interpolating the log-variance between ``beta_tilde`` and ``beta``; the
             loss becomes ``mse + vlb_weight * vlb`` (Nichol & Dhariwal 2021).
         vlb_weight: weight of the vlb term (1.0 = the paper's ``lambda = 0.001`` at T = 1000).
-        sampling: the update that ``step`` uses, ``"ddim"`` or ``"ddpm"``.
+        sampling: the update that ``step`` uses, ``"ddim"``, ``"ddpm"`` or ``"dpmpp_2m"``
+            (DPM-Solver++(2M), Lu et al. 2022; multistep, see ``step``'s ``history``).
         eta: DDIM stochasticity (0 = deterministic DDIM, 1 = the DDPM posterior variance).
         clip_x0: clamp the predicted ``x0`` to ``[-1, 1]`` when sampling.
 
@@ -473,6 +477,48 @@ class GaussianKernel(NoiseKernel):
         table = torch.stack(fields, 1).reshape(t.shape[0], len(fields), *([1] * (ndim - 1)))
         return _Respaced(*table.unbind(1))
 
+    def _log_snr(self, t: Tensor) -> Tensor:
+        """Half log-SNR ``lambda_t = log(alpha_t / sigma_t)`` for timesteps ``t`` (B,); ``+inf`` at ``t = -1``."""
+        valid = (t >= 0).to(self.log_alphas_cumprod.dtype)
+        la = self.log_alphas_cumprod.index_select(0, t.clamp(min=0)) * valid  # log abar, 0 at t = -1
+        return 0.5 * (la - torch.log(-torch.expm1(la)))
+
+    def _dpmpp_2m(
+        self,
+        x0: Tensor,
+        x_t: Tensor,
+        t: Tensor | int,
+        t_prev: Tensor | int,
+        history: dict[str, Tensor] | None,
+    ) -> Tensor:
+        """The DPM-Solver++(2M) update of ``step`` (Lu et al. 2022, Alg. 2); updates ``history`` in place.
+
+        Coefficients are computed on ``(B,)`` vectors: ``alpha_prev (1 - e^{-h})`` as
+        ``-alpha_prev expm1(-h)`` and ``sigma_prev / sigma_t`` from ``log abar`` with ``expm1``. On the
+        final step ``lambda_prev = +inf`` gives exactly ``x_prev = x0_pred`` (coefficients 1 and 0, and
+        the second-order correction is switched off with ``torch.where``).
+        """
+        b, nd = x_t.shape[0], x_t.ndim
+        t = self._batch_t(t, b)
+        t_prev = self._batch_t(t_prev, b, "t_prev")
+        valid = t_prev >= 0
+        la_t = self.log_alphas_cumprod.index_select(0, t)
+        la_p = self.log_alphas_cumprod.index_select(0, t_prev.clamp(min=0)) * valid.to(la_t.dtype)
+        lam_t = self._log_snr(t)
+        h = self._log_snr(t_prev) - lam_t  # +inf on the final step
+        coef_x0 = -torch.exp(0.5 * la_p) * torch.expm1(-h)  # alpha_prev (1 - e^{-h}); 1 on the final step
+        coef_xt = torch.exp(0.5 * (torch.log(-torch.expm1(la_p)) - torch.log(-torch.expm1(la_t))))
+        d = x0
+        if history is not None and "x0_pred" in history:
+            h_last = lam_t - history["lambda"]
+            # 1 / (2 r) = h / (2 h_last); 0 on the final step, which returns x0_pred
+            half_inv_r = torch.where(valid, h / (2.0 * h_last), torch.zeros_like(h))
+            d = x0 + self._bcast(half_inv_r, nd) * (x0 - history["x0_pred"])
+        if history is not None:
+            history["x0_pred"] = x0
+            history["lambda"] = lam_t
+        return self._bcast(coef_xt, nd) * x_t + self._bcast(coef_x0, nd) * d
+
     def step(
         self,
         model_output: Tensor,
@@ -480,6 +526,7 @@ class GaussianKernel(NoiseKernel):
         t_prev: Tensor | int,
         x_t: Tensor,
         generator: torch.Generator | None = None,
+        history: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """One strided reverse step from the noise level of ``t`` to that of ``t_prev``.
 
@@ -494,12 +541,28 @@ class GaussianKernel(NoiseKernel):
         is the final step: ``x_prev = x0_pred``, no noise. No host synchronisation: per-sample
         choices use ``torch.where``. The caller guarantees ``-1 <= t_prev < t``.
 
+        ``"dpmpp_2m"`` (DPM-Solver++(2M), Lu et al. 2022, Alg. 2), deterministic, with
+        ``alpha = sqrt(abar)``, ``sigma = sqrt(1 - abar)``, ``lambda = log(alpha / sigma)`` and
+        ``h = lambda_prev - lambda_t``: ``x_prev = (sigma_prev / sigma_t) x_t - alpha_prev (e^{-h} - 1) D``
+        with ``D = x0_pred`` on a first step (no ``history``, or an empty one) and otherwise, with
+        ``r = h_last / h``, ``D = (1 + 1/(2r)) x0_pred - 1/(2r) x0_pred_last``, where ``x0_pred_last``
+        and ``h_last = lambda_t - lambda_last`` come from the previous step of the same chain. The
+        final step (``t_prev = -1``) returns ``x0_pred``. It ignores ``eta`` and a learned variance
+        (like DDIM); a first-order step equals DDIM with ``eta = 0``.
+
+        The step itself keeps no state: a multistep update reads the previous step's
+        ``x0_pred`` and ``lambda`` from ``history``, a dict that the caller creates empty for each
+        chain and passes to every step of it, and writes this step's into it (keys
+        ``"x0_pred"`` and ``"lambda"``). The other samplers neither read nor write it.
+
         Args:
             model_output: ``(B, C, H, W)``, or ``(B, 2C, H, W)`` with learned variance.
             t: LongTensor ``(B,)``; a 0-dim tensor or int is broadcast.
             t_prev: LongTensor ``(B,)`` (or 0-dim / int); ``-1`` for the final step.
             x_t: current sample ``(B, C, H, W)``.
             generator: random generator for the step's noise (on ``x_t``'s device).
+            history: per-chain memory of a multistep sampler (``"dpmpp_2m"``), updated in place;
+                ``None`` gives first-order steps. Ignored by ``"ddim"`` and ``"ddpm"``.
 
         Returns:
             ``(x_prev, x0_pred)``, each ``(B, C, H, W)``.
@@ -508,6 +571,8 @@ class GaussianKernel(NoiseKernel):
         c = self._respaced(self._batch_t(t, b), self._batch_t(t_prev, b, "t_prev"), x_t.ndim)
         out, v = self.split_output(model_output, x_t)
         x0, eps = self._x0_eps(out, x_t, c.sqrt_abar, c.sqrt_one_minus_abar, self.clip_x0)
+        if self.sampling == "dpmpp_2m":
+            return self._dpmpp_2m(x0, x_t, t, t_prev, history), x0
         if self.sampling == "ddim":
             x_prev = c.sqrt_abar_prev * x0
             if self.eta > 0.0:

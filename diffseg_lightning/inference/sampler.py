@@ -203,6 +203,7 @@ class DiffusionSampler:
         timesteps = kernel.inference_timesteps(self.num_steps).tolist()
         x0 = x
         log_variance = None
+        history: dict[str, torch.Tensor] = {}  # per-chain memory of multistep kernels (kernel contract)
         for i, t in enumerate(timesteps):
             t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
             t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
@@ -210,7 +211,7 @@ class DiffusionSampler:
             output = self._denoise(denoiser, x, t_batch, cond)
             if final_log_variance and t_prev < 0:
                 log_variance = final_step_log_variance(kernel, output, x, t_batch)
-            x, x0 = kernel.step(output, t_batch, t_prev_batch, x, generator=generator)
+            x, x0 = kernel.step(output, t_batch, t_prev_batch, x, generator=generator, history=history)
         if final_log_variance:
             return x0, log_variance
         return x0
