@@ -197,13 +197,14 @@ def reference_step_seconds(module, kernel, image, timed_steps: int, seed: int = 
     generator = torch.Generator(device=device).manual_seed(seed)
     x = kernel.sample_prior((1, module.mask_channels, *image.shape[-2:]), device=device, generator=generator)
     denoiser = module.denoiser
+    history: dict = {}  # the kernel contract's per-chain state (multistep samplers); ancestral DDPM ignores it
 
     def step(i: int, x: torch.Tensor) -> torch.Tensor:
         t, t_prev = timesteps[i], timesteps[i + 1] if i + 1 < len(timesteps) else -1
         t_batch = torch.full((1,), t, device=device, dtype=torch.long)
         t_prev_batch = torch.full((1,), t_prev, device=device, dtype=torch.long)
         output = denoiser(x, t_batch, denoiser.encode_condition(image)).float()  # image branch every step
-        x, _ = kernel.step(output, t_batch, t_prev_batch, x, generator=generator)
+        x, _ = kernel.step(output, t_batch, t_prev_batch, x, generator=generator, history=history)
         return x
 
     step(0, x)  # warm-up, discarded
