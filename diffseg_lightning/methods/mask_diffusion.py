@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -48,6 +49,52 @@ def warmup_cosine(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def compile_in_place(net: nn.Module, owner: str) -> bool:
+    """``torch.compile`` ``net``'s forward in place (``nn.Module.compile``: state_dict keys unchanged, no
+    ``_orig_mod.``), with a fallback to eager and one warning naming the reason when the backend is missing
+    or fails, at compile time or at the first call (e.g. no C++ compiler for inductor). Returns whether the
+    network was compiled (a later failure at its first call still falls back)."""
+
+    def fall_back(err: BaseException) -> None:
+        while getattr(err, "inner_exception", None) is not None or err.__cause__ is not None:
+            err = getattr(err, "inner_exception", None) or err.__cause__  # e.g. inside BackendCompilerFailed
+        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        net._compiled_call_impl = None
+        warnings.warn(
+            f"{owner}: model.compile=true but torch.compile is unavailable here ({reason}); "
+            "running the network eagerly",
+            UserWarning,
+            stacklevel=3,
+        )
+
+    try:
+        if not torch._dynamo.is_dynamo_supported():
+            raise RuntimeError("TorchDynamo does not support this Python or platform")
+        net.compile()
+    except Exception as err:  # the backend's import and checks raise many types
+        fall_back(err)
+        return False
+    compiled = net._compiled_call_impl
+    checked = False
+
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        nonlocal checked
+        if checked:
+            return compiled(*args, **kwargs)
+        try:
+            out = compiled(*args, **kwargs)
+        except Exception as err:
+            # a real error in the network fails eagerly too, and is raised from there
+            out = net._call_impl(*args, **kwargs)
+            fall_back(err)
+            return out
+        checked = True
+        return out
+
+    net._compiled_call_impl = guarded
+    return True
+
+
 class SegmentationMethod(L.LightningModule):
     """What every method shares: the training target, the optimiser, the evaluation protocol, checkpoints.
 
@@ -67,7 +114,19 @@ class SegmentationMethod(L.LightningModule):
         scheduler: a partial LR scheduler, called with ``(optimizer, total_steps=...)``, or None.
         mask_channels: C, channels of the mask.
         spacing: pixel spacing for HD95, or None for pixels.
+        compile: ``torch.compile`` the network (``network_attr``) once, in :meth:`setup`, in place
+            (checkpoint keys unchanged); eager, with one warning, when the backend is unavailable.
+        channels_last: keep the convolution weights and the network's image inputs in
+            ``torch.channels_last`` memory format (faster convolutions on tensor cores, same numbers).
+
+    Mixed precision (``trainer.precision=bf16-mixed``): Lightning's precision plugin wraps every step,
+    sampling included, in the same autocast as training. Sampling runs under ``torch.inference_mode``
+    (Lightning's test and predict loops already do; its fit-time validation loop only disables gradients,
+    so :meth:`validation_step` and :meth:`predict_step` enter it themselves). See
+    ``tests/test_speed_options.py``.
     """
+
+    network_attr = "net"  # the attribute holding the network that ``compile`` compiles
 
     def __init__(
         self,
@@ -75,8 +134,13 @@ class SegmentationMethod(L.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         mask_channels: int = 1,
         spacing: Sequence[float] | None = None,
+        compile: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
+        self.compile_network = bool(compile)
+        self.channels_last = bool(channels_last)
+        self._speed_applied = False
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.mask_channels = mask_channels
@@ -100,6 +164,10 @@ class SegmentationMethod(L.LightningModule):
 
         Lightning's model summary also shows FLOPs (= 2 MACs) once ``example_input_array`` is set here.
         """
+        self._measure(stage)
+        self.apply_speed_options()  # after the eager measurement (and after callbacks copied the model)
+
+    def _measure(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         dataset = getattr(datamodule, "datasets", {}).get("train") if datamodule is not None else None
         if stage != "fit" or dataset is None or self.network_cost is not None:
@@ -116,6 +184,28 @@ class SegmentationMethod(L.LightningModule):
             f"{self.network_cost['macs_per_pass'] / 1e9:.3f} GMACs per network pass at "
             f"{image.shape[-2]}x{image.shape[-1]}"
         )
+
+    # ------------------------------------------------------------------------------ speed options
+    def apply_speed_options(self) -> None:
+        """Apply ``channels_last`` and ``compile`` once (called by :meth:`setup`, after the eager measurement).
+
+        Not ``configure_model``: overriding it makes Lightning's ``WeightAveraging`` warn about sharding.
+        """
+        if self._speed_applied:
+            return
+        self._speed_applied = True
+        if self.channels_last:  # convolution weights only: other 4-D parameters keep their layout
+            for module in self.modules():
+                if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
+                    module.to(memory_format=torch.channels_last)
+        if self.compile_network:
+            compile_in_place(getattr(self, self.network_attr), type(self).__name__)
+
+    def to_memory_format(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in channels-last memory format when ``channels_last`` is on and ``x`` is 4-D; else ``x``."""
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
 
     # ----------------------------------------------------------------------------------- training
     def training_target(self, batch: dict) -> torch.Tensor:
@@ -155,7 +245,8 @@ class SegmentationMethod(L.LightningModule):
 
     def _evaluate_batch(self, batch: dict, batch_idx: int) -> None:
         start = time.perf_counter()
-        out = self.sample(batch["image"], batch["index"])
+        with torch.inference_mode():  # Lightning's fit-time validation loop runs under no_grad only
+            out = self.sample(batch["image"], batch["index"])
         if out["mask"].is_cuda:
             torch.cuda.synchronize()
         self._sampling_seconds += time.perf_counter() - start
@@ -214,7 +305,8 @@ class SegmentationMethod(L.LightningModule):
         self._finish("test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Any]:
-        out = self.sample(batch["image"], batch["index"])
+        with torch.inference_mode():
+            out = self.sample(batch["image"], batch["index"])
         return {"case": batch["case"], "original_size": batch.get("original_size"), **out}
 
     # ------------------------------------------------------------------------------ checkpoints
@@ -252,7 +344,11 @@ class MaskDiffusionModule(SegmentationMethod):
         scheduler: a partial LR scheduler, called with ``(optimizer, total_steps=...)``, or None.
         mask_channels: C, channels of the mask.
         spacing: pixel spacing for HD95, or None for pixels.
+        compile: ``torch.compile`` the denoiser (see :class:`SegmentationMethod`).
+        channels_last: channels-last weights and images (see :class:`SegmentationMethod`).
     """
+
+    network_attr = "denoiser"
 
     def __init__(
         self,
@@ -263,8 +359,10 @@ class MaskDiffusionModule(SegmentationMethod):
         scheduler: Callable[..., Any] | None = None,
         mask_channels: int = 1,
         spacing: Sequence[float] | None = None,
+        compile: bool = False,
+        channels_last: bool = False,
     ) -> None:
-        super().__init__(optimizer, scheduler, mask_channels, spacing)
+        super().__init__(optimizer, scheduler, mask_channels, spacing, compile, channels_last)
         self.denoiser = denoiser
         self.kernel = kernel
         self.sampler = sampler
@@ -272,7 +370,8 @@ class MaskDiffusionModule(SegmentationMethod):
     # ----------------------------------------------------------------------------------- training
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """One network pass (image branch included): what each sampling step costs, per image."""
-        return self.denoiser(x_t, t, self.denoiser.encode_condition(image))
+        image = self.to_memory_format(image)
+        return self.denoiser(self.to_memory_format(x_t), t, self.denoiser.encode_condition(image))
 
     def example_input(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x_t = torch.zeros(1, self.mask_channels, *image.shape[-2:])
@@ -282,8 +381,8 @@ class MaskDiffusionModule(SegmentationMethod):
         target = self.training_target(batch).float()
         x0 = self.kernel.encode_mask(target)
         t = self.kernel.sample_timesteps(x0.shape[0], device=x0.device)
-        x_t = self.kernel.q_sample(x0, t)
-        cond = self.denoiser.encode_condition(batch["image"])
+        x_t = self.to_memory_format(self.kernel.q_sample(x0, t))
+        cond = self.denoiser.encode_condition(self.to_memory_format(batch["image"]))
         losses = self.kernel.loss(self.denoiser(x_t, t, cond).float(), x0, x_t, t)
         auxiliary = getattr(self.denoiser, "auxiliary_loss", None)  # a denoiser's own terms (MedSegDiff-V2)
         if auxiliary is not None:
@@ -296,6 +395,7 @@ class MaskDiffusionModule(SegmentationMethod):
     # ------------------------------------------------------------------------ sampling and metrics
     def sample(self, image: torch.Tensor, case_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """S samples per image, fused, with uncertainty maps (see :class:`DiffusionSampler`)."""
+        image = self.to_memory_format(image)
         return self.sampler.sample(self.denoiser, self.kernel, image, self.mask_channels, case_ids)
 
     def inference_settings(self) -> dict[str, Any]:

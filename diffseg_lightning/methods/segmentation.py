@@ -128,6 +128,8 @@ class SegmentationModule(SegmentationMethod):
         kernel: ignored (see above).
         sampler: the inference recipe; only its ``threshold`` and ``parallel`` are used. None gives
             threshold 0.5.
+        compile: ``torch.compile`` the U-Net (``self.net``; see :class:`SegmentationMethod`).
+        channels_last: channels-last weights and images (see :class:`SegmentationMethod`).
     """
 
     def __init__(
@@ -140,8 +142,10 @@ class SegmentationModule(SegmentationMethod):
         loss: nn.Module | None = None,
         kernel: Any = None,
         sampler: DiffusionSampler | None = None,
+        compile: bool = False,
+        channels_last: bool = False,
     ) -> None:
-        super().__init__(optimizer, scheduler, mask_channels, spacing)
+        super().__init__(optimizer, scheduler, mask_channels, spacing, compile, channels_last)
         del kernel  # a deterministic network has no noise kernel (documented above)
         self.net = net
         self.loss = loss if loss is not None else DiceBCELoss()
@@ -163,7 +167,7 @@ class SegmentationModule(SegmentationMethod):
                 f"{type(self.net).__name__} downsamples by {fh}x{fw} (the product of its strides), so the "
                 f"input size must be divisible by it; got {h}x{w} (set data.size to a multiple of {fh})"
             )
-        return self.net(image)
+        return self.net(self.to_memory_format(image))
 
     # ----------------------------------------------------------------------------------- training
     def loss_terms(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
