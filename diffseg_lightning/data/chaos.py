@@ -12,7 +12,7 @@ import torch
 
 from diffseg_lightning.data.base import CaseDataset
 from diffseg_lightning.data.folder import as_size, check_channels, check_same_size, read_grey, resize
-from diffseg_lightning.data.splits import check_split, seeded_split
+from diffseg_lightning.data.splits import check_fractions, check_split, seeded_split
 from diffseg_lightning.utils.errors import DiffSegError
 
 # The sequence folders of one MR patient: (DICOM folder, ground-truth folder), relative to MR/<id>/.
@@ -170,10 +170,7 @@ class CHAOS(CaseDataset):
                     f"CHAOS: clip_percentiles must be (low, high) in [0, 100], got {clip_percentiles}"
                 )
             clip_percentiles = (low, high)
-        if len(fractions) != 3:
-            raise ValueError(
-                f"CHAOS: fractions must be three shares (train, val, test), got {list(fractions)}"
-            )
+        check_fractions(fractions)
         self.size = as_size(size)
         self.channels = channels
         self.sequence, self.target = sequence, target

@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from diffseg_lightning.data.base import CaseDataset
-from diffseg_lightning.data.splits import seeded_split
+from diffseg_lightning.data.splits import check_fractions, seeded_split
 from diffseg_lightning.utils.errors import DiffSegError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
@@ -394,10 +394,7 @@ class PairedFolder(CaseDataset):
         super().__init__(on_bad_case)
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
-            raise ValueError(
-                f"fractions must be three non-negative shares summing to 1, got {list(fractions)}"
-            )
+        check_fractions(fractions)
         self.root = Path(root)
         if not self.root.is_dir():
             raise DiffSegError(f"data root {self.root} does not exist or is not a folder")

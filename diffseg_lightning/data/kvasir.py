@@ -20,7 +20,7 @@ from diffseg_lightning.data.folder import (
     read_image,
     resize,
 )
-from diffseg_lightning.data.splits import check_split, seeded_split
+from diffseg_lightning.data.splits import check_fractions, check_split, seeded_split
 from diffseg_lightning.utils.errors import DiffSegError
 
 KVASIR_SPLITS = ("train", "val", "test")
@@ -92,10 +92,7 @@ class KvasirSEG(CaseDataset):
     ) -> None:
         super().__init__(on_bad_case)
         self.split = check_split(split, KVASIR_SPLITS, "KvasirSEG")
-        if len(fractions) != 3:
-            raise ValueError(
-                f"KvasirSEG: fractions must be three shares (train, val, test), got {list(fractions)}"
-            )
+        check_fractions(fractions)
         self.root = locate_root(root, self.FOLDER, "images")
         if not (self.root / "images").is_dir():
             raise DiffSegError(

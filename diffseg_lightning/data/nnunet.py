@@ -16,7 +16,13 @@ import torch
 from diffseg_lightning.data.base import CaseDataset
 from diffseg_lightning.data.folder import as_size, check_same_size, read_image, read_label_map, resize
 from diffseg_lightning.data.qubiq import load_nifti, read_nifti_array
-from diffseg_lightning.data.splits import check_split, pool_split, seeded_split, train_val_split
+from diffseg_lightning.data.splits import (
+    check_fractions,
+    check_split,
+    pool_split,
+    seeded_split,
+    train_val_split,
+)
 from diffseg_lightning.utils.errors import DiffSegError
 
 NNUNET_SPLITS = ("train", "val", "test", "predict")
@@ -257,10 +263,7 @@ class NNUNetRaw(CaseDataset):
         self.split = check_split(split, NNUNET_SPLITS, "NNUNetRaw")
         if empty_slices not in EMPTY_SLICES:
             raise ValueError(f"NNUNetRaw: empty_slices must be one of {EMPTY_SLICES}, got {empty_slices!r}")
-        if len(fractions) != 3:
-            raise ValueError(
-                f"NNUNetRaw: fractions must be three shares (train, val, test), got {list(fractions)}"
-            )
+        check_fractions(fractions)
         self.window = None
         if window is not None:
             low, high = (float(v) for v in window)
