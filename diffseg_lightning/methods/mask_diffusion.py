@@ -243,6 +243,12 @@ class SegmentationMethod(L.LightningModule):
         """The ``sampler`` block of ``summary.json``, with ``num_samples``, ``num_steps`` and ``fusion``."""
         raise NotImplementedError
 
+    def case_rows(self, out: dict[str, torch.Tensor], batch: dict) -> list[dict]:
+        """One ``summary.json`` row per case of the batch: every metric of
+        :func:`~diffseg_lightning.metrics.report.case_metrics`. A method with more outputs (instances,
+        classes) extends the rows here, so its metrics land in the same summary, logs and interval tables."""
+        return case_metrics(out, batch, self.spacing)
+
     def _evaluate_batch(self, batch: dict, batch_idx: int) -> None:
         start = time.perf_counter()
         with torch.inference_mode():  # Lightning's fit-time validation loop runs under no_grad only
@@ -250,7 +256,7 @@ class SegmentationMethod(L.LightningModule):
         if out["mask"].is_cuda:
             torch.cuda.synchronize()
         self._sampling_seconds += time.perf_counter() - start
-        self._rows.extend(case_metrics(out, batch, self.spacing))
+        self._rows.extend(self.case_rows(out, batch))
         if batch_idx == 0:
             self.panel = {
                 k: v.detach().float().cpu()
