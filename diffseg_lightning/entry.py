@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffseg_lightning.utils.errors import DiffSegError
 
@@ -49,10 +49,46 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def module_from_checkpoint(checkpoint: dict[str, Any], sampler_cfg: DictConfig) -> L.LightningModule:
-    """Rebuild the trained module from the config stored in its checkpoint, with a new sampler."""
+#: Kernel settings that only change how a trained model is sampled; ``noise.<key>=...`` on the command line
+#: of ``diffseg-eval`` / ``diffseg-predict`` overrides them. Anything else (T, schedule, objective) would
+#: change what the network was trained to predict.
+SAMPLING_KEYS = ("sampling", "eta", "clip_x0")
+
+
+def inference_noise_config(trained: DictConfig, overrides: DictConfig | dict | None) -> DictConfig:
+    """The checkpoint's kernel config with the inference-time ``overrides`` (keys of :data:`SAMPLING_KEYS`;
+    a null value keeps the trained setting).
+
+    Raises:
+        DiffSegError: when an override is not a sampling setting, or the trained kernel has no such key.
+    """
+    overrides = {k: v for k, v in dict(overrides or {}).items() if v is not None}  # null: as trained
+    if not overrides:
+        return trained
+    for key in overrides:
+        if key not in SAMPLING_KEYS:
+            raise DiffSegError(
+                f"noise.{key} cannot change at inference: it is part of what the network was trained on; "
+                f"only {list(SAMPLING_KEYS)} can (e.g. noise.sampling=dpmpp_2m)"
+            )
+        if key not in trained:
+            raise DiffSegError(
+                f"noise.{key}: the checkpoint's kernel ({trained.get('_target_')}) has no such setting"
+            )
+    merged = trained.copy()
+    with open_dict(merged):
+        merged.merge_with(overrides)
+    return merged
+
+
+def module_from_checkpoint(
+    checkpoint: dict[str, Any], sampler_cfg: DictConfig, noise_overrides: DictConfig | dict | None = None
+) -> L.LightningModule:
+    """Rebuild the trained module from the config stored in its checkpoint, with a new sampler and,
+    optionally, new kernel sampling settings (:func:`inference_noise_config`)."""
     run_cfg = OmegaConf.create(checkpoint["diffseg_config"])
-    module = build_module(run_cfg.model, run_cfg.noise, sampler_cfg)
+    noise_cfg = inference_noise_config(run_cfg.noise, noise_overrides)
+    module = build_module(run_cfg.model, noise_cfg, sampler_cfg)
     module.load_state_dict(checkpoint["state_dict"])
     module.run_config = checkpoint["diffseg_config"]
     return module

@@ -83,6 +83,30 @@ def test_eval_on_the_validation_split(trained_run, tmp_path):
     assert summary["split"] == "val" and summary["metric_per_case"][0]["case"].startswith("synthetic-val-")
 
 
+@pytest.mark.parametrize("update", ["ddpm", "dpmpp_2m"])
+def test_eval_resamples_the_trained_kernel_with_another_update(trained_run, tmp_path, update):
+    """noise.sampling=... at eval changes only the reverse update: the trained kernel's T, schedule and
+    objective are kept, and summary.json says which update ran."""
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    common = [f"ckpt_path={ckpt}", "sampler.num_steps=3", "sampler.num_samples=2", "logger=none", "trainer.accelerator=cpu"]  # fmt: skip
+    evaluate(compose_config("eval", [*common, f"noise.sampling={update}"], tmp_path / update))
+    evaluate(compose_config("eval", common, tmp_path / "ddim"))
+    other = json.loads((tmp_path / update / "summary.json").read_text())
+    ddim = json.loads((tmp_path / "ddim" / "summary.json").read_text())
+    assert other["sampler"]["update"] == update and ddim["sampler"]["update"] == "ddim"
+    probs = [[r["mean_std"] for r in s["metric_per_case"]] for s in (other, ddim)]
+    assert probs[0] != probs[1], "a different reverse update must give different samples"
+
+
+def test_eval_refuses_to_change_what_the_network_was_trained_on(trained_run, tmp_path):
+    from diffseg_lightning.utils import DiffSegError
+
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    for override in ("+noise.objective=epsilon", "+noise.num_train_timesteps=100"):
+        with pytest.raises(DiffSegError, match="cannot change at inference"):
+            evaluate(compose_config("eval", [f"ckpt_path={ckpt}", override, "logger=none"], tmp_path))
+
+
 def test_predict_writes_masks_and_uncertainty(trained_run, tmp_path):
     images = tmp_path / "images"
     images.mkdir()

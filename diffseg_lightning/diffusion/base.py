@@ -36,6 +36,11 @@ class NoiseKernel(nn.Module):
         self.num_train_timesteps: int = num_train_timesteps
         self.schedule: str = schedule
 
+    @property
+    def update_rule(self) -> str:
+        """The name of the reverse update ``step`` uses, reported in ``summary.json`` (``sampler.update``)."""
+        return "posterior"
+
     def _batch_t(self, t: Tensor | int, batch: int, name: str = "t") -> Tensor:
         """Timesteps as a LongTensor ``(B,)`` on the buffers' device (a 0-dim or int is broadcast)."""
         t = torch.as_tensor(t, dtype=torch.long, device=self.alphas_cumprod.device)

@@ -220,6 +220,11 @@ class GaussianKernel(NoiseKernel):
         for name, value in tables.items():
             self.register_buffer(name, value.to(torch.float32), persistent=False)
 
+    @property
+    def update_rule(self) -> str:
+        """``sampling`` (``"ddim"``, ``"ddpm"`` or ``"dpmpp_2m"``)."""
+        return self.sampling
+
     def extra_repr(self) -> str:
         return (
             f"T={self.num_train_timesteps}, schedule={self.schedule!r}, objective={self.objective!r}, "

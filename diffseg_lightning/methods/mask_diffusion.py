@@ -405,5 +405,5 @@ class MaskDiffusionModule(SegmentationMethod):
         return self.sampler.sample(self.denoiser, self.kernel, image, self.mask_channels, case_ids)
 
     def inference_settings(self) -> dict[str, Any]:
-        """The sampler's settings (:meth:`DiffusionSampler.settings`)."""
-        return self.sampler.settings()
+        """The sampler's settings (:meth:`DiffusionSampler.settings`) and the kernel's reverse ``update``."""
+        return {**self.sampler.settings(), "update": self.kernel.update_rule}

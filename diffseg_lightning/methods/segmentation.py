@@ -209,6 +209,7 @@ class SegmentationModule(SegmentationMethod):
         """
         return {
             **dict.fromkeys(self._sampler_keys),
+            "update": None,
             "num_steps": 1,
             "num_samples": 1,
             "fusion": "none",
