@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	else \
 		$(PY) -m pip install torch==2.13.0 || $(PY) -m pip install torch --index-url https://download.pytorch.org/whl/cpu; \
 	fi
-	$(PY) -m pip install -e ".[dev,staple,sweep,slurm]"
+	$(PY) -m pip install -e ".[dev,staple,sweep,slurm,odise]"
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install the package with its dev extras

@@ -53,11 +53,12 @@ def test_features_match_separate_passes(one_thread, kernel):
     assert ex.out_channels == 24 * 3 and feats.shape == (2, 72, 12, 12)
     noise = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     expected = []
+    acts: dict[str, torch.Tensor] = {}
     for k, t in enumerate(TIMESTEPS):
-        acts = {}
+        acts.clear()
         handles = [
             dict(net.named_modules())[b].register_forward_hook(
-                lambda m, i, o, b=b: acts.__setitem__(b, o if torch.is_tensor(o) else o[0])
+                lambda m, i, o, b=b, acts=acts: acts.__setitem__(b, o if torch.is_tensor(o) else o[0])
             )
             for b in BLOCKS
         ]
@@ -77,6 +78,7 @@ def test_features_match_separate_passes(one_thread, kernel):
 def test_one_backbone_pass_for_all_timesteps_and_hooks_removed(one_thread, kernel):
     net = tiny_unet()
     ex = DiffusionFeatureExtractor(net, BLOCKS, TIMESTEPS, kernel=kernel)
+    assert ex.out_channels == (16 + 8) * 3  # measured by a dry run before any forward
     batches = []
     net.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
     out = ex(images(b=4))
@@ -148,7 +150,10 @@ def test_cache_hit_equals_recompute(one_thread, kernel, tmp_path):
     torch.testing.assert_close(mixed[:2], first, rtol=0, atol=0)
     assert (cache.directory / "setting.json").exists()
     # any change of setting or weights gives another key
-    assert FeatureCache(tmp_path, DiffusionFeatureExtractor(net, BLOCKS, [5], kernel=kernel), ident).key != cache.key
+    assert (
+        FeatureCache(tmp_path, DiffusionFeatureExtractor(net, BLOCKS, [5], kernel=kernel), ident).key
+        != cache.key
+    )
     assert FeatureCache(tmp_path, ex, ident + "x").key != cache.key
     other = DiffusionFeatureExtractor(tiny_unet(seed=1), BLOCKS, [5, 25], kernel=kernel, output_size=8)
     assert FeatureCache(tmp_path, other, ident).key != cache.key

@@ -3,4 +3,10 @@
 from diffseg_lightning.features.cache import FeatureCache, dataset_identity, extractor_setting, state_digest
 from diffseg_lightning.features.extractor import DiffusionFeatureExtractor
 
-__all__ = ["DiffusionFeatureExtractor", "FeatureCache", "dataset_identity", "extractor_setting", "state_digest"]
+__all__ = [
+    "DiffusionFeatureExtractor",
+    "FeatureCache",
+    "dataset_identity",
+    "extractor_setting",
+    "state_digest",
+]

@@ -148,7 +148,9 @@ class FeatureCache:
         if miss:
             index = torch.tensor(miss, device=images.device)
             sub = {
-                k: v.index_select(0, index) if isinstance(v, Tensor) and v.ndim and v.shape[0] == len(case_ids) else v
+                k: v.index_select(0, index)
+                if isinstance(v, Tensor) and v.ndim and v.shape[0] == len(case_ids)
+                else v
                 for k, v in kwargs.items()
             }
             computed = self.extractor(images.index_select(0, index), **sub)

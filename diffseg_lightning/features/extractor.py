@@ -180,7 +180,9 @@ class DiffusionFeatureExtractor(nn.Module):
 
     def measure(self, example: Tensor, **kwargs: Any) -> int:
         """Measure the block channels with a pass on ``example`` (B, C, H, W); returns ``out_channels``."""
-        self.forward(example[:1], **{k: v[:1] if isinstance(v, Tensor) and v.ndim else v for k, v in kwargs.items()})
+        self.forward(
+            example[:1], **{k: v[:1] if isinstance(v, Tensor) and v.ndim else v for k, v in kwargs.items()}
+        )
         return self.out_channels
 
     def _dry_run(self) -> None:
@@ -250,7 +252,9 @@ class DiffusionFeatureExtractor(nn.Module):
             with torch.inference_mode():
                 x_t, t = self.noised(x)
                 repeated = {
-                    k: v.repeat(K, *([1] * (v.ndim - 1))) if isinstance(v, Tensor) and v.ndim and v.shape[0] == B else v
+                    k: v.repeat(K, *([1] * (v.ndim - 1)))
+                    if isinstance(v, Tensor) and v.ndim and v.shape[0] == B
+                    else v
                     for k, v in kwargs.items()
                 }
                 self.call(self.backbone, x_t, t, **repeated)
