@@ -217,7 +217,7 @@ def test_bad_vocabulary_and_data_are_clear_errors(tiny_module):
 
 
 def test_differentiable_extractor_gives_the_shared_extractors_features(tiny_module):
-    """ContextGradientExtractor only switches autograd on: same hooks, noise, order and resizing."""
+    """differentiable=True only switches autograd on: same hooks, noise, order and resizing."""
     from diffseg_lightning.features.extractor import DiffusionFeatureExtractor
 
     net = tiny_module.net

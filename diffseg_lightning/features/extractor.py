@@ -73,7 +73,7 @@ class DiffusionFeatureExtractor(nn.Module):
           for the disk cache and for reproducible probes). Baranchuk et al.'s released code
           also fixes the noise once per run.
         * The backbone is frozen: ``requires_grad`` False and eval mode, kept in eval by
-          ``train()``; the pass runs under ``torch.inference_mode()``; the result is cloned
+          ``train()``; the pass runs under ``torch.inference_mode()`` (unless ``differentiable``); the result is cloned
           out of inference mode so that a probe can use it as an ordinary input.
         * Hooks are registered for the duration of ``forward`` only and removed in a
           ``finally`` clause, so the backbone behaves normally everywhere else.
@@ -92,6 +92,9 @@ class DiffusionFeatureExtractor(nn.Module):
         noise_seed: seed of the fixed noise.
         call: ``call(backbone, x_t, t, **kwargs)`` runs the backbone (e.g. to pass a text
             context to a diffusers U-Net); default ``backbone(x_t, t, **kwargs)``.
+        differentiable: run the pass with autograd on instead of under ``inference_mode``: the
+            backbone stays frozen, but gradients reach the inputs and tensor keyword arguments
+            (ODISE trains its implicit captioner's tokens through the frozen U-Net).
 
     Raises:
         ValueError: an unknown block (the message lists ``valid_blocks``), no blocks or no
@@ -107,6 +110,7 @@ class DiffusionFeatureExtractor(nn.Module):
         output_size: int | tuple[int, int] | None = None,
         noise_seed: int = 0,
         call: Callable[..., Any] | None = None,
+        differentiable: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(blocks, str):
@@ -145,6 +149,7 @@ class DiffusionFeatureExtractor(nn.Module):
         self.output_size: tuple[int, int] | None = output_size
         self.noise_seed = int(noise_seed)
         self.call: Callable[..., Any] = call if call is not None else _default_call
+        self.differentiable = bool(differentiable)
         self._block_channels: dict[str, int] | None = None
         self._noise: Tensor | None = None  # (K, C, H, W) on CPU, drawn once per input shape
         self.freeze()
@@ -249,7 +254,7 @@ class DiffusionFeatureExtractor(nn.Module):
 
         handles = [modules[name].register_forward_hook(make_hook(name)) for name in self.blocks]
         try:
-            with torch.inference_mode():
+            with torch.enable_grad() if self.differentiable else torch.inference_mode():
                 x_t, t = self.noised(x)
                 repeated = {
                     k: v.repeat(K, *([1] * (v.ndim - 1)))
@@ -279,6 +284,8 @@ class DiffusionFeatureExtractor(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
+        if self.differentiable:
+            return features
         return features.clone()  # out of inference mode: usable as an input to a trained probe
 
     def extra_repr(self) -> str:

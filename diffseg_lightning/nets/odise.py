@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffseg_lightning.features.extractor import DiffusionFeatureExtractor, _first_tensor
+from diffseg_lightning.features.extractor import DiffusionFeatureExtractor
 
 # ------------------------------------------------------------------------------------------- backbone
 TINY_UNET: dict[str, Any] = {
@@ -315,55 +315,6 @@ class ImplicitCaptioner(nn.Module):
 
 
 # ------------------------------------------------------------------------------- feature extractor
-class ContextGradientExtractor(DiffusionFeatureExtractor):
-    """:class:`~diffseg_lightning.features.DiffusionFeatureExtractor` whose pass is differentiable.
-
-    The shared extractor runs under ``torch.inference_mode()``, which cuts the gradient that ODISE's
-    implicit captioner needs: its tokens enter the frozen U-Net as ``encoder_hidden_states`` and are trained
-    through it (Xu et al., CVPR 2023, Sec. 3.2). This subclass runs the same pass (the parent's hooks,
-    noising, timestep batching, resizing and ordering) with autograd on; the U-Net stays frozen
-    (``requires_grad`` False, eval mode), so only the conditioning input receives gradients. When the
-    shared extractor gains a switch for this, this class can go (see the report of issue 8, part 3).
-    """
-
-    def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
-        if x.ndim != 4:
-            raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
-        B, K = x.shape[0], len(self.timesteps)
-        size = self.output_size or (int(x.shape[-2]), int(x.shape[-1]))
-        modules = dict(self.backbone.named_modules())
-        captured: dict[str, Tensor] = {}
-
-        def make_hook(name: str):
-            def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-                captured[name] = _first_tensor(output)
-
-            return hook
-
-        handles = [modules[name].register_forward_hook(make_hook(name)) for name in self.blocks]
-        try:
-            x_t, t = self.noised(x)
-            repeated = {
-                k: v.repeat(K, *([1] * (v.ndim - 1)))
-                if isinstance(v, Tensor) and v.ndim and v.shape[0] == B
-                else v
-                for k, v in kwargs.items()
-            }
-            self.call(self.backbone, x_t, t, **repeated)
-        finally:
-            for handle in handles:
-                handle.remove()
-        maps = []
-        for name in self.blocks:
-            act = captured[name].float()
-            if tuple(act.shape[-2:]) != size:
-                act = F.interpolate(act, size=size, mode="bilinear", align_corners=False)
-            maps.append(act.reshape(K, B, act.shape[1], *size))
-        if self._block_channels is None:
-            self._block_channels = {name: int(captured[name].shape[1]) for name in self.blocks}
-        return torch.cat(maps, dim=2).permute(1, 0, 2, 3, 4).reshape(B, -1, *size)
-
-
 def _unet_call(backbone: nn.Module, x_t: Tensor, t: Tensor, encoder_hidden_states: Tensor) -> Any:
     return backbone(x_t, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)
 
@@ -538,8 +489,15 @@ class ODISENet(nn.Module):
             raise ValueError(f"prompt must contain '{{}}' where the category name goes, got {prompt!r}")
         self.backbone = backbone
         self.prompt = prompt
-        self.extractor = ContextGradientExtractor(
-            backbone.unet, blocks, timesteps, kernel=kernel, noise_seed=noise_seed, call=_unet_call
+        # differentiable: the captioner's tokens are trained through the frozen U-Net (Sec. 3.2)
+        self.extractor = DiffusionFeatureExtractor(
+            backbone.unet,
+            blocks,
+            timesteps,
+            kernel=kernel,
+            noise_seed=noise_seed,
+            call=_unet_call,
+            differentiable=True,
         )
         with torch.no_grad():
             empty_tokens, empty_embed = backbone.encode_text([""])
@@ -623,7 +581,6 @@ class ODISENet(nn.Module):
 
 
 __all__ = [
-    "ContextGradientExtractor",
     "ImplicitCaptioner",
     "MaskQueryDecoder",
     "ODISEBackbone",
