@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from diffseg_lightning.utils.errors import DiffSegError
 
 DatasetFactory = Callable[[], Dataset]
 NORMALIZATIONS = ("zscore", "none")
+LABEL_SOURCES = (None, "from_masks")
 
 
 def zscore_per_channel(image: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -61,6 +63,12 @@ class SegmentationDataModule(L.LightningDataModule):
         cache_dir: keep each split's preprocessed items in memory-mapped arrays under this folder
             (:mod:`~diffseg_lightning.data.cache`), so no epoch after the first, and no later run with the
             same settings and files, decodes an image; None disables it. Implies ``check``.
+        labels: ``None`` (items keep what their loader gives) or ``from_masks``: an item without a
+            ``label`` gets the image-level label ``label = int(mask.any())`` (int64 scalar; 1 = lesion
+            present), derived in the collate function of every split (a loader's own label is kept).
+        withhold: item keys removed from every TRAINING batch (e.g. ``[mask, masks, instances]`` for weakly
+            supervised methods, which must never see a mask in training); removed per item before
+            collation, after ``labels`` was derived. Validation, test and predict batches keep everything.
 
     After :meth:`setup`, ``reports`` holds each checked split's :class:`SplitReport`.
     """
@@ -81,6 +89,8 @@ class SegmentationDataModule(L.LightningDataModule):
         check: bool = True,
         on_bad_case: str = "error",
         cache_dir: str | None = None,
+        labels: str | None = None,
+        withhold: list[str] | None = None,
         **_: Any,  # dataset-level keys (size, root, ...) live beside these in the data config
     ) -> None:
         super().__init__()
@@ -99,6 +109,12 @@ class SegmentationDataModule(L.LightningDataModule):
         self.on_bad_case = check_policy(on_bad_case)
         self.cache_dir = cache_dir
         self.reports: dict[str, SplitReport] = {}
+        if labels not in LABEL_SOURCES:
+            raise ValueError(f"data.labels must be one of {list(LABEL_SOURCES)}, got {labels!r}")
+        self.labels = labels
+        self.withhold = tuple(to_plain(withhold) or ())
+        if "image" in self.withhold:
+            raise ValueError("data.withhold cannot remove 'image' from the training batches")
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
@@ -198,7 +214,22 @@ class SegmentationDataModule(L.LightningDataModule):
                 f"data.mask_channels={self.mask_channels}"
             )
 
-    def collate(self, items: list[dict]) -> dict[str, Any]:
+    def prepare_item(self, item: dict, split: str | None = None) -> dict:
+        """``item`` with its derived ``label`` (``labels=from_masks``) and, for ``split == "train"``, without
+        the ``withhold`` keys. The dataset's own dict is never modified."""
+        if self.labels == "from_masks" and "label" not in item:
+            if "mask" not in item:
+                raise DiffSegError(
+                    f"{item.get('case', '?')}: data.labels=from_masks needs a mask to derive the label from"
+                )
+            item = {**item, "label": torch.as_tensor(int(bool(item["mask"].any())), dtype=torch.int64)}
+        if split == "train" and self.withhold:
+            item = {k: v for k, v in item.items() if k not in self.withhold}
+        return item
+
+    def collate(self, items: list[dict], split: str | None = None) -> dict[str, Any]:
+        if self.labels is not None or (split == "train" and self.withhold):
+            items = [self.prepare_item(item, split) for item in items]
         batch = default_collate(items)
         if self.normalize == "zscore":
             batch["image"] = zscore_per_channel(batch["image"].float())
@@ -217,7 +248,7 @@ class SegmentationDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,
-            collate_fn=self.collate,
+            collate_fn=partial(self.collate, split=split),
         )
 
     def train_dataloader(self) -> DataLoader:
