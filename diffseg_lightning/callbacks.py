@@ -203,8 +203,10 @@ class MaskWriter(BasePredictionWriter):
     with the input's affine and header (spacing); the axial slices of a volume are collected and
     written as one volume once all have been predicted. ``<stem>_overlay.png`` shows the mask on the
     image (for a volume, on its middle slice; NIfTI arrays are drawn as stored, first axis down).
-    Predictions are resized back to each input's original size (bilinear on probabilities, then
-    thresholded). Every file is written under a temporary name and renamed, so an interrupted run
+    The mask is the method's own (``prediction["mask"]``). Predictions are resized back to each input's
+    original size (bilinear); where the method's mask is its probability above ``threshold``, the resized
+    probability is thresholded, and any other mask (an Otsu threshold of a saliency map, a vote) is
+    resized itself and thresholded at 0.5. Every file is written under a temporary name and renamed, so an interrupted run
     leaves no partial file.
 
     Items whose ``error`` (see :class:`~diffseg_lightning.data.ImageFolder`) is set are not written:
@@ -213,7 +215,7 @@ class MaskWriter(BasePredictionWriter):
 
     Args:
         output_dir: the folder to write into (created when absent).
-        threshold: foreground where the probability exceeds it.
+        threshold: the sampler's threshold (see the rule above).
         overlay: also write ``<stem>_overlay.png``.
     """
 
@@ -242,16 +244,27 @@ class MaskWriter(BasePredictionWriter):
                 )
                 done.add(case)
                 continue
-            maps = {"prob": prediction["probability"][i], "uncertainty": prediction["entropy"][i]}
+            maps = {
+                "prob": prediction["probability"][i],
+                "uncertainty": prediction["entropy"][i],
+                "mask": prediction["mask"][i],
+            }
+            # Where the method's mask is its probability above the threshold, the resized probability is
+            # thresholded (smooth boundaries, mask and prob files agree); any other mask (an Otsu threshold
+            # of a saliency map, a vote) is resized itself.
+            thresholded = torch.equal(maps["mask"].bool(), maps["prob"] > self.threshold)
             if prediction.get("original_size") is not None:
                 size = prediction["original_size"][i].tolist()
                 maps = {
                     k: F.interpolate(v[None].float(), size=size, mode="bilinear", align_corners=False)[0]
                     for k, v in maps.items()
                 }
-            prob, uncertainty = (maps[k][0].float().cpu().numpy() for k in ("prob", "uncertainty"))
+            prob, uncertainty, mask = (
+                maps[k][0].float().cpu().numpy() for k in ("prob", "uncertainty", "mask")
+            )
+            mask = prob > self.threshold if thresholded else mask > 0.5
             if slice_index < 0:
-                self._write(case, prob, uncertainty)
+                self._write(case, prob, uncertainty, mask)
                 continue
             depth = int(batch["num_slices"][i])
             volume = self._volumes.setdefault(
@@ -259,14 +272,16 @@ class MaskWriter(BasePredictionWriter):
                 {
                     "prob": np.zeros((*prob.shape, depth), np.float32),
                     "uncertainty": np.zeros((*prob.shape, depth), np.float32),
+                    "mask": np.zeros((*prob.shape, depth), bool),
                     "seen": set(),
                 },
             )
             volume["prob"][..., slice_index], volume["uncertainty"][..., slice_index] = prob, uncertainty
+            volume["mask"][..., slice_index] = mask
             volume["seen"].add(slice_index)
             if len(volume["seen"]) == depth:
                 del self._volumes[case]
-                self._write(case, volume["prob"], volume["uncertainty"])
+                self._write(case, volume["prob"], volume["uncertainty"], volume["mask"])
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for case, volume in list(self._volumes.items()):
@@ -279,10 +294,10 @@ class MaskWriter(BasePredictionWriter):
         self.skipped.append((case, reason))
         log.warning("skipping %s: %s", case, reason)
 
-    def _write(self, case: str, prob: np.ndarray, uncertainty: np.ndarray) -> None:
-        """Write one input's outputs: ``prob`` and ``uncertainty`` are (H, W), or (H, W, D) for a volume."""
+    def _write(self, case: str, prob: np.ndarray, uncertainty: np.ndarray, mask: np.ndarray) -> None:
+        """Write one input's outputs: ``prob``, ``uncertainty`` and the bool ``mask`` are (H, W), or (H, W, D)
+        for a volume."""
         stem = file_stem(case)
-        mask = prob > self.threshold
         if is_nifti(case):
             source = nib.load(case)
             files = {

@@ -284,7 +284,29 @@ def test_failure_while_writing_leaves_no_partial_output(tmp_path, monkeypatch):
         "original_size": None,
         "probability": torch.full((1, 1, 8, 8), 0.7),
         "entropy": torch.zeros(1, 1, 8, 8),
+        "mask": torch.ones(1, 1, 8, 8),
     }
     with pytest.raises(KeyboardInterrupt):
         writer.write_on_batch_end(None, None, prediction, None, {"error": [""]}, 0)
     assert list(out.iterdir()) == [] and writer.written == []
+
+
+def test_the_written_mask_is_the_methods_own_not_a_threshold_of_the_probability(tmp_path):
+    """A method whose mask is not probability > 0.5 (an Otsu threshold of a saliency map, a vote) gets its
+    own mask written, resized to the original size."""
+    Image.fromarray(np.zeros((12, 16), np.uint8)).save(tmp_path / "in.png")
+    out = tmp_path / "out"
+    mask = torch.zeros(1, 1, 6, 8)
+    mask[..., :3, :] = 1  # top half, while the probability (0.3 everywhere) is below 0.5
+    prediction = {
+        "case": [str(tmp_path / "in.png")],
+        "original_size": torch.tensor([[12, 16]]),
+        "probability": torch.full((1, 1, 6, 8), 0.3),
+        "entropy": torch.zeros(1, 1, 6, 8),
+        "mask": mask,
+    }
+    MaskWriter(str(out), overlay=False).write_on_batch_end(None, None, prediction, None, {}, 0)
+    written = np.asarray(Image.open(out / "in_mask.png"))
+    assert written.shape == (12, 16)
+    assert (written[:6] == 255).all() and (written[6:] == 0).all()
+    assert (np.asarray(Image.open(out / "in_prob.png")) == round(0.3 * 255)).all()
