@@ -1,6 +1,7 @@
 """Multi-sample inference: batched sampling, fusion of the S samples (mean, vote, STAPLE, MB-Diff's evolution
 fusion), uncertainty maps."""
 
+from diffseg_lightning.inference.boxes import batched_nms, box_iou, generalized_box_iou
 from diffseg_lightning.inference.fusion import (
     Fusion,
     check_learned_variance,
@@ -20,11 +21,14 @@ from diffseg_lightning.inference.uncertainty import mutual_information, predicti
 __all__ = [
     "DiffusionSampler",
     "Fusion",
+    "batched_nms",
+    "box_iou",
     "check_learned_variance",
     "describe_samples",
     "evolution_fusion",
     "final_step_log_variance",
     "fuse_samples",
+    "generalized_box_iou",
     "mutual_information",
     "predictive_entropy",
     "repeat_condition",

@@ -1,6 +1,29 @@
 """LightningModules, one per paradigm: they orchestrate a kernel, a denoiser and an inference recipe."""
 
+from diffseg_lightning.methods.darl import DARLModule
+from diffseg_lightning.methods.dkm import DKMModule
+from diffseg_lightning.methods.fedd import FEDDModule
+from diffseg_lightning.methods.gland_diffusion import GlandDiffusionModule, UNetInstanceModule
+from diffseg_lightning.methods.gradcam import GradCAMModule
+from diffseg_lightning.methods.image_ddpm import ImageDiffusionModule
 from diffseg_lightning.methods.mask_diffusion import MaskDiffusionModule, SegmentationMethod, warmup_cosine
+from diffseg_lightning.methods.odise import ODISEModule
 from diffseg_lightning.methods.segmentation import DiceBCELoss, SegmentationModule
+from diffseg_lightning.methods.weak_cdm import WeakCDMModule
 
-__all__ = ["DiceBCELoss", "MaskDiffusionModule", "SegmentationMethod", "SegmentationModule", "warmup_cosine"]
+__all__ = [
+    "DARLModule",
+    "DKMModule",
+    "DiceBCELoss",
+    "FEDDModule",
+    "GlandDiffusionModule",
+    "GradCAMModule",
+    "ImageDiffusionModule",
+    "MaskDiffusionModule",
+    "ODISEModule",
+    "SegmentationMethod",
+    "SegmentationModule",
+    "UNetInstanceModule",
+    "WeakCDMModule",
+    "warmup_cosine",
+]

@@ -5,6 +5,7 @@ from diffseg_lightning.metrics.calibration import (
     uncertainty_error_auroc,
     uncertainty_error_overlap,
 )
+from diffseg_lightning.metrics.fairness import subgroup_report
 from diffseg_lightning.metrics.instances import (
     aggregated_jaccard_index,
     f1_at_iou,
@@ -39,6 +40,7 @@ __all__ = [
     "sample_diversity",
     "segmentation_metrics",
     "soft_dice",
+    "subgroup_report",
     "summarize",
     "uncertainty_error_auroc",
     "uncertainty_error_overlap",
