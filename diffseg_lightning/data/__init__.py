@@ -10,6 +10,7 @@ from diffseg_lightning.data.drive import DRIVE
 from diffseg_lightning.data.folder import ImageFolder, PairedFolder, read_image
 from diffseg_lightning.data.glas import GlaS
 from diffseg_lightning.data.groups import GroupsFromCSV
+from diffseg_lightning.data.hover import hover_maps, instances_from_structure, structure_from_instances
 from diffseg_lightning.data.isic import ISIC
 from diffseg_lightning.data.kvasir import KvasirSEG
 from diffseg_lightning.data.label_fraction import LabelFraction
@@ -17,6 +18,7 @@ from diffseg_lightning.data.lidc import LIDC
 from diffseg_lightning.data.monuseg import MoNuSeg
 from diffseg_lightning.data.negatives import KvasirPolypCrops
 from diffseg_lightning.data.nnunet import NNUNetRaw
+from diffseg_lightning.data.nuclei_aug import AugmentedNuclei, KMeansLabelFraction, kmeans_subset
 from diffseg_lightning.data.ph2 import PH2
 from diffseg_lightning.data.qubiq import QUBIQ
 from diffseg_lightning.data.refuge import REFUGE
@@ -31,6 +33,7 @@ from diffseg_lightning.data.xcad import XCAD
 
 __all__ = [
     "ArrayCache",
+    "AugmentedNuclei",
     "BraTS",
     "CHAOS",
     "CaseDataset",
@@ -39,6 +42,7 @@ __all__ = [
     "GroupsFromCSV",
     "ISIC",
     "ImageFolder",
+    "KMeansLabelFraction",
     "KvasirPolypCrops",
     "KvasirSEG",
     "LIDC",
@@ -60,8 +64,12 @@ __all__ = [
     "XCAD",
     "check_dataset",
     "check_split",
+    "hover_maps",
+    "instances_from_structure",
+    "kmeans_subset",
     "read_image",
     "split_by_fractions",
+    "structure_from_instances",
     "vessel_tree",
     "zscore_per_channel",
 ]

@@ -5,8 +5,10 @@ from diffseg_lightning.methods.dkm import DKMModule
 from diffseg_lightning.methods.fedd import FEDDModule
 from diffseg_lightning.methods.gland_diffusion import GlandDiffusionModule, UNetInstanceModule
 from diffseg_lightning.methods.gradcam import GradCAMModule
+from diffseg_lightning.methods.hovernet import HoVerNetModule
 from diffseg_lightning.methods.image_ddpm import ImageDiffusionModule
 from diffseg_lightning.methods.mask_diffusion import MaskDiffusionModule, SegmentationMethod, warmup_cosine
+from diffseg_lightning.methods.nuclei_aug import NucleiAugmentationModule, classifier_free_guidance
 from diffseg_lightning.methods.odise import ODISEModule
 from diffseg_lightning.methods.segmentation import DiceBCELoss, SegmentationModule
 from diffseg_lightning.methods.weak_cdm import WeakCDMModule
@@ -18,12 +20,15 @@ __all__ = [
     "FEDDModule",
     "GlandDiffusionModule",
     "GradCAMModule",
+    "HoVerNetModule",
     "ImageDiffusionModule",
     "MaskDiffusionModule",
+    "NucleiAugmentationModule",
     "ODISEModule",
     "SegmentationMethod",
     "SegmentationModule",
     "UNetInstanceModule",
     "WeakCDMModule",
+    "classifier_free_guidance",
     "warmup_cosine",
 ]

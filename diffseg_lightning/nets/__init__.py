@@ -22,9 +22,11 @@ from diffseg_lightning.nets.darl import DARLGenerator, LSGANDiscriminator, Switc
 from diffseg_lightning.nets.dkm import DKMSegNet, KineticBlock, KineticFusion
 from diffseg_lightning.nets.dtunet import DiffusionTransformerUNet
 from diffseg_lightning.nets.gland_diffusion import DynamicMaskHead, GlandDiffusionNet, MaskBranch, ResNetFPN
+from diffseg_lightning.nets.hover_unet import HoVerUNet
 from diffseg_lightning.nets.mbdiff import MBDiffUNet
 from diffseg_lightning.nets.medsegdiff import MedSegDiffUNet
 from diffseg_lightning.nets.medsegdiff_v2 import MedSegDiffV2UNet
+from diffseg_lightning.nets.nuclei_spade import SPADEMiddleDiffusionUNet
 from diffseg_lightning.nets.odise import ImplicitCaptioner, MaskQueryDecoder, ODISEBackbone, ODISENet
 from diffseg_lightning.nets.pixel_mlp import PixelMLPEnsemble
 from diffseg_lightning.nets.weak_cdm import ClassConditionalUNet, MixableClassEmbedding
@@ -41,6 +43,7 @@ __all__ = [
     "DynamicMaskHead",
     "FFParser",
     "GlandDiffusionNet",
+    "HoVerUNet",
     "ImplicitCaptioner",
     "KineticBlock",
     "KineticFusion",
@@ -56,6 +59,7 @@ __all__ = [
     "PixelMLPEnsemble",
     "ResBlock",
     "ResNetFPN",
+    "SPADEMiddleDiffusionUNet",
     "SwitchableSPADE",
     "TimestepEmbedding",
     "Upsample",
