@@ -47,9 +47,9 @@ def build(
 def test_every_diffusion_model_config_is_covered():
     from pathlib import Path
 
-    from diffseg_lightning.utils import CONFIG_DIR
-
     import yaml
+
+    from diffseg_lightning.utils import CONFIG_DIR
 
     configs = {
         p.stem

@@ -247,9 +247,7 @@ class DARLModule(SegmentationMethod):
         )
         self.tile_overlap = float(tile_overlap)
         self.gradient_clip = gradient_clip
-        self.threshold = sampler.threshold if sampler is not None else 0.5
-        self.parallel = sampler.parallel if sampler is not None else "data"
-        self._sampler_keys = list(sampler.settings()) if sampler is not None else []
+        self.use_sampler(sampler)
 
     # ------------------------------------------------------------------------------------ helpers
     def grey(self, image: torch.Tensor) -> torch.Tensor:
@@ -433,16 +431,8 @@ class DARLModule(SegmentationMethod):
 
     def inference_settings(self) -> dict[str, Any]:
         """What inference really did, in the keys of :meth:`DiffusionSampler.settings` (see the class)."""
-        return {
-            **dict.fromkeys(self._sampler_keys),
-            "num_steps": 1,
-            "num_samples": 1,
-            "fusion": "none",
-            "threshold": self.threshold,
-            "seed": None,
-            "parallel": self.parallel,
-            "deterministic": True,
-            "timestep": 0,
-            "tile_size": list(self.tile_size) if self.tile_size is not None else None,
-            "tile_overlap": self.tile_overlap if self.tile_size is not None else None,
-        }
+        return self.single_pass_settings(
+            timestep=0,
+            tile_size=list(self.tile_size) if self.tile_size is not None else None,
+            tile_overlap=self.tile_overlap if self.tile_size is not None else None,
+        )

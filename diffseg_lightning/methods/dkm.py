@@ -185,9 +185,7 @@ class DKMModule(SegmentationMethod):
         self.ddpm_optimizer_factory = ddpm_optimizer
         self.pretrain_record: dict[str, Any] | None = None
         self.loss = loss if loss is not None else DiceBCELoss()
-        self.threshold = sampler.threshold if sampler is not None else 0.5
-        self.parallel = sampler.parallel if sampler is not None else "data"
-        self._sampler_keys = list(sampler.settings()) if sampler is not None else []
+        self.use_sampler(sampler)
 
     def freeze_ddpm(self) -> None:
         """Freeze the DM: no gradients, eval mode (the extractor keeps it in eval under ``train()``)."""
@@ -361,17 +359,9 @@ class DKMModule(SegmentationMethod):
 
     def inference_settings(self) -> dict[str, Any]:
         """One network pass (see :class:`~diffseg_lightning.methods.SegmentationModule`), plus the features read."""
-        return {
-            **dict.fromkeys(self._sampler_keys),
-            "num_steps": 1,
-            "num_samples": 1,
-            "fusion": "none",
-            "threshold": self.threshold,
-            "seed": None,
-            "parallel": self.parallel,
-            "deterministic": True,
-            "feature_blocks": list(self.features.blocks),
-            "feature_timesteps": list(self.features.timesteps),
-            "ddpm_pretrained": bool(self.ddpm_pretrained),
-            "ddpm_pretraining": self.pretrain_record,
-        }
+        return self.single_pass_settings(
+            feature_blocks=list(self.features.blocks),
+            feature_timesteps=list(self.features.timesteps),
+            ddpm_pretrained=bool(self.ddpm_pretrained),
+            ddpm_pretraining=self.pretrain_record,
+        )

@@ -229,9 +229,7 @@ class FEDDModule(SegmentationMethod):
             raise ValueError(f"cache_dtype must be 'float32' or 'float16', got {cache_dtype!r}")
         self.cache_dtype = getattr(torch, cache_dtype)
         self.fusion = sampler.fusion if sampler is not None else "mean"
-        self.threshold = sampler.threshold if sampler is not None else 0.5
-        self.parallel = sampler.parallel if sampler is not None else "data"
-        self._sampler_keys = list(sampler.settings()) if sampler is not None else []
+        self.use_sampler(sampler)
         self._caches: dict[str, FeatureCache | None] = {}
 
     # ---------------------------------------------------------------------------------- features
@@ -388,18 +386,12 @@ class FEDDModule(SegmentationMethod):
 
     def inference_settings(self) -> dict[str, Any]:
         """What inference did: one backbone pass, S = ``num_classifiers`` ensemble members, fused."""
-        return {
-            **dict.fromkeys(self._sampler_keys),
-            "update": None,
-            "num_steps": 1,
-            "num_samples": self.pixel_head.num_members,
-            "fusion": str(self.fusion),
-            "threshold": self.threshold,
-            "seed": self.extractor.noise_seed,
-            "parallel": self.parallel,
-            "deterministic": True,
-            "samples": "ensemble members",
-            "blocks": list(self.extractor.blocks),
-            "timesteps": list(self.extractor.timesteps),
-            "backbone_ckpt": self.backbone_ckpt,
-        }
+        return self.single_pass_settings(
+            num_samples=self.pixel_head.num_members,
+            fusion=str(self.fusion),
+            seed=self.extractor.noise_seed,
+            samples="ensemble members",
+            blocks=list(self.extractor.blocks),
+            timesteps=list(self.extractor.timesteps),
+            backbone_ckpt=self.backbone_ckpt,
+        )

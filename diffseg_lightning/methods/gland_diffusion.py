@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from diffseg_lightning.inference.boxes import (
@@ -30,7 +29,7 @@ from diffseg_lightning.inference.boxes import (
 from diffseg_lightning.inference.sampler import DiffusionSampler, case_generators, describe_samples
 from diffseg_lightning.methods.mask_diffusion import SegmentationMethod
 from diffseg_lightning.methods.segmentation import SegmentationModule
-from diffseg_lightning.metrics.instances import object_dice, object_hausdorff
+from diffseg_lightning.metrics.instances import glas_f1, hungarian_match, object_dice, object_hausdorff
 
 __all__ = [
     "GlandDiffusionModule",
@@ -44,62 +43,6 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------------------------ metrics
-def _consecutive(labels: np.ndarray | Tensor, name: str) -> np.ndarray:
-    """An integer label map relabelled to 0 (background) and 1..N."""
-    x = np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels)
-    if not np.issubdtype(x.dtype, np.integer) or (x.size and x.min() < 0):
-        raise ValueError(
-            f"glas_f1: {name} must be a label map of integers >= 0 (0 = background), got {x.dtype}"
-        )
-    ids, inverse = np.unique(x, return_inverse=True)
-    inverse = inverse.reshape(x.shape)
-    return inverse if ids.size == 0 or ids[0] == 0 else inverse + 1
-
-
-def glas_f1(pred: np.ndarray | Tensor, gt: np.ndarray | Tensor) -> dict[str, float]:
-    """Object-level F1 of the GlaS challenge (Sirinukunwattana et al., MedIA 35:489-502, 2017, Sec. 3.2).
-
-    A predicted object is a true positive when it covers more than half of the reference object it overlaps
-    most: ``|S_j n G_i*| / |G_i*| > 0.5``. As two disjoint objects cannot both cover more than half of one
-    reference object, each reference object is detected at most once. FP = predicted objects that are not
-    TP, FN = reference objects without a TP; ``F1 = 2 TP / (2 TP + FP + FN)``. Both maps empty: NaN (the
-    package's empty-mask policy, :mod:`diffseg_lightning.metrics.instances`); one empty: 0.
-
-    Args:
-        pred: (H, W) predicted instance labels (integers, 0 = background).
-        gt: (H, W) reference instance labels.
-
-    Returns:
-        ``{"f1", "precision", "recall", "tp", "fp", "fn"}``.
-    """
-    p, g = _consecutive(pred, "pred"), _consecutive(gt, "gt")
-    if p.shape != g.shape:
-        raise ValueError(f"glas_f1: pred {p.shape} and gt {g.shape} differ in shape")
-    p, g = p.ravel(), g.ravel()
-    n_pred, n_gt = int(p.max(initial=0)), int(g.max(initial=0))
-    if n_pred == 0 and n_gt == 0:
-        nan = float("nan")
-        return {"f1": nan, "precision": nan, "recall": nan, "tp": 0, "fp": 0, "fn": 0}
-    table = np.bincount(g * (n_pred + 1) + p, minlength=(n_gt + 1) * (n_pred + 1)).reshape(
-        n_gt + 1, n_pred + 1
-    )
-    inter, gt_area = table[1:, 1:], table[1:].sum(axis=1)
-    tp = 0
-    if n_gt and n_pred:
-        best = inter.argmax(axis=0)  # (n_pred,) the reference object each prediction overlaps most
-        covered = inter[best, np.arange(n_pred)] / gt_area[best]
-        tp = int((covered > 0.5).sum())
-    fp, fn = n_pred - tp, n_gt - tp
-    return {
-        "f1": 2 * tp / (2 * tp + fp + fn),
-        "precision": tp / n_pred if n_pred else 0.0,
-        "recall": tp / n_gt if n_gt else 0.0,
-        "tp": tp,
-        "fp": fp,
-        "fn": fn,
-    }
-
-
 class InstanceScoring:
     """Adds the GlaS object-level columns to :meth:`SegmentationMethod.case_rows`: ``object_f1`` (:func:`glas_f1`,
     with ``object_precision`` / ``object_recall``), ``object_dice`` and ``object_hausdorff`` (pixels; GlaS
@@ -175,15 +118,6 @@ def matching_cost(
     cost_l1 = torch.cdist(boxes / norm, gt_boxes / norm, p=1)
     cost_giou = -generalized_box_iou(boxes, gt_boxes)
     return class_weight * cost_class + l1_weight * cost_l1 + giou_weight * cost_giou
-
-
-def hungarian_match(cost: Tensor) -> tuple[Tensor, Tensor]:
-    """The one-to-one assignment of least total cost (``scipy.optimize.linear_sum_assignment``): (N, M) ->
-    (pred indices, gt indices), each of length min(N, M), sorted by gt index."""
-    rows, cols = linear_sum_assignment(cost.detach().float().cpu().numpy())
-    order = np.argsort(cols)
-    dev = cost.device
-    return torch.as_tensor(rows[order], device=dev), torch.as_tensor(cols[order], device=dev)
 
 
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:

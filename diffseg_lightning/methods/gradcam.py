@@ -86,8 +86,7 @@ class GradCAMModule(SegmentationMethod):
         self.target_layer = target_layer
         self.lesion_class = int(lesion_class)
         self.largest_component = bool(largest_component)
-        self.parallel = sampler.parallel if sampler is not None else "data"
-        self._sampler_keys = list(sampler.settings()) if sampler is not None else []
+        self.use_sampler(sampler)  # parallel and the keys; the mask is Otsu's, self.threshold is unused
         self.loss = nn.CrossEntropyLoss()
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -126,18 +125,9 @@ class GradCAMModule(SegmentationMethod):
         return saliency_outputs(min_max_normalize(self.cam(image)), self.largest_component)
 
     def inference_settings(self) -> dict[str, Any]:
-        return {
-            **dict.fromkeys(self._sampler_keys),
-            "num_steps": 1,
-            "num_samples": 1,
-            "fusion": "none",
-            "threshold": "otsu",
-            "seed": None,
-            "parallel": self.parallel,
-            "deterministic": True,
-            "target_layer": self.target_layer,
-            "largest_component": self.largest_component,
-        }
+        return self.single_pass_settings(
+            threshold="otsu", target_layer=self.target_layer, largest_component=self.largest_component
+        )
 
 
 __all__ = ["GradCAMModule"]

@@ -85,8 +85,7 @@ class HoVerNetModule(SegmentationMethod):
             )
         self.net = net
         self.loss = loss if loss is not None else HoVerNetLoss()
-        self.threshold = sampler.threshold if sampler is not None else 0.5
-        self._sampler_keys = list(sampler.settings()) if sampler is not None else []
+        self.use_sampler(sampler)
         self.post_processing = dict(post_processing or {})
 
     def example_input(self, image: torch.Tensor) -> tuple[torch.Tensor]:
@@ -151,15 +150,7 @@ class HoVerNetModule(SegmentationMethod):
         return rows
 
     def inference_settings(self) -> dict[str, Any]:
-        return {
-            **dict.fromkeys(self._sampler_keys),
-            "num_steps": 1,
-            "num_samples": 1,
-            "fusion": "none",
-            "threshold": self.threshold,
-            "seed": None,
-            "deterministic": True,
-        }
+        return self.single_pass_settings()
 
 
 __all__ = ["HoVerNetModule"]

@@ -243,6 +243,47 @@ class SegmentationMethod(L.LightningModule):
         """The ``sampler`` block of ``summary.json``, with ``num_samples``, ``num_steps`` and ``fusion``."""
         raise NotImplementedError
 
+    def use_sampler(self, sampler: DiffusionSampler | None) -> None:
+        """Take what applies of the diffusion sampler, for a method that does not sample with it.
+
+        Sets ``self.threshold`` (the sampler's, else 0.5), ``self.parallel`` (the sampler's, else
+        ``"data"``) and ``self._sampler_keys``, the keys of the sampler's ``summary.json`` block
+        (:meth:`DiffusionSampler.settings`), so that :meth:`single_pass_settings` reports them (null where
+        they do not apply) and runs of every method tabulate side by side.
+
+        Args:
+            sampler: the configured sampler, or None.
+        """
+        self.threshold = sampler.threshold if sampler is not None else 0.5
+        self.parallel = sampler.parallel if sampler is not None else "data"
+        self._sampler_keys = list(sampler.settings()) if sampler is not None else []
+
+    def single_pass_settings(self, **extra: Any) -> dict[str, Any]:
+        """The ``sampler`` block of ``summary.json`` for a method that predicts in one deterministic pass.
+
+        Every key of the diffusion sampler (see :meth:`use_sampler`) is present, null where it does not
+        apply; ``update`` and ``seed`` are null, ``num_steps = num_samples = 1``, ``fusion = "none"``, and
+        ``threshold`` and ``parallel`` are the method's.
+
+        Args:
+            **extra: keys to add or override (e.g. ``num_steps=R``, ``threshold="otsu"``, the method's own).
+
+        Returns:
+            The settings dict.
+        """
+        return {
+            **dict.fromkeys(self._sampler_keys),
+            "update": None,
+            "num_steps": 1,
+            "num_samples": 1,
+            "fusion": "none",
+            "threshold": self.threshold,
+            "seed": None,
+            "parallel": self.parallel,
+            "deterministic": True,
+            **extra,
+        }
+
     def case_rows(self, out: dict[str, torch.Tensor], batch: dict) -> list[dict]:
         """One ``summary.json`` row per case of the batch: every metric of
         :func:`~diffseg_lightning.metrics.report.case_metrics`. A method with more outputs (instances,

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from diffseg_lightning.inference.sampler import DiffusionSampler, describe_samples
 from diffseg_lightning.methods.mask_diffusion import SegmentationMethod
+from diffseg_lightning.metrics.instances import hungarian_match
 from diffseg_lightning.nets.odise import ODISENet
 
 
@@ -94,12 +94,6 @@ def matching_cost(
     s = mask_logits.sigmoid()
     cost_dice = 1 - (2 * s @ target_masks.t() + 1) / (s.sum(-1)[:, None] + target_masks.sum(-1)[None] + 1)
     return weight_class * cost_class + weight_mask * cost_mask + weight_dice * cost_dice
-
-
-def hungarian_match(cost: Tensor) -> tuple[Tensor, Tensor]:
-    """Minimum-cost one-to-one assignment of (N, M) cost (N >= M): (prediction indices, target indices)."""
-    rows, cols = linear_sum_assignment(cost.detach().float().cpu().numpy())
-    return torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
 
 
 def dice_loss(mask_logits: Tensor, targets: Tensor) -> Tensor:
@@ -333,9 +327,7 @@ class ODISEModule(SegmentationMethod):
         self.no_object_weight = float(no_object_weight)
         self.object_threshold, self.overlap_threshold = float(object_threshold), float(overlap_threshold)
         self.deep_supervision = bool(deep_supervision)
-        self.threshold = sampler.threshold if sampler is not None else 0.5
-        self.parallel = sampler.parallel if sampler is not None else "data"
-        self._sampler_keys = list(sampler.settings()) if sampler is not None else []
+        self.use_sampler(sampler)
         self._counts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
 
     # ------------------------------------------------------------------------------- parameters
@@ -406,8 +398,7 @@ class ODISEModule(SegmentationMethod):
                     cost = matching_cost(
                         logits[b].softmax(-1), masks[b], classes, flat, w_class, w_mask, w_dice
                     )
-                rows, cols = hungarian_match(cost)
-                rows, cols = rows.to(logits.device), cols.to(logits.device)
+                rows, cols = hungarian_match(cost)  # on the cost's device (the logits')
                 target_classes[b, rows] = classes[cols]
                 bce = (
                     bce
@@ -474,21 +465,13 @@ class ODISEModule(SegmentationMethod):
 
     def inference_settings(self) -> dict[str, Any]:
         """One deterministic pass (S = 1), in the keys of the diffusion sampler, plus the fusion settings."""
-        return {
-            **dict.fromkeys(self._sampler_keys),
-            "num_steps": 1,
-            "num_samples": 1,
-            "fusion": "none",
-            "threshold": self.threshold,
-            "seed": None,
-            "parallel": self.parallel,
-            "deterministic": True,
-            "clip_fusion": self.clip_fusion,
-            "lambda_seen": self.lambda_seen,
-            "lambda_unseen": self.lambda_unseen,
-            "categories": self.categories,
-            "unseen": self.unseen,
-        }
+        return self.single_pass_settings(
+            clip_fusion=self.clip_fusion,
+            lambda_seen=self.lambda_seen,
+            lambda_unseen=self.lambda_unseen,
+            categories=self.categories,
+            unseen=self.unseen,
+        )
 
     # ------------------------------------------------------------------------------------ metrics
     def case_rows(self, out: dict[str, Tensor], batch: dict) -> list[dict]:

@@ -149,10 +149,7 @@ class SegmentationModule(SegmentationMethod):
         del kernel  # a deterministic network has no noise kernel (documented above)
         self.net = net
         self.loss = loss if loss is not None else DiceBCELoss()
-        self.threshold = sampler.threshold if sampler is not None else 0.5
-        self.parallel = sampler.parallel if sampler is not None else "data"
-        # the keys of the diffusion sampler's summary.json block, so that runs tabulate side by side
-        self._sampler_keys = list(sampler.settings()) if sampler is not None else []
+        self.use_sampler(sampler)
         self.size_factor = _stride_product(net)
 
     def example_input(self, image: torch.Tensor) -> tuple[torch.Tensor]:
@@ -207,17 +204,7 @@ class SegmentationModule(SegmentationMethod):
 
         Sampler settings that did not apply (``seed``, and any other, e.g. ``tau``) are null.
         """
-        return {
-            **dict.fromkeys(self._sampler_keys),
-            "update": None,
-            "num_steps": 1,
-            "num_samples": 1,
-            "fusion": "none",
-            "threshold": self.threshold,
-            "seed": None,
-            "parallel": self.parallel,
-            "deterministic": True,
-        }
+        return self.single_pass_settings()
 
 
 __all__ = ["DiceBCELoss", "SegmentationModule"]

@@ -204,8 +204,7 @@ class WeakCDMModule(SegmentationMethod):
         self.largest_component = bool(largest_component)
         self.absolute = bool(absolute)
         self.seed = int(sampler.seed) if sampler is not None and sampler.seed is not None else 0
-        self.parallel = sampler.parallel if sampler is not None else "data"
-        self._sampler_keys = list(sampler.settings()) if sampler is not None else []
+        self.use_sampler(sampler)  # parallel and the keys; the mask is Otsu's, self.threshold is unused
 
     # ----------------------------------------------------------------------------------- network
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -281,24 +280,19 @@ class WeakCDMModule(SegmentationMethod):
 
     def inference_settings(self) -> dict[str, Any]:
         """What inference did, in the keys of :meth:`DiffusionSampler.settings` plus CDM's own."""
-        return {
-            **dict.fromkeys(self._sampler_keys),
-            "num_steps": self.num_steps,
-            "num_samples": 1,
-            "fusion": "none",
-            "threshold": "otsu",
-            "seed": self.seed,
-            "parallel": self.parallel,
-            "deterministic": True,
-            "noise_level": self.noise_level,
-            "condition_tau": self.tau,
-            "step_size": self.step_size,
-            "num_train_timesteps": int(self.kernel.num_train_timesteps),
-            "largest_component": self.largest_component,
-            "absolute": self.absolute,
-            "network_passes": self.num_steps,
-            "rows_per_pass": "2 x images",
-        }
+        return self.single_pass_settings(
+            num_steps=self.num_steps,
+            threshold="otsu",
+            seed=self.seed,
+            noise_level=self.noise_level,
+            condition_tau=self.tau,
+            step_size=self.step_size,
+            num_train_timesteps=int(self.kernel.num_train_timesteps),
+            largest_component=self.largest_component,
+            absolute=self.absolute,
+            network_passes=self.num_steps,
+            rows_per_pass="2 x images",
+        )
 
 
 __all__ = ["WeakCDMModule", "min_max_normalize", "otsu_masks", "saliency_outputs"]

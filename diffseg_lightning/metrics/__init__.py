@@ -9,6 +9,8 @@ from diffseg_lightning.metrics.fairness import subgroup_report
 from diffseg_lightning.metrics.instances import (
     aggregated_jaccard_index,
     f1_at_iou,
+    glas_f1,
+    hungarian_match,
     object_dice,
     object_hausdorff,
     panoptic_quality,
@@ -32,6 +34,8 @@ __all__ = [
     "f1_at_iou",
     "ged_by_sample_count",
     "generalized_energy_distance",
+    "glas_f1",
+    "hungarian_match",
     "hungarian_matched_iou",
     "iou_distance_matrix",
     "object_dice",

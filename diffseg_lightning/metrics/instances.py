@@ -1,4 +1,5 @@
-"""Instance (object-level) metrics for label maps: object Dice and Hausdorff, F1 at an IoU, AJI, PQ.
+"""Instance (object-level) metrics for label maps: object Dice and Hausdorff, GlaS F1, F1 at an IoU, AJI, PQ,
+and the Hungarian matching of predictions to targets used by the set-prediction losses.
 
 Inputs are instance label maps of one case, (H, W) (any number of dimensions works) of integers:
 0 is background and every other value is one object. Labels need not be consecutive, and an object is
@@ -229,6 +230,27 @@ def _match(pair: _Pair, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     return rows[keep], cols[keep]
 
 
+def hungarian_match(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one-to-one assignment of least total cost (``scipy.optimize.linear_sum_assignment``).
+
+    Used to match predictions to reference objects in training losses (DETR-style set prediction).
+
+    Args:
+        cost: (N, M) cost of each prediction against each target.
+
+    Returns:
+        (prediction indices, target indices), int64 on ``cost``'s device, each of length min(N, M),
+        sorted by target index.
+    """
+    rows, cols = linear_sum_assignment(cost.detach().float().cpu().numpy())
+    order = np.argsort(cols)
+    dev = cost.device
+    return (
+        torch.as_tensor(rows[order], dtype=torch.long, device=dev),
+        torch.as_tensor(cols[order], dtype=torch.long, device=dev),
+    )
+
+
 def _check_threshold(threshold: float) -> None:
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"IoU threshold must be in [0, 1), got {threshold}")
@@ -266,6 +288,62 @@ def f1_at_iou(pred: LabelMap, gt: LabelMap, threshold: float = 0.5) -> dict[str,
         "precision": tp / pair.n_pred if pair.n_pred else 0.0,
         "recall": tp / pair.n_gt if pair.n_gt else 0.0,
         "f1": 2 * tp / (2 * tp + fp + fn),
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+    }
+
+
+def _consecutive(labels: LabelMap, name: str) -> np.ndarray:
+    """An integer label map relabelled to 0 (background) and 1..N."""
+    x = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+    if not np.issubdtype(x.dtype, np.integer) or (x.size and x.min() < 0):
+        raise ValueError(
+            f"glas_f1: {name} must be a label map of integers >= 0 (0 = background), got {x.dtype}"
+        )
+    ids, inverse = np.unique(x, return_inverse=True)
+    inverse = inverse.reshape(x.shape)
+    return inverse if ids.size == 0 or ids[0] == 0 else inverse + 1
+
+
+def glas_f1(pred: LabelMap, gt: LabelMap) -> dict[str, float]:
+    """Object-level F1 of the GlaS challenge (Sirinukunwattana et al., MedIA 35:489-502, 2017, Sec. 3.2).
+
+    A predicted object is a true positive when it covers more than half of the reference object it overlaps
+    most: ``|S_j n G_i*| / |G_i*| > 0.5``. As two disjoint objects cannot both cover more than half of one
+    reference object, each reference object is detected at most once. FP = predicted objects that are not
+    TP, FN = reference objects without a TP; ``F1 = 2 TP / (2 TP + FP + FN)``. Both maps empty: NaN (the
+    package's empty-mask policy, :mod:`diffseg_lightning.metrics.instances`); one empty: 0.
+
+    Args:
+        pred: (H, W) predicted instance labels (integers, 0 = background).
+        gt: (H, W) reference instance labels.
+
+    Returns:
+        ``{"f1", "precision", "recall", "tp", "fp", "fn"}``.
+    """
+    p, g = _consecutive(pred, "pred"), _consecutive(gt, "gt")
+    if p.shape != g.shape:
+        raise ValueError(f"glas_f1: pred {p.shape} and gt {g.shape} differ in shape")
+    p, g = p.ravel(), g.ravel()
+    n_pred, n_gt = int(p.max(initial=0)), int(g.max(initial=0))
+    if n_pred == 0 and n_gt == 0:
+        nan = float("nan")
+        return {"f1": nan, "precision": nan, "recall": nan, "tp": 0, "fp": 0, "fn": 0}
+    table = np.bincount(g * (n_pred + 1) + p, minlength=(n_gt + 1) * (n_pred + 1)).reshape(
+        n_gt + 1, n_pred + 1
+    )
+    inter, gt_area = table[1:, 1:], table[1:].sum(axis=1)
+    tp = 0
+    if n_gt and n_pred:
+        best = inter.argmax(axis=0)  # (n_pred,) the reference object each prediction overlaps most
+        covered = inter[best, np.arange(n_pred)] / gt_area[best]
+        tp = int((covered > 0.5).sum())
+    fp, fn = n_pred - tp, n_gt - tp
+    return {
+        "f1": 2 * tp / (2 * tp + fp + fn),
+        "precision": tp / n_pred if n_pred else 0.0,
+        "recall": tp / n_gt if n_gt else 0.0,
         "tp": tp,
         "fp": fp,
         "fn": fn,
