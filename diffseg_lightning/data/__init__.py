@@ -27,6 +27,7 @@ from diffseg_lightning.data.synthetic import SyntheticSegmentation
 from diffseg_lightning.data.synthetic_angio import SyntheticAngiography
 from diffseg_lightning.data.synthetic_dce import SyntheticDCE
 from diffseg_lightning.data.synthetic_groups import SyntheticGroupSegmentation
+from diffseg_lightning.data.synthetic_multimodal import SyntheticMultiModal
 from diffseg_lightning.data.synthetic_shapes import SyntheticShapes
 from diffseg_lightning.data.vessels import UnpairedVessels, vessel_tree
 from diffseg_lightning.data.xcad import XCAD
@@ -58,6 +59,7 @@ __all__ = [
     "SyntheticAngiography",
     "SyntheticDCE",
     "SyntheticGroupSegmentation",
+    "SyntheticMultiModal",
     "SyntheticSegmentation",
     "SyntheticShapes",
     "UnpairedVessels",

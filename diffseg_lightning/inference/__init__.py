@@ -2,6 +2,15 @@
 fusion), uncertainty maps."""
 
 from diffseg_lightning.inference.boxes import batched_nms, box_iou, generalized_box_iou
+from diffseg_lightning.inference.evidence import (
+    TotalConflictError,
+    contextual_discount,
+    dempster,
+    dempster_opinions,
+    dirichlet_opinion,
+    discounted_plausibility,
+    evidential_loss,
+)
 from diffseg_lightning.inference.fusion import (
     Fusion,
     check_learned_variance,
@@ -21,10 +30,17 @@ from diffseg_lightning.inference.uncertainty import mutual_information, predicti
 __all__ = [
     "DiffusionSampler",
     "Fusion",
+    "TotalConflictError",
     "batched_nms",
     "box_iou",
     "check_learned_variance",
+    "contextual_discount",
+    "dempster",
+    "dempster_opinions",
     "describe_samples",
+    "dirichlet_opinion",
+    "discounted_plausibility",
+    "evidential_loss",
     "evolution_fusion",
     "final_step_log_variance",
     "fuse_samples",

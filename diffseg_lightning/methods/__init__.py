@@ -2,6 +2,7 @@
 
 from diffseg_lightning.methods.darl import DARLModule
 from diffseg_lightning.methods.dkm import DKMModule
+from diffseg_lightning.methods.ei_ddpm import EIDDPMModule
 from diffseg_lightning.methods.fedd import FEDDModule
 from diffseg_lightning.methods.gland_diffusion import GlandDiffusionModule, UNetInstanceModule
 from diffseg_lightning.methods.gradcam import GradCAMModule
@@ -17,6 +18,7 @@ __all__ = [
     "DARLModule",
     "DKMModule",
     "DiceBCELoss",
+    "EIDDPMModule",
     "FEDDModule",
     "GlandDiffusionModule",
     "GradCAMModule",

@@ -21,6 +21,7 @@ from diffseg_lightning.nets.blocks import (
 from diffseg_lightning.nets.darl import DARLGenerator, LSGANDiscriminator, SwitchableSPADE
 from diffseg_lightning.nets.dkm import DKMSegNet, KineticBlock, KineticFusion
 from diffseg_lightning.nets.dtunet import DiffusionTransformerUNet
+from diffseg_lightning.nets.ei_ddpm import ParallelDenoisers
 from diffseg_lightning.nets.gland_diffusion import DynamicMaskHead, GlandDiffusionNet, MaskBranch, ResNetFPN
 from diffseg_lightning.nets.hover_unet import HoVerUNet
 from diffseg_lightning.nets.mbdiff import MBDiffUNet
@@ -56,6 +57,7 @@ __all__ = [
     "MixableClassEmbedding",
     "ODISEBackbone",
     "ODISENet",
+    "ParallelDenoisers",
     "PixelMLPEnsemble",
     "ResBlock",
     "ResNetFPN",
