@@ -194,6 +194,10 @@ def overlay_image(image: np.ndarray, mask: np.ndarray, alpha: float = 0.4) -> np
     return np.round(rgb).astype(np.uint8)
 
 
+#: Integer label maps a method may return beside its mask, written by :class:`MaskWriter` as uint16 PNGs.
+LABEL_MAPS = ("instances", "panoptic", "semantic")
+
+
 class MaskWriter(BasePredictionWriter):
     """Writes each input's mask, probability, uncertainty and overlay into ``output_dir``.
 
@@ -202,7 +206,9 @@ class MaskWriter(BasePredictionWriter):
     (uint8 0/1), ``<stem>_prob.nii.gz`` and ``<stem>_uncertainty.nii.gz`` (float32, entropy in bits)
     with the input's affine and header (spacing); the axial slices of a volume are collected and
     written as one volume once all have been predicted. ``<stem>_overlay.png`` shows the mask on the
-    image (for a volume, on its middle slice; NIfTI arrays are drawn as stored, first axis down).
+    image (for a volume, on its middle slice; NIfTI arrays are drawn as stored, first axis down). A method
+    that also returns integer label maps (instance, panoptic or semantic ids: :data:`LABEL_MAPS`) gets
+    ``<stem>_<key>.png`` (uint16) for each, for 2D inputs.
     The mask is the method's own (``prediction["mask"]``). Predictions are resized back to each input's
     original size (bilinear); where the method's mask is its probability above ``threshold``, the resized
     probability is thresholded, and any other mask (an Otsu threshold of a saliency map, a vote) is
@@ -265,6 +271,7 @@ class MaskWriter(BasePredictionWriter):
             mask = prob > self.threshold if thresholded else mask > 0.5
             if slice_index < 0:
                 self._write(case, prob, uncertainty, mask)
+                self._write_label_maps(case, prediction, i)
                 continue
             depth = int(batch["num_slices"][i])
             volume = self._volumes.setdefault(
@@ -282,6 +289,24 @@ class MaskWriter(BasePredictionWriter):
             if len(volume["seen"]) == depth:
                 del self._volumes[case]
                 self._write(case, volume["prob"], volume["uncertainty"], volume["mask"])
+
+    def _write_label_maps(self, case: str, prediction: dict, i: int) -> None:
+        """``<stem>_<key>.png`` (uint16, nearest-resized to the original size) for every label map the method
+        returns (:data:`LABEL_MAPS`: instance ids, panoptic segment ids, semantic classes); 2D inputs only."""
+        if is_nifti(case):
+            return
+        for key in LABEL_MAPS:
+            if prediction.get(key) is None:
+                continue
+            labels = prediction[key][i].float()[None, None]  # (1, 1, H, W)
+            if prediction.get("original_size") is not None:
+                labels = F.interpolate(labels, size=prediction["original_size"][i].tolist(), mode="nearest")
+            array = labels[0, 0].round().cpu().numpy()
+            if array.min() < 0 or array.max() > np.iinfo(np.uint16).max:
+                raise ValueError(f"{case}: the {key} map holds labels outside 0..65535")
+            atomic_write(
+                self.output_dir / f"{file_stem(case)}_{key}.png", _png_writer(array.astype(np.uint16))
+            )
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for case, volume in list(self._volumes.items()):

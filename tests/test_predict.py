@@ -310,3 +310,28 @@ def test_the_written_mask_is_the_methods_own_not_a_threshold_of_the_probability(
     assert written.shape == (12, 16)
     assert (written[:6] == 255).all() and (written[6:] == 0).all()
     assert (np.asarray(Image.open(out / "in_prob.png")) == round(0.3 * 255)).all()
+
+
+def test_instance_and_class_maps_are_written_as_uint16_label_pngs(tmp_path):
+    """Instance methods (gland diffusion, Hover-Net, ODISE) return label maps; each is written, resized by
+    nearest neighbour to the original size, ids unchanged."""
+    Image.fromarray(np.zeros((8, 12), np.uint8)).save(tmp_path / "in.png")
+    out = tmp_path / "out"
+    instances = torch.zeros(1, 4, 6, dtype=torch.long)
+    instances[0, :2, :3], instances[0, 2:, 3:] = 1, 300  # ids above 255 survive
+    prediction = {
+        "case": [str(tmp_path / "in.png")],
+        "original_size": torch.tensor([[8, 12]]),
+        "probability": torch.zeros(1, 1, 4, 6),
+        "entropy": torch.zeros(1, 1, 4, 6),
+        "mask": torch.zeros(1, 1, 4, 6),
+        "instances": instances,
+        "semantic": (instances > 0).long() * 2,
+    }
+    MaskWriter(str(out), overlay=False).write_on_batch_end(None, None, prediction, None, {}, 0)
+    written = np.asarray(Image.open(out / "in_instances.png"))
+    expected = np.zeros((8, 12), np.int64)
+    expected[:4, :6], expected[4:, 6:] = 1, 300
+    assert written.shape == (8, 12) and np.array_equal(written, expected)
+    assert np.array_equal(np.asarray(Image.open(out / "in_semantic.png")), (expected > 0) * 2)
+    assert not (out / "in_panoptic.png").exists()
