@@ -296,8 +296,9 @@ class MaskWriter(BasePredictionWriter):
         if is_nifti(case):
             return
         for key in LABEL_MAPS:
-            if prediction.get(key) is None:
-                continue
+            labels = prediction.get(key)
+            if labels is None or labels.is_floating_point() or labels[i].dim() != 2:
+                continue  # e.g. ODISE's per-category semantic scores (K, H, W): not a label map
             labels = prediction[key][i].float()[None, None]  # (1, 1, H, W)
             if prediction.get("original_size") is not None:
                 labels = F.interpolate(labels, size=prediction["original_size"][i].tolist(), mode="nearest")

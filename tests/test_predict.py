@@ -327,6 +327,7 @@ def test_instance_and_class_maps_are_written_as_uint16_label_pngs(tmp_path):
         "mask": torch.zeros(1, 1, 4, 6),
         "instances": instances,
         "semantic": (instances > 0).long() * 2,
+        "panoptic": torch.rand(1, 3, 4, 6),  # scores, not a label map: not written
     }
     MaskWriter(str(out), overlay=False).write_on_batch_end(None, None, prediction, None, {}, 0)
     written = np.asarray(Image.open(out / "in_instances.png"))
