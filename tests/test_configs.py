@@ -99,3 +99,24 @@ def test_optuna_sweep_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     best = (tmp_path / "logs" / "sweep" / "optimization_results.yaml").read_text()
     assert "best_value" in best
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [([], 224), (["data.size=128"], 128), (["data.crop=null", "data.size=96"], 96)],
+)
+def test_network_input_size_follows_the_crop_and_the_resize(overrides, expected, tmp_path):
+    """BraTS has data.size null and a 224 centre crop: MedSegDiff's FF-Parser is sized by what the network
+    really gets (data.size, else data.crop)."""
+    cfg = compose_config("train", ["data=brats", "data.root=/x", "model=medsegdiff", *overrides], tmp_path)
+    assert cfg.model.denoiser.ff_parser_size == expected
+
+
+def test_an_unknown_network_input_size_is_a_clear_error(tmp_path):
+    from omegaconf.errors import InterpolationResolutionError
+
+    cfg = compose_config(
+        "train", ["data=brats", "data.root=/x", "data.crop=null", "model=medsegdiff"], tmp_path
+    )
+    with pytest.raises(InterpolationResolutionError, match="set data.size"):
+        cfg.model.denoiser.ff_parser_size  # noqa: B018

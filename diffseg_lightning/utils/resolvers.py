@@ -32,6 +32,20 @@ def model_output_channels(mask_channels: int, learn_variance: bool) -> int:
     return int(mask_channels) * (2 if learn_variance else 1)
 
 
+def input_size(size, crop=None):
+    """The network's input size: ``data.size`` (the resize), else ``data.crop`` (e.g. BraTS's centre crop).
+
+    Raises:
+        ValueError: when neither is set (a loader that keeps each image's own size has no fixed input size).
+    """
+    chosen = size if size is not None else crop
+    if chosen is None:
+        raise ValueError(
+            "the network needs a fixed input size but data.size (and data.crop) are null: set data.size=..."
+        )
+    return chosen
+
+
 def slurm_tasks(devices) -> int:
     """SLURM tasks per node for ``hydra/launcher=slurm``: one per device, as Lightning's SLURMEnvironment
     expects."""
@@ -54,6 +68,7 @@ def register_resolvers() -> None:
     resolvers = {
         "diffseg.wandb_offline": wandb_offline,
         "diffseg.output_channels": model_output_channels,
+        "diffseg.input_size": input_size,
         "diffseg.slurm_tasks": slurm_tasks,
         "diffseg.slurm_gpus": slurm_gpus,
     }
