@@ -26,7 +26,7 @@ frontier() {  # name, title, training overrides..., then -- and the eval's data 
     fi
     rm -rf "$out/eval"
     "$BIN/diffseg-eval" -m ckpt_path="$out/train/checkpoints/best.ckpt" "${GRID[@]}" "${data[@]}" \
-        trainer.limit_test_batches=1 logger=none hydra.sweep.dir="$out/eval"
+        +trainer.limit_test_batches=1 logger=none hydra.sweep.dir="$out/eval"
     "$BIN/python" experiments/frontier.py "$out/eval" --out "experiments/results/frontier_$name" \
         --title "$title" --command "CASES=$CASES bash experiments/frontier.sh $name"
 }
