@@ -43,6 +43,40 @@ REGIONS = ("WT", "TC", "ET")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def result_tables(results: dict) -> list[str]:
+    """Markdown lines: Dice and HD95 per region for every run, then EI-DDPM's learned reliabilities."""
+    lines = [
+        "| run | Dice WT | Dice TC | Dice ET | mean Dice | HD95 WT | HD95 TC | HD95 ET | params | train s "
+        "| s/image |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in results.items():
+        m = row["mean"]
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{m[f'dice_{r}']:.3f}" for r in REGIONS)
+            + f" | {m['dice_mean']:.3f} | "
+            + " | ".join(f"{m[f'hd95_{r}']:.2f}" for r in REGIONS)
+            + f" | {row['parameters']:,} | {row['train_seconds']:.0f} | {row['seconds_per_image']:.3f} |"
+        )
+    rel = results.get("ei_ddpm", {}).get("reliability")
+    if rel:
+        classes = list(next(iter(rel.values())))
+        lines += [
+            "",
+            "Learned reliabilities beta of EI-DDPM (modality x class; initialised at 0.5):",
+            "",
+            "| modality | " + " | ".join(classes) + " | mean |",
+            "|---|" + "---|" * (len(classes) + 1),
+        ]
+        for modality, row in rel.items():
+            vals = list(row.values())
+            lines.append(
+                f"| {modality} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {float(np.mean(vals)):.3f} |"
+            )
+    return lines
+
+
 def runs(args: argparse.Namespace) -> dict[str, list[str]]:
     shared = [
         f"data.num_train={args.num_train}",
@@ -172,34 +206,8 @@ def write(results: dict, args: argparse.Namespace) -> None:
             if args.reuse
             else []
         ),
-        "| run | Dice WT | Dice TC | Dice ET | mean Dice | HD95 WT | HD95 TC | HD95 ET | params | train s "
-        "| s/image |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, row in results.items():
-        m = row["mean"]
-        lines.append(
-            f"| {name} | "
-            + " | ".join(f"{m[f'dice_{r}']:.3f}" for r in REGIONS)
-            + f" | {m['dice_mean']:.3f} | "
-            + " | ".join(f"{m[f'hd95_{r}']:.2f}" for r in REGIONS)
-            + f" | {row['parameters']:,} | {row['train_seconds']:.0f} | {row['seconds_per_image']:.3f} |"
-        )
-    rel = results.get("ei_ddpm", {}).get("reliability")
-    if rel:
-        classes = list(next(iter(rel.values())))
-        lines += [
-            "",
-            "Learned reliabilities beta of EI-DDPM (modality x class; initialised at 0.5):",
-            "",
-            "| modality | " + " | ".join(classes) + " | mean |",
-            "|---|" + "---|" * (len(classes) + 1),
-        ]
-        for modality, row in rel.items():
-            vals = list(row.values())
-            lines.append(
-                f"| {modality} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {float(np.mean(vals)):.3f} |"
-            )
+    lines += result_tables(results)
     lines += [
         "",
         "Runs: `ei_ddpm` = `experiment=ei_ddpm_synthetic` (four MedSegDiff paths, base 16, mults 1-2, EIL + "

@@ -58,7 +58,7 @@ from diffseg_lightning.train import train
 from diffseg_lightning.utils import CONFIG_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ei_ddpm import REGIONS, score  # noqa: E402  (experiments/ei_ddpm.py: the synthetic comparison)
+from ei_ddpm import result_tables, score  # noqa: E402  (experiments/ei_ddpm.py: the synthetic comparison)
 
 REPO = Path(__file__).resolve().parents[1]
 NCR, ED, ET = 1, 2, 4  # BraTS 2021 labels
@@ -299,34 +299,8 @@ def write(results: dict, replica: dict, args: argparse.Namespace, wall: float) -
         "fusion, threshold 0.5; seed 42. Dice: NaN when both masks are empty, nan-mean over slices; HD95 in "
         "pixels (= mm).",
         "",
-        "| run | Dice WT | Dice TC | Dice ET | mean Dice | HD95 WT | HD95 TC | HD95 ET | params | train s "
-        "| s/image |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, row in results.items():
-        m = row["mean"]
-        lines.append(
-            f"| {name} | "
-            + " | ".join(f"{m[f'dice_{r}']:.3f}" for r in REGIONS)
-            + f" | {m['dice_mean']:.3f} | "
-            + " | ".join(f"{m[f'hd95_{r}']:.2f}" for r in REGIONS)
-            + f" | {row['parameters']:,} | {row['train_seconds']:.0f} | {row['seconds_per_image']:.3f} |"
-        )
-    rel = results.get("ei_ddpm", {}).get("reliability")
-    if rel:
-        classes = list(next(iter(rel.values())))
-        lines += [
-            "",
-            "Learned reliabilities beta of EI-DDPM (modality x class; initialised at 0.5):",
-            "",
-            "| modality | " + " | ".join(classes) + " | mean |",
-            "|---|" + "---|" * (len(classes) + 1),
-        ]
-        for modality, row in rel.items():
-            vals = list(row.values())
-            lines.append(
-                f"| {modality} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {float(np.mean(vals)):.3f} |"
-            )
+    lines += result_tables(results)
     lines += [
         "",
         "Runs: `ei_ddpm` = `experiment=ei_ddpm_brats data.root=<replica>` with the reduced paths of "
