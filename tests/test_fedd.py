@@ -225,10 +225,12 @@ def test_fedd_loads_backbone_trains_and_predicts(pretrained, tmp_path):
         f"model.feature_cache={cache}",
         "model.num_classifiers=4",
     ]
-    train(compose_config("train", overrides, run))
+    metrics = train(compose_config("train", overrides, run))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["sampler"]["num_samples"] == 4 and summary["sampler"]["backbone_ckpt"] == str(ckpt)
     assert 0 <= summary["mean"]["iou"] <= 1 and "group" not in summary["mean"]
+    logged = {name.split("/", 1)[-1] for name in metrics}
+    assert "iou" in logged and not logged & {"group", "class_label", "class_probability"}  # not metrics
     assert summary["classification"]["num_cases"] == 16 and 0 <= summary["classification"]["accuracy"] <= 1
     sub = summary["subgroups"]
     assert sum(g["n"] for g in sub["groups"].values()) == 16

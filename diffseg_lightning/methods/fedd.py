@@ -25,8 +25,6 @@ from diffseg_lightning.utils.errors import DiffSegError
 
 __all__ = ["FEDDModule", "classification_scores", "load_backbone"]
 
-_ROW_ONLY = ("group", "class_label", "class_probability")  # per-case columns that are not means to report
-
 
 def load_backbone(path: str | Path) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
     """The frozen network and kernel of a ``diffseg-train model=image_ddpm`` checkpoint.
@@ -158,6 +156,7 @@ class FEDDModule(SegmentationMethod):
     """
 
     network_attr = "pixel_head"
+    row_only_columns = ("group", "class_label", "class_probability")  # per-case attributes, not metrics
 
     def __init__(
         self,
@@ -339,9 +338,6 @@ class FEDDModule(SegmentationMethod):
         results = self.results.get(stage)
         if results is None:
             return
-        for name in _ROW_ONLY:  # per-case columns, not metrics: no mean
-            results["mean"].pop(name, None)
-            results["ci95"].pop(name, None)
         rows = results["metric_per_case"]
         labelled = [r for r in rows if "class_label" in r]
         if labelled:
@@ -361,7 +357,7 @@ class FEDDModule(SegmentationMethod):
             metrics = [
                 k
                 for k, v in rows[0].items()
-                if k not in ("case", "index", *_ROW_ONLY)
+                if k not in ("case", "index", *self.row_only_columns)
                 and not k.startswith("mean_")  # uncertainty descriptors: neither better nor worse
                 and isinstance(v, float | int)
             ]

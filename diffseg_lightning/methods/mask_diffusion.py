@@ -127,6 +127,9 @@ class SegmentationMethod(L.LightningModule):
     """
 
     network_attr = "net"  # the attribute holding the network that ``compile`` compiles
+    row_only_columns: tuple[
+        str, ...
+    ] = ()  # per-case columns (e.g. a subgroup id) neither averaged nor logged
 
     def __init__(
         self,
@@ -322,7 +325,7 @@ class SegmentationMethod(L.LightningModule):
             num_processed = len(rows)
         unique = {row["index"]: row for row in rows}  # the distributed sampler pads with repeats
         rows = [unique[i] for i in sorted(unique)]
-        summary = summarize(rows)
+        summary = summarize(rows, exclude=self.row_only_columns)
         seconds_per_image = seconds / max(1, num_processed)
         settings = self.inference_settings()
         self.results[stage] = {

@@ -141,9 +141,10 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def summarize(rows: list[dict]) -> dict:
-    """``mean`` and ``ci95`` of every numeric per-case metric, plus the case count and package versions."""
-    names = [k for k in (rows[0] if rows else {}) if k not in ("case", "index")]
+def summarize(rows: list[dict], exclude: Sequence[str] = ()) -> dict:
+    """``mean`` and ``ci95`` of every numeric per-case metric (not of the columns in ``exclude``: per-case
+    attributes such as a subgroup id), plus the case count and package versions."""
+    names = [k for k in (rows[0] if rows else {}) if k not in ("case", "index", *exclude)]
     means, intervals = {}, {}
     for name in names:
         values = np.array([row.get(name, np.nan) for row in rows], dtype=np.float64)
