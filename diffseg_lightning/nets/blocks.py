@@ -42,12 +42,14 @@ __all__ = [
     "DynamicConditionalEncoding",
     "FFParser",
     "ResBlock",
+    "ResidualStage",
     "TimestepEmbedding",
     "Upsample",
     "batch_timesteps",
     "check_divisible",
     "check_input",
     "conv3x3",
+    "decoder_stages",
     "norm_groups",
     "output_head",
     "zero_module",
@@ -432,6 +434,81 @@ class Upsample(nn.Module):
             (B, C_out, 2H, 2W).
         """
         return self.up(x)
+
+
+class ResidualStage(nn.Module):
+    """Residual blocks (with an optional timestep embedding), each optionally followed by self-attention: one
+    level of the guided-diffusion U-Net (Dhariwal and Nichol, NeurIPS 2021) that MedSegDiff builds on.
+
+    Args:
+        in_channels: input channels of the first block.
+        out_channels: channels of every block's output.
+        emb_channels: timestep-embedding dimension, or None (no embedding: an image-branch stage).
+        num_blocks: residual blocks.
+        attention: self-attention after each residual block.
+        num_heads: attention heads.
+        dropout: residual-block dropout.
+
+    Shapes:
+        ``forward(x, emb)``: x (B, C_in, H, W), emb (B, E) or None -> (B, C_out, H, W).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_channels: int | None,
+        num_blocks: int,
+        attention: bool,
+        num_heads: int,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        self.res = nn.ModuleList(
+            ResBlock(in_channels if i == 0 else out_channels, out_channels, emb_channels, dropout)
+            for i in range(num_blocks)
+        )
+        self.attn = nn.ModuleList(
+            AttentionBlock(out_channels, num_heads) if attention else nn.Identity() for _ in range(num_blocks)
+        )
+
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        for res, attn in zip(self.res, self.attn, strict=True):
+            x = attn(res(x, emb))
+        return x
+
+
+def decoder_stages(
+    channels: Sequence[int],
+    emb_channels: int,
+    num_blocks: int,
+    attention: Sequence[bool],
+    num_heads: int,
+    dropout: float,
+) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """The decoder of a U-Net with levels of ``channels`` (level 0 = full resolution): per level k a
+    :class:`ResidualStage` on [upsampled level k + 1 (or the bottleneck, with the lowest level's channels);
+    skip k], and the upsamplings between levels.
+
+    Returns:
+        ``(stages, upsamples)``: stages indexed by level (run from the lowest level up), and
+        ``upsamples[k - 1]`` from level k to k - 1 (channels of level k).
+    """
+    levels = len(channels)
+    stages = nn.ModuleList(
+        ResidualStage(
+            channels[min(k + 1, levels - 1)] + channels[k],
+            channels[k],
+            emb_channels,
+            num_blocks,
+            attention[k],
+            num_heads,
+            dropout,
+        )
+        for k in range(levels)
+    )
+    upsamples = nn.ModuleList(Upsample(channels[k]) for k in range(1, levels))
+    return stages, upsamples
 
 
 def _as_pair(size: int | Sequence[int]) -> tuple[int, int]:

@@ -17,53 +17,16 @@ from diffseg_lightning.nets.blocks import (
     DynamicConditionalEncoding,
     FFParser,
     ResBlock,
+    ResidualStage,
     TimestepEmbedding,
-    Upsample,
     batch_timesteps,
     check_input,
     conv3x3,
+    decoder_stages,
     output_head,
 )
 
 __all__ = ["MedSegDiffUNet"]
-
-
-class _TimestepStage(nn.Module):
-    """Residual blocks with timestep embedding, each optionally followed by self-attention.
-
-    Args:
-        in_channels: input channels of the first block.
-        out_channels: channels of every block's output.
-        emb_channels: timestep-embedding dimension.
-        num_blocks: number of residual blocks.
-        attention: whether a self-attention block follows each residual block.
-        num_heads: attention heads.
-        dropout: residual-block dropout.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        emb_channels: int,
-        num_blocks: int,
-        attention: bool,
-        num_heads: int,
-        dropout: float,
-    ) -> None:
-        super().__init__()
-        self.res = nn.ModuleList(
-            ResBlock(in_channels if i == 0 else out_channels, out_channels, emb_channels, dropout)
-            for i in range(num_blocks)
-        )
-        self.attn = nn.ModuleList(
-            AttentionBlock(out_channels, num_heads) if attention else nn.Identity() for _ in range(num_blocks)
-        )
-
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        for res, attn in zip(self.res, self.attn, strict=True):
-            x = attn(res(x, emb))
-        return x
 
 
 class MedSegDiffUNet(nn.Module):
@@ -214,7 +177,7 @@ class MedSegDiffUNet(nn.Module):
         self.mask_stem = conv3x3(self.mask_channels, chans[0])
         self.mask_down = nn.ModuleList(Downsample(chans[k - 1]) for k in range(1, self.num_levels))
         self.mask_stages = nn.ModuleList(
-            _TimestepStage(
+            ResidualStage(
                 chans[k - 1] if k > 0 else chans[0], chans[k], emb_dim, nrb, attn_levels[k], num_heads, drop
             )
             for k in range(self.num_levels)
@@ -249,19 +212,7 @@ class MedSegDiffUNet(nn.Module):
         self.mid_block2 = ResBlock(c_low, c_low, emb_dim, drop)
 
         # Decoder: index k is level k (built in level order, run from the lowest level up).
-        self.up_stages = nn.ModuleList(
-            _TimestepStage(
-                (chans[k + 1] if k + 1 < self.num_levels else c_low) + chans[k],
-                chans[k],
-                emb_dim,
-                nrb,
-                attn_levels[k],
-                num_heads,
-                drop,
-            )
-            for k in range(self.num_levels)
-        )
-        self.upsamples = nn.ModuleList(Upsample(chans[k]) for k in range(1, self.num_levels))
+        self.up_stages, self.upsamples = decoder_stages(chans, emb_dim, nrb, attn_levels, num_heads, drop)
 
         self.out = output_head(chans[0], self.out_channels)
 

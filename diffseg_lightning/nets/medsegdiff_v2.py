@@ -34,11 +34,13 @@ from diffseg_lightning.nets.blocks import (
     AttentionBlock,
     Downsample,
     ResBlock,
+    ResidualStage,
     TimestepEmbedding,
     Upsample,
     batch_timesteps,
     check_input,
     conv3x3,
+    decoder_stages,
     norm_groups,
     output_head,
 )
@@ -560,44 +562,6 @@ class SSFormer(nn.Module):
 
 
 # ============================================================================ the denoiser
-class _Stage(nn.Module):
-    """Residual blocks (with an optional timestep embedding), each optionally followed by self-attention.
-
-    Args:
-        in_channels: input channels of the first block.
-        out_channels: channels of every block's output.
-        emb_channels: timestep-embedding dimension, or None (condition model).
-        num_blocks: residual blocks.
-        attention: self-attention after each residual block.
-        num_heads: attention heads.
-        dropout: residual-block dropout.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        emb_channels: int | None,
-        num_blocks: int,
-        attention: bool,
-        num_heads: int,
-        dropout: float,
-    ) -> None:
-        super().__init__()
-        self.res = nn.ModuleList(
-            ResBlock(in_channels if i == 0 else out_channels, out_channels, emb_channels, dropout)
-            for i in range(num_blocks)
-        )
-        self.attn = nn.ModuleList(
-            AttentionBlock(out_channels, num_heads) if attention else nn.Identity() for _ in range(num_blocks)
-        )
-
-    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
-        for res, attn in zip(self.res, self.attn, strict=True):
-            x = attn(res(x, emb))
-        return x
-
-
 class MedSegDiffV2UNet(nn.Module):
     """MedSegDiff-V2 denoiser ``eps_theta(x_t, t, I)`` (or x_0 / logits, as the kernel defines).
 
@@ -768,12 +732,12 @@ class MedSegDiffV2UNet(nn.Module):
         self.cond_stem = conv3x3(self.image_channels, cchans[0])
         self.cond_down = nn.ModuleList(Downsample(cchans[k - 1]) for k in range(1, self.num_levels))
         self.cond_enc = nn.ModuleList(
-            _Stage(cchans[k - 1] if k > 0 else cchans[0], cchans[k], None, nrb, False, heads, drop)
+            ResidualStage(cchans[k - 1] if k > 0 else cchans[0], cchans[k], None, nrb, False, heads, drop)
             for k in range(self.num_levels)
         )
         self.cond_up = nn.ModuleList(Upsample(cchans[k + 1]) for k in range(self.num_levels - 1))
         self.cond_dec = nn.ModuleList(
-            _Stage(cchans[k + 1] + cchans[k], cchans[k], None, nrb, False, heads, drop)
+            ResidualStage(cchans[k + 1] + cchans[k], cchans[k], None, nrb, False, heads, drop)
             for k in range(self.num_levels - 1)
         )
         self.anchor_head = nn.Sequential(
@@ -795,7 +759,9 @@ class MedSegDiffV2UNet(nn.Module):
         self.mask_stem = conv3x3(self.mask_channels, chans[0])
         self.mask_down = nn.ModuleList(Downsample(chans[k - 1]) for k in range(1, self.num_levels))
         self.enc = nn.ModuleList(
-            _Stage(chans[k - 1] if k > 0 else chans[0], chans[k], emb_dim, nrb, attn_levels[k], heads, drop)
+            ResidualStage(
+                chans[k - 1] if k > 0 else chans[0], chans[k], emb_dim, nrb, attn_levels[k], heads, drop
+            )
             for k in range(self.num_levels)
         )
         self.mid_block1 = ResBlock(c_low, c_low, emb_dim, drop)
@@ -810,19 +776,7 @@ class MedSegDiffV2UNet(nn.Module):
             nbp_blocks=int(nbp_blocks),
         )
         self.mid_block2 = ResBlock(c_low, c_low, emb_dim, drop)
-        self.dec = nn.ModuleList(
-            _Stage(
-                (chans[k + 1] if k + 1 < self.num_levels else c_low) + chans[k],
-                chans[k],
-                emb_dim,
-                nrb,
-                attn_levels[k],
-                heads,
-                drop,
-            )
-            for k in range(self.num_levels)
-        )
-        self.upsamples = nn.ModuleList(Upsample(chans[k]) for k in range(1, self.num_levels))
+        self.dec, self.upsamples = decoder_stages(chans, emb_dim, nrb, attn_levels, heads, drop)
         self.out = output_head(chans[0], self.out_channels)
 
     # ------------------------------------------------------------------ validation
