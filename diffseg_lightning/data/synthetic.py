@@ -399,6 +399,19 @@ class SyntheticSegmentation(Dataset):
         """Returns the case identifier, e.g. ``"synthetic-train-00017"``."""
         return f"synthetic-{self.split}-{index:05d}"
 
+    def case_stream(self, index: int | torch.Tensor) -> tuple[int, np.random.Generator]:
+        """The non-negative index of case ``index`` (negative counts from the end) and its seeded random stream.
+
+        Raises:
+            IndexError: If ``index`` is out of range.
+        """
+        index = int(index.item()) if isinstance(index, torch.Tensor) else int(index)
+        if not -self.num_cases <= index < self.num_cases:
+            raise IndexError(f"{type(self).__name__}: index {index} out of range for {self.num_cases} cases")
+        if index < 0:
+            index += self.num_cases
+        return index, np.random.default_rng((self.seed, self.split_id, index))
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Generates case ``index`` (negative indices count from the end).
 
@@ -420,14 +433,7 @@ class SyntheticSegmentation(Dataset):
         Raises:
             IndexError: If ``index`` is out of range.
         """
-        if isinstance(index, torch.Tensor):
-            index = int(index.item())
-        index = int(index)
-        if not -self.num_cases <= index < self.num_cases:
-            raise IndexError(f"SyntheticSegmentation: index {index} out of range for {self.num_cases} cases")
-        if index < 0:
-            index += self.num_cases
-        rng = np.random.default_rng((self.seed, self.split_id, index))
+        index, rng = self.case_stream(index)
 
         # Order matters for reproducibility across options: anatomy first, then annotators,
         # then the image, so the masks do not depend on channels / noise / bias / texture.

@@ -221,14 +221,7 @@ class SyntheticDCE(SyntheticSegmentation):
         ``image`` is (1, H, W) (``phases="pre"``) or (1 + K, H, W) (``phases="all"``), float32, in the
         pre-contrast image's z-score scale (see the module docstring).
         """
-        if isinstance(index, torch.Tensor):
-            index = int(index.item())
-        index = int(index)
-        if not -self.num_cases <= index < self.num_cases:
-            raise IndexError(f"SyntheticDCE: index {index} out of range for {self.num_cases} cases")
-        if index < 0:
-            index += self.num_cases
-        rng = np.random.default_rng((self.seed, self.split_id, index))
+        index, rng = self.case_stream(index)
         instances, densities = self._draw_shapes(rng)
         mask = instances > 0
         series = self._draw_series(rng, instances, densities)  # (1 + K, H, W)
