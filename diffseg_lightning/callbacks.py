@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
 from diffseg_lightning.data.folder import file_stem, is_nifti, read_image, read_nifti_item
+from diffseg_lightning.exceptions import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class WarmupEMA(WeightAveraging):
 
     def __init__(self, decay: float = 0.999, use_buffers: bool = True) -> None:
         if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"EMA decay must lie in [0, 1], got {decay}")
+            raise ConfigError(f"EMA decay must lie in [0, 1], got {decay}")
         super().__init__(use_buffers=use_buffers, multi_avg_fn=partial(warmup_ema_update, decay=decay))
 
 
@@ -304,7 +305,7 @@ class MaskWriter(BasePredictionWriter):
                 labels = F.interpolate(labels, size=prediction["original_size"][i].tolist(), mode="nearest")
             array = labels[0, 0].round().cpu().numpy()
             if array.min() < 0 or array.max() > np.iinfo(np.uint16).max:
-                raise ValueError(f"{case}: the {key} map holds labels outside 0..65535")
+                raise ConfigError(f"{case}: the {key} map holds labels outside 0..65535")
             atomic_write(
                 self.output_dir / f"{file_stem(case)}_{key}.png", _png_writer(array.astype(np.uint16))
             )

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from diffseg_lightning.data.check import READ_ERRORS, SplitReport, check_dataset, first_line
+from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.utils import CONFIG_DIR, run_cli, user_errors
 
 SPLITS = ("train", "val", "test")
@@ -33,7 +34,7 @@ def check_splits(data_cfg: DictConfig, splits: Sequence[str] = SPLITS) -> dict[s
     reports = {}
     for split in splits:
         if split not in SPLITS:
-            raise ValueError(f"splits must be a subset of {list(SPLITS)}, got {split!r}")
+            raise ConfigError(f"splits must be a subset of {list(SPLITS)}, got {split!r}")
         factory = datamodule.factories.get(split)
         if factory is None:
             continue

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from diffseg_lightning.callbacks import SummaryWriter
 from diffseg_lightning.entry import build_all, load_checkpoint, module_from_checkpoint, save_config
+from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.utils import CONFIG_DIR, DiffSegError, run_cli, user_errors
 
 SPLITS = ("test", "val")
@@ -22,7 +23,7 @@ SPLITS = ("test", "val")
 def evaluate(cfg: DictConfig) -> dict:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.split`` of the checkpoint's data (or of ``data=...``)."""
     if cfg.split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {cfg.split!r}")
+        raise ConfigError(f"split must be one of {SPLITS}, got {cfg.split!r}")
     L.seed_everything(cfg.seed, workers=True)
     checkpoint = load_checkpoint(cfg.ckpt_path)
     save_config(cfg, cfg.paths.output_dir)

@@ -29,7 +29,7 @@ from diffseg_lightning.callbacks import atomic_write
 from diffseg_lightning.data.monuseg import TRAIN_ANNOTATIONS, TRAIN_IMAGES
 from diffseg_lightning.entry import load_checkpoint, module_from_checkpoint
 from diffseg_lightning.utils import CONFIG_DIR, run_cli, user_errors
-from diffseg_lightning.utils.errors import DiffSegError
+from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
@@ -106,7 +106,7 @@ def synthesize(cfg: DictConfig) -> dict[str, Any]:
             "needs a NucleiAugmentationModule run (experiment=nuclei_aug)"
         )
     if cfg.device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {cfg.device!r}")
+        raise ConfigError(f"device must be one of {DEVICES}, got {cfg.device!r}")
     module = module_from_checkpoint(checkpoint, cfg.sampler)
     if cfg.get("structure_ckpt_path"):  # stage 1 from another run (e.g. model.stage=structure)
         other = load_checkpoint(cfg.structure_ckpt_path)["state_dict"]

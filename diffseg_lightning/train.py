@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffseg_lightning.entry import build_all, build_module, load_checkpoint, save_config
+from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.utils import CONFIG_DIR, run_cli, user_errors
 
 
@@ -18,7 +19,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit and (optionally) test; returns the trainer's final metrics."""
     L.seed_everything(cfg.seed, workers=True)
     if cfg.sampler.get("parallel", "data") == "sample":
-        raise ValueError(
+        raise ConfigError(
             "sampler.parallel=sample is for diffseg-eval; validation during training splits the images"
         )
     if cfg.get("ckpt_path"):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from diffseg_lightning.utils.errors import DiffSegError
+from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 BAD_CASE_POLICIES = ("error", "skip")
 MAX_RECORDED_LABELS = 64  # instance maps hold hundreds of ids; the report needs only a glimpse
@@ -24,7 +24,7 @@ MAX_RECORDED_LABELS = 64  # instance maps hold hundreds of ids; the report needs
 
 def check_policy(on_bad_case: str) -> str:
     if on_bad_case not in BAD_CASE_POLICIES:
-        raise ValueError(f"data.on_bad_case must be one of {BAD_CASE_POLICIES}, got {on_bad_case!r}")
+        raise ConfigError(f"data.on_bad_case must be one of {BAD_CASE_POLICIES}, got {on_bad_case!r}")
     return on_bad_case
 
 

@@ -21,7 +21,7 @@ from diffseg_lightning.data.base import CaseDataset
 from diffseg_lightning.data.folder import as_size, resize
 from diffseg_lightning.data.qubiq import load_nifti
 from diffseg_lightning.data.splits import check_fold, check_fractions, check_split, seeded_split
-from diffseg_lightning.utils.errors import DiffSegError
+from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 NAMINGS = ("auto", "2021", "2023")
 TARGETS = ("wt", "tc", "et", "regions", "classes")
@@ -73,7 +73,7 @@ def canonical_modality(name: str) -> str:
     key = ALIASES.get(key, key)
     if key not in MODALITIES:
         names = ", ".join((*MODALITIES, *ALIASES))
-        raise ValueError(f"unknown BraTS modality {name!r}; expected one of {names}")
+        raise ConfigError(f"unknown BraTS modality {name!r}; expected one of {names}")
     return key
 
 
@@ -260,19 +260,19 @@ class BraTS(CaseDataset):
         self.intensity = self._choice("intensity", intensity, INTENSITIES)
         self.modalities = [canonical_modality(m) for m in modalities]
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
-            raise ValueError(f"modalities must be distinct BraTS modalities, got {list(modalities)}")
+            raise ConfigError(f"modalities must be distinct BraTS modalities, got {list(modalities)}")
         if channels is not None and channels != len(self.modalities):
-            raise ValueError(
+            raise ConfigError(
                 f"channels={channels} but {len(self.modalities)} modalities are stacked ({self.modalities}); "
                 "data.channels must equal the number of data.modalities"
             )
         if not 0.0 <= float(empty_fraction) <= 1.0:
-            raise ValueError(f"empty_fraction must lie in [0, 1], got {empty_fraction}")
+            raise ConfigError(f"empty_fraction must lie in [0, 1], got {empty_fraction}")
         self.empty_fraction = float(empty_fraction)
         self.slice_range = self._check_range(slice_range)
         self.crop = as_size(crop)
         if self.crop is not None and min(self.crop) <= 0:
-            raise ValueError(f"crop must be positive, got {crop}")
+            raise ConfigError(f"crop must be positive, got {crop}")
         self.size = as_size(size)
         self.fractions = check_fractions(fractions)
         check_fold(folds, fold)
@@ -303,7 +303,7 @@ class BraTS(CaseDataset):
     @staticmethod
     def _choice(name: str, value: str, allowed: Sequence[str]) -> str:
         if value not in allowed:
-            raise ValueError(f"BraTS: {name} must be one of {tuple(allowed)}, got {value!r}")
+            raise ConfigError(f"BraTS: {name} must be one of {tuple(allowed)}, got {value!r}")
         return value
 
     @staticmethod
@@ -312,7 +312,7 @@ class BraTS(CaseDataset):
             return None
         values = [int(v) for v in slice_range]
         if len(values) != 2 or not 0 <= values[0] < values[1]:
-            raise ValueError(f"slice_range must be [lo, hi] with 0 <= lo < hi, got {list(slice_range)}")
+            raise ConfigError(f"slice_range must be [lo, hi] with 0 <= lo < hi, got {list(slice_range)}")
         return values[0], values[1]
 
     @property

@@ -13,7 +13,7 @@ import torch
 from diffseg_lightning.data.base import CaseDataset
 from diffseg_lightning.data.folder import as_size, check_channels, check_same_size, read_grey, resize
 from diffseg_lightning.data.splits import check_fractions, check_split, seeded_split
-from diffseg_lightning.utils.errors import DiffSegError
+from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 # The sequence folders of one MR patient: (DICOM folder, ground-truth folder), relative to MR/<id>/.
 SEQUENCES = {
@@ -160,13 +160,13 @@ class CHAOS(CaseDataset):
         super().__init__(on_bad_case)
         self.split = check_split(split, name="CHAOS")
         if sequence not in SEQUENCES:
-            raise ValueError(f"CHAOS: sequence must be one of {tuple(SEQUENCES)}, got {sequence!r}")
+            raise ConfigError(f"CHAOS: sequence must be one of {tuple(SEQUENCES)}, got {sequence!r}")
         if target not in TARGETS:
-            raise ValueError(f"CHAOS: target must be one of {tuple(TARGETS)}, got {target!r}")
+            raise ConfigError(f"CHAOS: target must be one of {tuple(TARGETS)}, got {target!r}")
         if clip_percentiles is not None:
             low, high = (float(p) for p in clip_percentiles)
             if not 0.0 <= low < high <= 100.0:
-                raise ValueError(
+                raise ConfigError(
                     f"CHAOS: clip_percentiles must be (low, high) in [0, 100], got {clip_percentiles}"
                 )
             clip_percentiles = (low, high)

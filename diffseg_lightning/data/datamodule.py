@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from diffseg_lightning.data.base import check_policy
 from diffseg_lightning.data.cache import ArrayCache, CacheWriter, build_lock, cache_folder
 from diffseg_lightning.data.check import SplitReport, check_dataset
-from diffseg_lightning.utils.errors import DiffSegError
+from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 DatasetFactory = Callable[[], Dataset]
 NORMALIZATIONS = ("zscore", "none")
@@ -95,7 +95,7 @@ class SegmentationDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if normalize not in NORMALIZATIONS:
-            raise ValueError(f"data.normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+            raise ConfigError(f"data.normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
         self.factories = {"train": train, "val": val, "test": test, "predict": predict}
         self.datasets: dict[str, Dataset] = {}
         self.channels = channels
@@ -110,11 +110,11 @@ class SegmentationDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.reports: dict[str, SplitReport] = {}
         if labels not in LABEL_SOURCES:
-            raise ValueError(f"data.labels must be one of {list(LABEL_SOURCES)}, got {labels!r}")
+            raise ConfigError(f"data.labels must be one of {list(LABEL_SOURCES)}, got {labels!r}")
         self.labels = labels
         self.withhold = tuple(to_plain(withhold) or ())
         if "image" in self.withhold:
-            raise ValueError("data.withhold cannot remove 'image' from the training batches")
+            raise ConfigError("data.withhold cannot remove 'image' from the training batches")
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}

@@ -21,7 +21,7 @@ from diffseg_lightning.data.folder import (
     resize,
 )
 from diffseg_lightning.data.splits import check_split, train_val_split
-from diffseg_lightning.utils.errors import DiffSegError
+from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 DRIVE_SPLITS = ("train", "val", "test")
 _IMAGE_NAME = re.compile(r"^(\d+)_(training|test)\.tif$")
@@ -133,7 +133,7 @@ class DRIVE(CaseDataset):
         super().__init__(on_bad_case)
         self.split = check_split(split, DRIVE_SPLITS, "DRIVE")
         if not 0.0 <= val_fraction <= 1.0:
-            raise ValueError(f"DRIVE: val_fraction must lie in [0, 1], got {val_fraction}")
+            raise ConfigError(f"DRIVE: val_fraction must lie in [0, 1], got {val_fraction}")
         self.root = locate_root(root, self.FOLDER, "training" if split != "test" else "test")
         subset = "test" if split == "test" else "training"
         folder = self.root / subset

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from diffseg_lightning.data.base import CaseDataset
 from diffseg_lightning.data.splits import check_fractions, seeded_split
-from diffseg_lightning.utils.errors import DiffSegError
+from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -393,7 +393,7 @@ class PairedFolder(CaseDataset):
     ) -> None:
         super().__init__(on_bad_case)
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+            raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
         check_fractions(fractions)
         self.root = Path(root)
         if not self.root.is_dir():

@@ -23,7 +23,7 @@ from diffseg_lightning.data.folder import (
     resize,
 )
 from diffseg_lightning.data.splits import check_split, train_val_split
-from diffseg_lightning.utils.errors import DiffSegError
+from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 GLAS_SPLITS = ("train", "val", "test", "testA", "testB")
 GRADES = {"benign": 0, "malignant": 1}
@@ -150,7 +150,7 @@ class GlaS(CaseDataset):
         super().__init__(on_bad_case)
         self.split = check_split(split, GLAS_SPLITS, "GlaS")
         if not 0.0 <= val_fraction <= 1.0:
-            raise ValueError(f"GlaS: val_fraction must lie in [0, 1], got {val_fraction}")
+            raise ConfigError(f"GlaS: val_fraction must lie in [0, 1], got {val_fraction}")
         self.root = locate_root(root, self.FOLDER, self.GRADE_FILE)
         self.grades = read_grades(self.root / self.GRADE_FILE)
         by_set: dict[str, list[tuple[int, Path]]] = {"train": [], "testA": [], "testB": []}

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from diffseg_lightning.utils.errors import DiffSegError
+from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 __all__ = ["GroupsFromCSV"]
 
@@ -46,7 +46,7 @@ class GroupsFromCSV(Dataset):
         self.dataset = dataset
         self.csv_path = Path(csv_path)
         if missing != "error" and not isinstance(missing, int):
-            raise ValueError(f"missing must be 'error' or an int group, got {missing!r}")
+            raise ConfigError(f"missing must be 'error' or an int group, got {missing!r}")
         self.missing = missing
         if not self.csv_path.is_file():
             raise DiffSegError(f"group CSV {self.csv_path} does not exist")

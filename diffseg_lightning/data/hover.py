@@ -42,6 +42,8 @@ from scipy import ndimage
 from skimage.morphology import disk, opening
 from skimage.segmentation import watershed
 
+from diffseg_lightning.exceptions import ConfigError
+
 #: The eight (swap, sign of h, sign of v) combinations tried per structure, the identity first.
 COMBINATIONS: tuple[tuple[bool, int, int], ...] = tuple(
     (swap, sh, sv) for swap in (False, True) for sh in (1, -1) for sv in (1, -1)
@@ -63,17 +65,17 @@ def hover_maps(instances: torch.Tensor) -> torch.Tensor:
         (B, 2, H, W) float32 (or (2, H, W) for one map): channel 0 horizontal, channel 1 vertical.
     """
     if instances.is_floating_point() or instances.dtype == torch.bool:
-        raise ValueError(f"hover_maps needs an integer instance map, got dtype {instances.dtype}")
+        raise ConfigError(f"hover_maps needs an integer instance map, got dtype {instances.dtype}")
     single = instances.dim() == 2
     if single:
         instances = instances[None]
     if instances.dim() != 3:
-        raise ValueError(f"hover_maps needs (B, H, W) or (H, W) instance maps, got {tuple(instances.shape)}")
+        raise ConfigError(f"hover_maps needs (B, H, W) or (H, W) instance maps, got {tuple(instances.shape)}")
     b, h, w = instances.shape
     device = instances.device
     ids = instances.long()
     if ids.numel() and int(ids.min()) < 0:
-        raise ValueError(f"instance ids must be >= 0 (0 is background), got a minimum of {int(ids.min())}")
+        raise ConfigError(f"instance ids must be >= 0 (0 is background), got a minimum of {int(ids.min())}")
     # one global id per (image, instance): compact them so the scatter buffers stay small
     flat = (
         ids + torch.arange(b, device=device)[:, None, None] * (int(ids.max()) + 1 if ids.numel() else 1)
@@ -169,7 +171,7 @@ def instances_from_hover(
         device.
     """
     if foreground.dim() != 3 or hv.dim() != 4 or hv.shape[1] != 2 or hv.shape[0] != foreground.shape[0]:
-        raise ValueError(
+        raise ConfigError(
             f"instances_from_hover needs foreground (N, H, W) and hv (N, 2, H, W); got "
             f"{tuple(foreground.shape)} and {tuple(hv.shape)}"
         )
@@ -242,7 +244,7 @@ def instances_from_structure(
         :data:`COMBINATIONS` of the variant kept (the one with most instances; ties: the lowest index).
     """
     if structure.dim() != 4 or structure.shape[1] != 3:
-        raise ValueError(f"a nuclei structure is (B, 3, H, W), got {tuple(structure.shape)}")
+        raise ConfigError(f"a nuclei structure is (B, 3, H, W), got {tuple(structure.shape)}")
     b, _, h, w = structure.shape
     variants = combination_variants(structure) if try_combinations else structure[:, None]
     k = variants.shape[1]

@@ -25,7 +25,7 @@ from diffseg_lightning.data.folder import (
     resize,
 )
 from diffseg_lightning.data.splits import check_split, train_val_split
-from diffseg_lightning.utils.errors import DiffSegError
+from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 ISIC_SPLITS = ("train", "val", "test")
 ISIC_YEARS = (2016, 2017, 2018)
@@ -230,9 +230,9 @@ class ISIC(CaseDataset):
         except (TypeError, ValueError):
             self.year = -1
         if self.year not in ISIC_YEARS:
-            raise ValueError(f"ISIC: year must be one of {ISIC_YEARS}, got {year!r}")
+            raise ConfigError(f"ISIC: year must be one of {ISIC_YEARS}, got {year!r}")
         if not 0.0 <= val_fraction <= 1.0:
-            raise ValueError(f"ISIC: val_fraction must lie in [0, 1], got {val_fraction}")
+            raise ConfigError(f"ISIC: val_fraction must lie in [0, 1], got {val_fraction}")
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise DiffSegError(f"data root {self.root} does not exist or is not a folder")

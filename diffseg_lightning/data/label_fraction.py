@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from diffseg_lightning.exceptions import ConfigError
+
 __all__ = ["LabelFraction"]
 
 
@@ -31,7 +33,7 @@ class LabelFraction(Dataset):
     def __init__(self, dataset: Dataset, fraction: float = 1.0, seed: int = 0) -> None:
         fraction = float(fraction)
         if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"LabelFraction: fraction must lie in (0, 1], got {fraction}")
+            raise ConfigError(f"LabelFraction: fraction must lie in (0, 1], got {fraction}")
         self.dataset = dataset
         self.fraction = fraction
         self.seed = int(seed)

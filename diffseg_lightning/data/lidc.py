@@ -43,7 +43,7 @@ from diffseg_lightning.data.folder import (
     resize,
 )
 from diffseg_lightning.data.splits import SPLITS, check_fold, check_fractions, check_split, seeded_split
-from diffseg_lightning.utils.errors import DiffSegError
+from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 FORMATS = ("auto", "pickle", "png")
 PICKLE_SUFFIXES = (".pickle", ".pkl")
@@ -197,9 +197,9 @@ class LIDC(CaseDataset):
         super().__init__(on_bad_case)
         self.split = check_split(split, SPLITS, "LIDC")
         if format not in FORMATS:
-            raise ValueError(f"LIDC: format must be one of {FORMATS}, got {format!r}")
+            raise ConfigError(f"LIDC: format must be one of {FORMATS}, got {format!r}")
         if crop is not None and int(crop) < 1:
-            raise ValueError(f"LIDC: crop must be a positive size or null, got {crop}")
+            raise ConfigError(f"LIDC: crop must be a positive size or null, got {crop}")
         check_fold(folds, fold)
         self.fractions = check_fractions(fractions)
         self.root = Path(root).expanduser()

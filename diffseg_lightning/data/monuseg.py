@@ -31,7 +31,7 @@ from skimage.draw import polygon as fill_polygon
 from diffseg_lightning.data.base import CaseDataset
 from diffseg_lightning.data.folder import as_size, check_channels, read_image, resize
 from diffseg_lightning.data.splits import check_split, train_val_split
-from diffseg_lightning.utils.errors import DiffSegError
+from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 TRAIN_IMAGES = "Tissue Images"
 TRAIN_ANNOTATIONS = "Annotations"
@@ -203,9 +203,9 @@ class MoNuSeg(CaseDataset):
         super().__init__(on_bad_case)
         self.split = check_split(split)
         if crop not in CROPS:
-            raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
+            raise ConfigError(f"crop must be one of {CROPS}, got {crop!r}")
         if not 0.0 <= float(val_fraction) <= 1.0:
-            raise ValueError(f"val_fraction must lie in [0, 1], got {val_fraction}")
+            raise ConfigError(f"val_fraction must lie in [0, 1], got {val_fraction}")
         self.root = Path(root)
         if not self.root.is_dir():
             raise DiffSegError(f"data root {self.root} does not exist or is not a folder")

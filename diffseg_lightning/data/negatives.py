@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from diffseg_lightning.data.kvasir import KvasirSEG
-from diffseg_lightning.utils.errors import DiffSegError
+from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 INCLUDE = ("both", "positives", "negatives")
 
@@ -70,9 +70,9 @@ class KvasirPolypCrops(Dataset):
     ) -> None:
         super().__init__()
         if include not in INCLUDE:
-            raise ValueError(f"KvasirPolypCrops: include must be one of {list(INCLUDE)}, got {include!r}")
+            raise ConfigError(f"KvasirPolypCrops: include must be one of {list(INCLUDE)}, got {include!r}")
         if not (isinstance(size, int) and isinstance(context, int) and 8 <= size < context):
-            raise ValueError(
+            raise ConfigError(
                 f"KvasirPolypCrops needs integers 8 <= size < context, got size={size}, context={context}"
             )
         self.base = KvasirSEG(root, split, context, channels, fractions, seed, on_bad_case, folds, fold)

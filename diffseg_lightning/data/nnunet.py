@@ -23,7 +23,7 @@ from diffseg_lightning.data.splits import (
     seeded_split,
     train_val_split,
 )
-from diffseg_lightning.utils.errors import DiffSegError
+from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 NNUNET_SPLITS = ("train", "val", "test", "predict")
 IMAGE_ENDINGS = (".png", ".bmp", ".tif", ".tiff")  # nnU-Net v2's NaturalImage2DIO
@@ -262,20 +262,22 @@ class NNUNetRaw(CaseDataset):
         self.test_from_val = bool(test_from_val)
         self.split = check_split(split, NNUNET_SPLITS, "NNUNetRaw")
         if empty_slices not in EMPTY_SLICES:
-            raise ValueError(f"NNUNetRaw: empty_slices must be one of {EMPTY_SLICES}, got {empty_slices!r}")
+            raise ConfigError(f"NNUNetRaw: empty_slices must be one of {EMPTY_SLICES}, got {empty_slices!r}")
         check_fractions(fractions)
         self.window = None
         if window is not None:
             low, high = (float(v) for v in window)
             if not low < high:
-                raise ValueError(f"NNUNetRaw: window must be [low, high] with low < high, got {list(window)}")
+                raise ConfigError(
+                    f"NNUNetRaw: window must be [low, high] with low < high, got {list(window)}"
+                )
             self.window = (low, high)
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise DiffSegError(f"data root {self.root} does not exist or is not a folder")
         self.info = read_dataset_json(self.root / "dataset.json")
         if target not in SPECIAL_TARGETS and target not in self.info.labels:
-            raise ValueError(
+            raise ConfigError(
                 "NNUNetRaw: target must be 'foreground', 'classes' or a label of "
                 f"{self.root / 'dataset.json'} "
                 f"({', '.join(self.info.labels)}), got {target!r}"
@@ -408,12 +410,12 @@ class NNUNetRaw(CaseDataset):
         if self.splits_path is not None:
             splits = self.read_splits()
             if self.folds is not None and self.folds != len(splits):
-                raise ValueError(
+                raise ConfigError(
                     f"NNUNetRaw: data.folds={self.folds} but {self.splits_path} holds {len(splits)} folds; "
                     "set data.folds=null to use the file's folds"
                 )
             if not 0 <= self.fold < len(splits):
-                raise ValueError(
+                raise ConfigError(
                     f"NNUNetRaw: data.fold must lie in [0, {len(splits)}) for {self.splits_path}"
                 )
             if split == "test" and not self.test_from_val:

@@ -17,7 +17,7 @@ import torch
 from scipy.cluster.vq import kmeans2
 from torch.utils.data import Dataset
 
-from diffseg_lightning.utils.errors import DiffSegError
+from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 #: The keys every item of :class:`AugmentedNuclei` keeps (common to the real and the synthetic parts).
 COMMON_KEYS = ("image", "mask", "instances", "case", "index")
@@ -59,12 +59,12 @@ def kmeans_subset(features: np.ndarray, fraction: float, k: int = 6, seed: int =
         Sorted int64 indices.
     """
     if not 0.0 < float(fraction) <= 1.0:
-        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+        raise ConfigError(f"fraction must lie in (0, 1], got {fraction}")
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise ConfigError(f"k must be >= 1, got {k}")
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or features.shape[0] == 0:
-        raise ValueError(f"features must be a non-empty (N, D) array, got shape {features.shape}")
+        raise ConfigError(f"features must be a non-empty (N, D) array, got shape {features.shape}")
     n = features.shape[0]
     if fraction == 1.0:
         return np.arange(n)

@@ -21,7 +21,7 @@ from diffseg_lightning.data.folder import (
 )
 from diffseg_lightning.data.isic import read_binary_lesion_mask
 from diffseg_lightning.data.splits import check_split, seeded_split
-from diffseg_lightning.utils.errors import DiffSegError
+from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 PH2_SPLITS = ("train", "val", "test")
 PH2_CLASSES = ("common nevus", "atypical nevus", "melanoma")  # label 0, 1, 2
@@ -220,7 +220,9 @@ class PH2(CaseDataset):
         super().__init__(on_bad_case)
         self.split = check_split(split, PH2_SPLITS, "PH2")
         if len(fractions) != 3:
-            raise ValueError(f"PH2: fractions must be three shares (train, val, test), got {list(fractions)}")
+            raise ConfigError(
+                f"PH2: fractions must be three shares (train, val, test), got {list(fractions)}"
+            )
         self.root = locate_root(root, self.FOLDER, self.IMAGES)
         images_dir = self.root / self.IMAGES
         if not images_dir.is_dir():

@@ -37,7 +37,7 @@ from diffseg_lightning.data.splits import (
     seeded_split,
     train_val_split,
 )
-from diffseg_lightning.utils.errors import DiffSegError
+from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 TASKS = ("kidney", "brain-growth", "prostate", "brain-tumor", "pancreas", "pancreatic-lesion")
 CT_TASKS = ("kidney", "pancreas", "pancreatic-lesion")
@@ -222,7 +222,7 @@ class QUBIQ(CaseDataset):
             training = cases["Training"]
             train_share, val_share = self.fractions[:2]
             if train_share + val_share <= 0:
-                raise ValueError(f"fractions {list(fractions)} leave no Training case for train or val")
+                raise ConfigError(f"fractions {list(fractions)} leave no Training case for train or val")
             if folds is None:
                 numbers = pool_split(list(range(len(training))), train_share, val_share, seed, split)
             else:
@@ -282,11 +282,11 @@ class QUBIQ(CaseDataset):
             return None
         if isinstance(window, str):
             if window != "auto":
-                raise ValueError(f"window must be 'auto', [low, high] or null, got {window!r}")
+                raise ConfigError(f"window must be 'auto', [low, high] or null, got {window!r}")
             return CT_WINDOW if task in CT_TASKS else None
         low, high = (float(v) for v in window)
         if not low < high:
-            raise ValueError(f"window must be [low, high] with low < high, got {list(window)}")
+            raise ConfigError(f"window must be [low, high] with low < high, got {list(window)}")
         return low, high
 
     @staticmethod

@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from diffseg_lightning.data.base import CaseDataset
 from diffseg_lightning.data.folder import as_size, check_channels, check_same_size, read_grey, resize
 from diffseg_lightning.data.splits import check_split, train_val_split
-from diffseg_lightning.utils.errors import DiffSegError
+from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 TARGETS = ("cup", "disc", "both")
 CUP, RIM, BACKGROUND = 0, 128, 255  # the grey values of Disc_Cup_Masks/*.bmp
@@ -268,9 +268,9 @@ class REFUGE(CaseDataset):
         super().__init__(on_bad_case)
         self.split = check_split(split, name="REFUGE")
         if target not in TARGETS:
-            raise ValueError(f"REFUGE: target must be one of {TARGETS}, got {target!r}")
+            raise ConfigError(f"REFUGE: target must be one of {TARGETS}, got {target!r}")
         if disc_crop is not None and not float(disc_crop) > 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"REFUGE: disc_crop must be None or a factor > 1 of the disc extent, got {disc_crop}"
             )
         self.root = Path(root).expanduser()

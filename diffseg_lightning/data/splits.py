@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from diffseg_lightning.exceptions import ConfigError
+
 SPLITS = ("train", "val", "test")
 
 
@@ -13,7 +15,7 @@ def check_split(split: str, splits: Sequence[str] = SPLITS, name: str = "") -> s
     """Return ``split``, or raise a ``ValueError`` listing the valid ones."""
     if split not in splits:
         prefix = f"{name}: " if name else ""
-        raise ValueError(f"{prefix}split must be one of {tuple(splits)}, got {split!r}")
+        raise ConfigError(f"{prefix}split must be one of {tuple(splits)}, got {split!r}")
     return split
 
 
@@ -21,7 +23,7 @@ def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     """Three non-negative train / val / test shares that sum to 1, else a ``ValueError``."""
     values = tuple(float(f) for f in fractions)
     if len(values) != 3 or abs(sum(values) - 1.0) > 1e-6 or min(values) < 0:
-        raise ValueError(f"fractions must be three non-negative shares summing to 1, got {list(fractions)}")
+        raise ConfigError(f"fractions must be three non-negative shares summing to 1, got {list(fractions)}")
     return values  # type: ignore[return-value]
 
 
@@ -36,7 +38,7 @@ def split_by_fractions(count: int, fractions: Sequence[float], seed: int) -> lis
         ValueError: when the fractions are negative or do not sum to 1.
     """
     if min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
-        raise ValueError(f"split fractions must be non-negative shares summing to 1, got {list(fractions)}")
+        raise ConfigError(f"split fractions must be non-negative shares summing to 1, got {list(fractions)}")
     order = np.random.default_rng(seed).permutation(count)
     bounds = np.round(np.cumsum([0.0, *fractions]) * count).astype(int)
     bounds[-1] = count
@@ -51,14 +53,14 @@ def kfold(count: int, folds: int, seed: int) -> list[list[int]]:
         ValueError: when ``folds`` < 2 or exceeds ``count``.
     """
     if not 2 <= folds <= max(count, 2) or folds > count:
-        raise ValueError(f"data.folds must lie in [2, number of cases = {count}], got {folds}")
+        raise ConfigError(f"data.folds must lie in [2, number of cases = {count}], got {folds}")
     order = np.random.default_rng(seed).permutation(count)
     return [sorted(int(i) for i in part) for part in np.array_split(order, folds)]
 
 
 def check_fold(folds: int | None, fold: int) -> None:
     if folds is not None and not 0 <= fold < folds:
-        raise ValueError(f"data.fold must lie in [0, data.folds = {folds}), got {fold}")
+        raise ConfigError(f"data.fold must lie in [0, data.folds = {folds}), got {fold}")
 
 
 def seeded_split(
@@ -92,7 +94,7 @@ def pool_split(pool: Sequence[int], train_share: float, val_share: float, seed: 
     ``train_share : val_share`` (renormalised), with :func:`split_by_fractions`."""
     total = train_share + val_share
     if total <= 0:
-        raise ValueError(f"train / val shares {train_share}, {val_share} leave no case for train or val")
+        raise ConfigError(f"train / val shares {train_share}, {val_share} leave no case for train or val")
     parts = split_by_fractions(len(pool), (train_share / total, val_share / total), seed)
     return [pool[i] for i in parts[split == "val"]]
 
@@ -106,7 +108,7 @@ def train_val_split(
     fold ``fold`` of :func:`kfold` and ``train`` the other folds (k-fold cross-validation on the training set).
     """
     if split not in ("train", "val"):
-        raise ValueError(f"train_val_split serves train and val, got {split!r}")
+        raise ConfigError(f"train_val_split serves train and val, got {split!r}")
     if folds is None:
         return pool_split(list(range(count)), 1.0 - val_fraction, val_fraction, seed, split)
     check_fold(folds, fold)

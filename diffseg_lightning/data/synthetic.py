@@ -69,6 +69,8 @@ import torch
 from scipy import ndimage
 from torch.utils.data import Dataset
 
+from diffseg_lightning.exceptions import ConfigError
+
 __all__ = ["SPLITS", "SyntheticSegmentation"]
 
 #: The splits and the id mixed into the random stream of each.
@@ -98,9 +100,9 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
         ValueError: If ``value`` is not an integer (bools rejected) or is below ``minimum``.
     """
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"SyntheticSegmentation: {name} must be an integer >= {minimum}, got {value!r}")
+        raise ConfigError(f"SyntheticSegmentation: {name} must be an integer >= {minimum}, got {value!r}")
     if value < minimum:
-        raise ValueError(f"SyntheticSegmentation: {name} must be >= {minimum}, got {value!r}")
+        raise ConfigError(f"SyntheticSegmentation: {name} must be >= {minimum}, got {value!r}")
     return int(value)
 
 
@@ -120,10 +122,10 @@ def _check_float(name: str, value: Any, low: float, high: float = math.inf) -> f
         ValueError: If ``value`` is not a finite real number in ``[low, high]``.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"SyntheticSegmentation: {name} must be a number in [{low}, {high}], got {value!r}")
+        raise ConfigError(f"SyntheticSegmentation: {name} must be a number in [{low}, {high}], got {value!r}")
     value = float(value)
     if not (math.isfinite(value) and low <= value <= high):
-        raise ValueError(f"SyntheticSegmentation: {name} must be in [{low}, {high}], got {value!r}")
+        raise ConfigError(f"SyntheticSegmentation: {name} must be in [{low}, {high}], got {value!r}")
     return value
 
 
@@ -146,12 +148,12 @@ def _check_size(size: Any) -> tuple[int, int]:
     ):  # also Hydra's ListConfig
         pair = tuple(size)
     else:
-        raise ValueError(
+        raise ConfigError(
             f"SyntheticSegmentation: size must be a positive int or a pair (H, W) of them, got {size!r}"
         )
     for v in pair:
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < _MIN_SIZE:
-            raise ValueError(
+            raise ConfigError(
                 f"SyntheticSegmentation: size must be an int or a pair (H, W) of ints, each >= {_MIN_SIZE}, "
                 f"got {size!r}"
             )
@@ -337,7 +339,7 @@ class SyntheticSegmentation(Dataset):
             or not isinstance(channels, (int, np.integer))
             or channels not in _VALID_CHANNELS
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"SyntheticSegmentation: channels must be one of {_VALID_CHANNELS}, got {channels!r}"
             )
         self.channels = int(channels)
@@ -349,7 +351,7 @@ class SyntheticSegmentation(Dataset):
         self.texture = _check_float("texture", texture, 0.0)
         self.seed = _check_int("seed", seed, 0)
         if not isinstance(split, str) or split not in SPLITS:
-            raise ValueError(f"SyntheticSegmentation: split must be one of {sorted(SPLITS)}, got {split!r}")
+            raise ConfigError(f"SyntheticSegmentation: split must be one of {sorted(SPLITS)}, got {split!r}")
         self.split = split
         self.split_id = SPLITS[split]
 

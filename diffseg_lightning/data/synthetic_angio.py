@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from diffseg_lightning.data.synthetic import SPLITS, _check_int, _check_size
 from diffseg_lightning.data.vessels import vessel_tree
+from diffseg_lightning.exceptions import ConfigError
 
 __all__ = ["SyntheticAngiography"]
 
@@ -71,15 +72,15 @@ class SyntheticAngiography(Dataset):
         self.num_cases = _check_int("num_cases", num_cases, 1)
         self.size = _check_size(size)
         if split not in SPLITS:
-            raise ValueError(f"SyntheticAngiography: split must be one of {tuple(SPLITS)}, got {split!r}")
+            raise ConfigError(f"SyntheticAngiography: split must be one of {tuple(SPLITS)}, got {split!r}")
         if channels != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"SyntheticAngiography: angiograms are grey, channels must be 1, got {channels!r}"
             )
         if not 0.0 < contrast <= 1.0:
-            raise ValueError(f"SyntheticAngiography: contrast must be in (0, 1], got {contrast!r}")
+            raise ConfigError(f"SyntheticAngiography: contrast must be in (0, 1], got {contrast!r}")
         if noise < 0 or motion < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"SyntheticAngiography: noise and motion must be >= 0, got {noise!r}, {motion!r}"
             )
         vessel_tree(self.size, 0, depth=depth, width=width, roots=roots)  # validates the tree options

@@ -66,6 +66,7 @@ from diffseg_lightning.data.synthetic import (
     _smooth_field,
     _unit_std,
 )
+from diffseg_lightning.exceptions import ConfigError
 
 __all__ = ["PHASES", "SyntheticDCE", "gamma_variate"]
 
@@ -98,7 +99,7 @@ def gamma_variate(t: Any, amplitude: Any, t_peak: Any, alpha: Any) -> np.ndarray
     """
     t, amplitude, t_peak, alpha = (np.asarray(v, dtype=np.float64) for v in (t, amplitude, t_peak, alpha))
     if np.any(t_peak <= 0) or np.any(alpha <= 0) or np.any(amplitude < 0):
-        raise ValueError(
+        raise ConfigError(
             f"gamma_variate needs t_peak > 0, alpha > 0 and amplitude >= 0; got t_peak={t_peak}, "
             f"alpha={alpha}, amplitude={amplitude}"
         )
@@ -110,19 +111,19 @@ def gamma_variate(t: Any, amplitude: Any, t_peak: Any, alpha: Any) -> np.ndarray
 
 def _check_phase_times(times: Any) -> tuple[float, ...]:
     if isinstance(times, str) or not isinstance(times, Sequence) or len(times) < 1:
-        raise ValueError(f"SyntheticDCE: phase_times must be a non-empty list of minutes, got {times!r}")
+        raise ConfigError(f"SyntheticDCE: phase_times must be a non-empty list of minutes, got {times!r}")
     out = tuple(_check_float("phase_times", v, 1e-6) for v in times)
     if any(b <= a for a, b in zip(out, out[1:], strict=False)):
-        raise ValueError(f"SyntheticDCE: phase_times must increase strictly, got {list(out)}")
+        raise ConfigError(f"SyntheticDCE: phase_times must increase strictly, got {list(out)}")
     return out
 
 
 def _check_range(name: str, value: Any) -> tuple[float, float]:
     if isinstance(value, str) or not isinstance(value, Sequence) or len(value) != 2:
-        raise ValueError(f"SyntheticDCE: {name} must be a pair [low, high], got {value!r}")
+        raise ConfigError(f"SyntheticDCE: {name} must be a pair [low, high], got {value!r}")
     low, high = (_check_float(name, v, 0.0) for v in value)
     if high < low:
-        raise ValueError(f"SyntheticDCE: {name} must have low <= high, got {list(value)}")
+        raise ConfigError(f"SyntheticDCE: {name} must have low <= high, got {list(value)}")
     return low, high
 
 
@@ -191,13 +192,13 @@ class SyntheticDCE(SyntheticSegmentation):
             split=split,
         )
         if phases not in PHASES:
-            raise ValueError(f"SyntheticDCE: phases must be one of {PHASES}, got {phases!r}")
+            raise ConfigError(f"SyntheticDCE: phases must be one of {PHASES}, got {phases!r}")
         self.phases = phases
         self.phase_times = _check_phase_times(phase_times)
         self.pre_contrast = _check_range("pre_contrast", pre_contrast)
         self.num_phases = len(self.phase_times)
         if num_phases is not None and num_phases != self.num_phases:
-            raise ValueError(
+            raise ConfigError(
                 f"SyntheticDCE: num_phases={num_phases} but phase_times has {self.num_phases} entries "
                 f"{list(self.phase_times)}"
             )

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from diffseg_lightning.data.synthetic import SyntheticSegmentation
+from diffseg_lightning.exceptions import ConfigError
 
 __all__ = ["SyntheticGroupSegmentation"]
 
@@ -66,14 +67,14 @@ class SyntheticGroupSegmentation(SyntheticSegmentation):
         noise = [float(s) for s in group_noise]
         offset = [float(o) for o in group_offset]
         if g < 1 or any(len(v) != g for v in (noise, scale, offset)):
-            raise ValueError(
+            raise ConfigError(
                 "SyntheticGroupSegmentation: group_fractions, group_noise, group_scale and group_offset need "
                 f"one value per group; got lengths {len(fractions)}, {len(noise)}, {len(scale)}, {len(offset)}"
             )
         if any(not f > 0 or not math.isfinite(f) for f in fractions):
-            raise ValueError(f"SyntheticGroupSegmentation: group_fractions must be > 0, got {fractions}")
+            raise ConfigError(f"SyntheticGroupSegmentation: group_fractions must be > 0, got {fractions}")
         if any(s < 0 for s in noise) or any(not s > 0 for s in scale):
-            raise ValueError(
+            raise ConfigError(
                 f"SyntheticGroupSegmentation: group_noise must be >= 0 and group_scale > 0, got {noise}, {scale}"
             )
         total = sum(fractions)

@@ -39,6 +39,7 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 
 from diffseg_lightning.data.synthetic import _check_float, _check_int
+from diffseg_lightning.exceptions import ConfigError
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 SPLITS = {"train": 0, "val": 1, "test": 2, "predict": 3}
@@ -94,19 +95,19 @@ class SyntheticMultiModal(Dataset):
         self.num_cases = _check_int("num_cases", num_cases, 0)
         self.size = _check_int("size", size, 16)
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+            raise ConfigError(f"split must be one of {list(SPLITS)}, got {split!r}")
         self.modalities = tuple(str(m) for m in modalities)
         unknown = [m for m in self.modalities if m not in MODALITIES] + (
             ["(duplicates)"] if len(set(self.modalities)) != len(self.modalities) else []
         )
         if unknown or not self.modalities:
-            raise ValueError(
+            raise ConfigError(
                 f"modalities must be distinct names from {MODALITIES}, got {list(self.modalities)}"
             )
         if corrupt not in CORRUPTIONS:
-            raise ValueError(f"corrupt must be one of {list(CORRUPTIONS)}, got {corrupt!r}")
+            raise ConfigError(f"corrupt must be one of {list(CORRUPTIONS)}, got {corrupt!r}")
         if corrupt is not None and corrupt_modality not in self.modalities:
-            raise ValueError(
+            raise ConfigError(
                 f"corrupt_modality must be one of {list(self.modalities)}, got {corrupt_modality!r}"
             )
         self.split, self.seed = split, int(seed)

@@ -30,6 +30,7 @@ from diffseg_lightning.data.synthetic import (
     _smooth_field,
     _unit_std,
 )
+from diffseg_lightning.exceptions import ConfigError
 
 SHAPE_CATEGORIES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring")
 
@@ -55,7 +56,7 @@ def _shape_mask(category: str, yy: np.ndarray, xx: np.ndarray, radius: float, an
     if category == "ring":
         r2 = u**2 + v**2
         return (r2 <= radius**2) & (r2 >= (0.55 * radius) ** 2)
-    raise ValueError(f"unknown shape category {category!r}; drawable shapes are {list(SHAPE_CATEGORIES)}")
+    raise ConfigError(f"unknown shape category {category!r}; drawable shapes are {list(SHAPE_CATEGORIES)}")
 
 
 class SyntheticShapes(Dataset):
@@ -103,32 +104,32 @@ class SyntheticShapes(Dataset):
         self.num_cases = _check_int("num_cases", num_cases, 1)
         self.size = _check_size(size)
         if min(self.size) < 16:
-            raise ValueError(f"SyntheticShapes: size must be at least 16 px per side, got {self.size}")
+            raise ConfigError(f"SyntheticShapes: size must be at least 16 px per side, got {self.size}")
         if channels not in (1, 3):
-            raise ValueError(f"SyntheticShapes: channels must be 1 or 3, got {channels!r}")
+            raise ConfigError(f"SyntheticShapes: channels must be 1 or 3, got {channels!r}")
         self.channels = int(channels)
         self.categories = [str(c) for c in categories]
         bad = [c for c in self.categories if c not in SHAPE_CATEGORIES]
         if bad or not self.categories or len(set(self.categories)) != len(self.categories):
-            raise ValueError(
+            raise ConfigError(
                 f"SyntheticShapes: categories must be distinct names from {list(SHAPE_CATEGORIES)}, "
                 f"got {self.categories}"
             )
         self.unseen = [str(c) for c in unseen]
         if any(c not in self.categories for c in self.unseen) or len(self.unseen) >= len(self.categories):
-            raise ValueError(
+            raise ConfigError(
                 f"SyntheticShapes: unseen {self.unseen} must be a proper subset of categories {self.categories}"
             )
         self.max_shapes = _check_int("max_shapes", max_shapes, 1)
         self.min_shapes = _check_int("min_shapes", min_shapes, 0)
         if self.min_shapes > self.max_shapes:
-            raise ValueError(f"SyntheticShapes: min_shapes {min_shapes} > max_shapes {max_shapes}")
+            raise ConfigError(f"SyntheticShapes: min_shapes {min_shapes} > max_shapes {max_shapes}")
         if not noise_std >= 0:
-            raise ValueError(f"SyntheticShapes: noise_std must be >= 0, got {noise_std!r}")
+            raise ConfigError(f"SyntheticShapes: noise_std must be >= 0, got {noise_std!r}")
         self.noise_std = float(noise_std)
         self.seed = _check_int("seed", seed, 0)
         if split not in SPLITS:
-            raise ValueError(f"SyntheticShapes: split must be one of {sorted(SPLITS)}, got {split!r}")
+            raise ConfigError(f"SyntheticShapes: split must be one of {sorted(SPLITS)}, got {split!r}")
         self.split = split
         self.split_id = SPLITS[split]
         # the categories this split draws from (their class ids stay those of the full vocabulary)

@@ -20,19 +20,21 @@ from skimage.draw import line
 from skimage.morphology import disk
 from torch.utils.data import Dataset
 
+from diffseg_lightning.exceptions import ConfigError
+
 __all__ = ["UnpairedVessels", "vessel_background", "vessel_tree"]
 
 
 def _check_tree_options(size: Sequence[int], depth: int, width: float, roots: int) -> tuple[int, int]:
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     if h < 8 or w < 8:
-        raise ValueError(f"vessel_tree: size must be at least 8x8, got {h}x{w}")
+        raise ConfigError(f"vessel_tree: size must be at least 8x8, got {h}x{w}")
     if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= 12:
-        raise ValueError(f"vessel_tree: depth must be an int in [1, 12], got {depth!r}")
+        raise ConfigError(f"vessel_tree: depth must be an int in [1, 12], got {depth!r}")
     if not width > 0:
-        raise ValueError(f"vessel_tree: width must be > 0 pixels, got {width!r}")
+        raise ConfigError(f"vessel_tree: width must be > 0 pixels, got {width!r}")
     if isinstance(roots, bool) or not isinstance(roots, int) or roots < 1:
-        raise ValueError(f"vessel_tree: roots must be an int >= 1, got {roots!r}")
+        raise ConfigError(f"vessel_tree: roots must be an int >= 1, got {roots!r}")
     return int(h), int(w)
 
 
@@ -136,7 +138,7 @@ def vessel_background(image: torch.Tensor, radius: int) -> torch.Tensor:
         (C, H, W) float32.
     """
     if radius < 1:
-        raise ValueError(f"vessel_background: radius must be >= 1, got {radius}")
+        raise ConfigError(f"vessel_background: radius must be >= 1, got {radius}")
     footprint = disk(radius).astype(bool)
     array = image.detach().cpu().float().numpy()
     closed = np.stack(
@@ -183,7 +185,7 @@ class UnpairedVessels(Dataset):
         crop: int | None = None,
     ) -> None:
         if repeats < 1:
-            raise ValueError(f"UnpairedVessels: repeats must be >= 1, got {repeats}")
+            raise ConfigError(f"UnpairedVessels: repeats must be >= 1, got {repeats}")
         self.images = images
         self.repeats = int(repeats)
         self.closing_radius = int(closing_radius)
@@ -191,7 +193,7 @@ class UnpairedVessels(Dataset):
         self.tree = {"depth": depth, "width": width, "roots": roots}
         _check_tree_options(16, depth, width, roots)
         if crop is not None and (isinstance(crop, bool) or not isinstance(crop, int) or crop < 8):
-            raise ValueError(f"UnpairedVessels: crop must be an int >= 8 or None, got {crop!r}")
+            raise ConfigError(f"UnpairedVessels: crop must be an int >= 8 or None, got {crop!r}")
         self.crop = crop
         self.deterministic_items = True
 
@@ -205,7 +207,7 @@ class UnpairedVessels(Dataset):
         if self.crop is not None:
             h, w = image.shape[-2:]
             if self.crop > min(h, w):
-                raise ValueError(f"UnpairedVessels: crop {self.crop} is larger than the image ({h}x{w})")
+                raise ConfigError(f"UnpairedVessels: crop {self.crop} is larger than the image ({h}x{w})")
             top, left = int(rng.integers(h - self.crop + 1)), int(rng.integers(w - self.crop + 1))
             image = image[..., top : top + self.crop, left : left + self.crop]
         fake = vessel_tree(tuple(image.shape[-2:]), rng, **self.tree)

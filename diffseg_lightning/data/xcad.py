@@ -20,7 +20,7 @@ from diffseg_lightning.data.folder import (
     resize,
 )
 from diffseg_lightning.data.splits import check_split
-from diffseg_lightning.utils.errors import DiffSegError
+from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 XCAD_SPLITS = ("train", "val", "test")
 XCAD_FOLDERS = ("XCAD", "Dataset_XCAD")  # the SSVS download's name, and the DARL repository's
@@ -116,7 +116,7 @@ class XCAD(CaseDataset):
         test = self.root / "test"
         images = list_images(test / "images")
         if not 0 <= self.val_count < len(images):
-            raise ValueError(
+            raise ConfigError(
                 f"XCAD: val_count must lie in [0, {len(images)}) (the labelled test images), got {val_count}"
             )
         order = np.random.default_rng(self.seed).permutation(len(images))

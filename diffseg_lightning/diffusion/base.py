@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from diffseg_lightning.diffusion.schedules import SCHEDULES
+from diffseg_lightning.exceptions import ConfigError
 
 
 class NoiseKernel(nn.Module):
@@ -26,13 +27,13 @@ class NoiseKernel(nn.Module):
     def __init__(self, num_train_timesteps: int, schedule: str) -> None:
         super().__init__()
         if schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {schedule!r}; valid values are {list(SCHEDULES)}")
+            raise ConfigError(f"unknown schedule {schedule!r}; valid values are {list(SCHEDULES)}")
         if (
             isinstance(num_train_timesteps, bool)
             or not isinstance(num_train_timesteps, int)
             or num_train_timesteps < 1
         ):
-            raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
+            raise ConfigError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
         self.num_train_timesteps: int = num_train_timesteps
         self.schedule: str = schedule
 
@@ -47,7 +48,7 @@ class NoiseKernel(nn.Module):
         if t.ndim == 0:
             return t.expand(batch)
         if t.shape != (batch,):
-            raise ValueError(
+            raise ConfigError(
                 f"{name} must be an int, a 0-dim tensor or a LongTensor of shape ({batch},), got shape {tuple(t.shape)}"
             )
         return t
@@ -88,7 +89,9 @@ class NoiseKernel(nn.Module):
         """
         T = self.num_train_timesteps
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= T:
-            raise ValueError(f"num_steps must be an int in [1, {T}] (num_train_timesteps), got {num_steps!r}")
+            raise ConfigError(
+                f"num_steps must be an int in [1, {T}] (num_train_timesteps), got {num_steps!r}"
+            )
         i = torch.arange(num_steps, dtype=torch.long, device=device)
         # round(T (N - i) / N) with halves rounded up, exactly in integers
         return (2 * T * (num_steps - i) + num_steps) // (2 * num_steps) - 1

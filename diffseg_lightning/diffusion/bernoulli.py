@@ -47,6 +47,7 @@ from torch import Tensor
 
 from diffseg_lightning.diffusion.base import NoiseKernel
 from diffseg_lightning.diffusion.schedules import make_beta_schedule
+from diffseg_lightning.exceptions import ConfigError
 
 __all__ = [
     "BERNOULLI_OBJECTIVES",
@@ -186,11 +187,11 @@ class BernoulliKernel(NoiseKernel):
     ) -> None:
         super().__init__(num_train_timesteps, schedule)
         if objective not in BERNOULLI_OBJECTIVES:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown objective {objective!r}; valid values are {list(BERNOULLI_OBJECTIVES)}"
             )
         if isinstance(lambda_bce, bool) or not isinstance(lambda_bce, (int, float)) or not lambda_bce >= 0.0:
-            raise ValueError(f"lambda_bce must be a number >= 0, got {lambda_bce!r}")
+            raise ConfigError(f"lambda_bce must be a number >= 0, got {lambda_bce!r}")
         self.objective: str = objective
         self.lambda_bce: float = float(lambda_bce)
         self.binarize_final: bool = bool(binarize_final)
@@ -230,7 +231,7 @@ class BernoulliKernel(NoiseKernel):
 
     def _check_output(self, model_output: Tensor, x_t: Tensor) -> None:
         if model_output.shape != x_t.shape:
-            raise ValueError(
+            raise ConfigError(
                 f"model_output has shape {tuple(model_output.shape)}; the Bernoulli kernel expects one logit "
                 f"per mask channel, the shape of x_t {tuple(x_t.shape)}"
             )
@@ -327,7 +328,7 @@ class BernoulliKernel(NoiseKernel):
             u = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
             noise = (u < flip).to(x0.dtype)
         elif noise.shape != x0.shape:
-            raise ValueError(
+            raise ConfigError(
                 f"noise has shape {tuple(noise.shape)}; expected the shape of x0 {tuple(x0.shape)}"
             )
         return x0 + noise - 2.0 * x0 * noise  # XOR for {0, 1} values

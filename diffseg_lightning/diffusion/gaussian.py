@@ -37,6 +37,7 @@ from torch import Tensor
 
 from diffseg_lightning.diffusion.base import NoiseKernel
 from diffseg_lightning.diffusion.schedules import make_beta_schedule
+from diffseg_lightning.exceptions import ConfigError
 
 __all__ = [
     "OBJECTIVES",
@@ -177,13 +178,13 @@ class GaussianKernel(NoiseKernel):
     ) -> None:
         super().__init__(num_train_timesteps, schedule)
         if objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {objective!r}; valid values are {list(OBJECTIVES)}")
+            raise ConfigError(f"unknown objective {objective!r}; valid values are {list(OBJECTIVES)}")
         if sampling not in SAMPLERS:
-            raise ValueError(f"unknown sampling {sampling!r}; valid values are {list(SAMPLERS)}")
+            raise ConfigError(f"unknown sampling {sampling!r}; valid values are {list(SAMPLERS)}")
         if not (isinstance(eta, (int, float)) and eta >= 0.0):
-            raise ValueError(f"eta must be a number >= 0, got {eta!r}")
+            raise ConfigError(f"eta must be a number >= 0, got {eta!r}")
         if not (isinstance(vlb_weight, (int, float)) and vlb_weight >= 0.0):
-            raise ValueError(f"vlb_weight must be a number >= 0, got {vlb_weight!r}")
+            raise ConfigError(f"vlb_weight must be a number >= 0, got {vlb_weight!r}")
         self.objective: str = objective
         self.learn_variance: bool = bool(learn_variance)
         self.vlb_weight: float = float(vlb_weight)
@@ -268,7 +269,7 @@ class GaussianKernel(NoiseKernel):
         c = x_t.shape[1]
         want = self.model_output_channels(c)
         if model_output.shape[1] != want or model_output.shape[0] != x_t.shape[0]:
-            raise ValueError(
+            raise ConfigError(
                 f"model_output has shape {tuple(model_output.shape)}; expected (B={x_t.shape[0]}, {want}, ...) "
                 f"for x_t with {c} channel(s) (learn_variance={self.learn_variance})"
             )

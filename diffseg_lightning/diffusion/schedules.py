@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from diffseg_lightning.exceptions import ConfigError
+
 __all__ = ["SCHEDULES", "MAX_BETA", "COSINE_S", "make_beta_schedule"]
 
 #: Valid values of the ``schedule`` option.
@@ -61,13 +63,13 @@ def make_beta_schedule(
             betas outside ``0 < beta_start <= beta_end < 1``.
     """
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown beta schedule {schedule!r}; valid values are {list(SCHEDULES)}")
+        raise ConfigError(f"unknown beta schedule {schedule!r}; valid values are {list(SCHEDULES)}")
     if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1:
-        raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
+        raise ConfigError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
     T = num_timesteps
     if schedule == "linear":
         if not (0.0 < beta_start <= beta_end < 1.0):
-            raise ValueError(
+            raise ConfigError(
                 f"linear schedule needs 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}"
             )
         scale = 1000.0 / T

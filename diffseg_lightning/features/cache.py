@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.features.extractor import DiffusionFeatureExtractor
 
 __all__ = ["FeatureCache", "dataset_identity", "extractor_setting", "state_digest"]
@@ -140,7 +141,7 @@ class FeatureCache:
             **kwargs: passed to the extractor for the misses (batched tensors are subset).
         """
         if len(case_ids) != images.shape[0]:
-            raise ValueError(f"{len(case_ids)} case ids for a batch of {images.shape[0]} images")
+            raise ConfigError(f"{len(case_ids)} case ids for a batch of {images.shape[0]} images")
         cached = [self.load(c) for c in case_ids]
         miss = [i for i, f in enumerate(cached) if f is None]
         self.hits += len(case_ids) - len(miss)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffseg_lightning.exceptions import ConfigError
+
 if TYPE_CHECKING:
     from diffseg_lightning.diffusion.gaussian import GaussianKernel
 
@@ -118,29 +120,29 @@ class DiffusionFeatureExtractor(nn.Module):
         blocks = [str(b) for b in blocks]
         timesteps = [int(t) for t in timesteps]
         if not blocks:
-            raise ValueError("blocks is empty: name at least one module of the backbone")
+            raise ConfigError("blocks is empty: name at least one module of the backbone")
         if not timesteps:
-            raise ValueError("timesteps is empty: give at least one diffusion timestep")
+            raise ConfigError("timesteps is empty: give at least one diffusion timestep")
         modules = dict(backbone.named_modules())
         self.valid_blocks: list[str] = [name for name in modules if name]
         unknown = [b for b in blocks if b not in modules or not b]
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown block(s) {unknown} for {type(backbone).__name__}; valid blocks are {self.valid_blocks}"
             )
         if len(set(blocks)) != len(blocks):
-            raise ValueError(f"blocks has duplicates: {blocks}")
+            raise ConfigError(f"blocks has duplicates: {blocks}")
         if kernel is not None:
             T = int(kernel.num_train_timesteps)
             bad = [t for t in timesteps if not 0 <= t < T]
             if bad:
-                raise ValueError(f"timesteps {bad} are outside [0, {T}) of the kernel")
+                raise ConfigError(f"timesteps {bad} are outside [0, {T}) of the kernel")
         elif any(t < 0 for t in timesteps):
-            raise ValueError(f"timesteps must be >= 0, got {timesteps}")
+            raise ConfigError(f"timesteps must be >= 0, got {timesteps}")
         if output_size is not None:
             size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
             if len(size) != 2 or any(int(s) <= 0 for s in size):
-                raise ValueError(f"output_size must be a positive int or (H, W), got {output_size!r}")
+                raise ConfigError(f"output_size must be a positive int or (H, W), got {output_size!r}")
             output_size = (int(size[0]), int(size[1]))
         self.backbone = backbone
         self.blocks: list[str] = blocks
@@ -240,7 +242,7 @@ class DiffusionFeatureExtractor(nn.Module):
             (B, out_channels, H_out, W_out) float features, ordered by timestep then block.
         """
         if x.ndim != 4:
-            raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
+            raise ConfigError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
         B, K = x.shape[0], len(self.timesteps)
         size = self.output_size or (int(x.shape[-2]), int(x.shape[-1]))
         modules = dict(self.backbone.named_modules())

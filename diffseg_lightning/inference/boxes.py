@@ -18,6 +18,8 @@ import math
 import torch
 from torch import Tensor
 
+from diffseg_lightning.exceptions import ConfigError
+
 __all__ = [
     "apply_deltas",
     "batched_nms",
@@ -32,7 +34,7 @@ __all__ = [
 
 def _check_boxes(boxes: Tensor, name: str) -> None:
     if boxes.shape[-1] != 4:
-        raise ValueError(f"{name}: expected boxes of shape (..., 4), got {tuple(boxes.shape)}")
+        raise ConfigError(f"{name}: expected boxes of shape (..., 4), got {tuple(boxes.shape)}")
 
 
 def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
@@ -145,12 +147,12 @@ def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: fl
     _check_boxes(boxes, "batched_nms")
     n = boxes.shape[0]
     if boxes.dim() != 2 or scores.shape != (n,) or groups.shape != (n,):
-        raise ValueError(
+        raise ConfigError(
             f"batched_nms: expected boxes (N, 4), scores (N,) and groups (N,), got {tuple(boxes.shape)}, "
             f"{tuple(scores.shape)} and {tuple(groups.shape)}"
         )
     if not 0.0 <= iou_threshold <= 1.0:
-        raise ValueError(f"batched_nms: iou_threshold must be in [0, 1], got {iou_threshold}")
+        raise ConfigError(f"batched_nms: iou_threshold must be in [0, 1], got {iou_threshold}")
     if n == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
     order = torch.sort(scores, descending=True, stable=True).indices

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from diffseg_lightning.utils.errors import DiffSegError
+from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 MAX_CLASSES = 8  # 2**8 = 256 subsets per pixel
 
@@ -62,7 +62,7 @@ def dirichlet_opinion(evidence: Tensor, dim: int = 1, check: bool = True) -> dic
         ValueError: negative evidence.
     """
     if check and evidence.numel() and bool((evidence < 0).any()):
-        raise ValueError("evidence must be non-negative (apply softplus / ReLU / exp first)")
+        raise ConfigError("evidence must be non-negative (apply softplus / ReLU / exp first)")
     k = evidence.shape[dim]
     alpha = evidence + 1.0
     strength = alpha.sum(dim, keepdim=True)
@@ -108,9 +108,9 @@ def evidential_loss(alpha: Tensor, target: Tensor, annealing: float, dim: int = 
         ``loss = ace + annealing * kl``, ``ace`` and ``kl`` (scalars).
     """
     if alpha.shape != target.shape:
-        raise ValueError(f"alpha {tuple(alpha.shape)} and the one-hot target {tuple(target.shape)} differ")
+        raise ConfigError(f"alpha {tuple(alpha.shape)} and the one-hot target {tuple(target.shape)} differ")
     if not 0.0 <= annealing <= 1.0:
-        raise ValueError(f"the annealing coefficient must lie in [0, 1], got {annealing}")
+        raise ConfigError(f"the annealing coefficient must lie in [0, 1], got {annealing}")
     strength = alpha.sum(dim, keepdim=True)
     ace = (target * (torch.digamma(strength) - torch.digamma(alpha))).sum(dim).mean()
     alpha_tilde = target + (1.0 - target) * alpha
@@ -130,7 +130,7 @@ def soft_dice_loss(probability: Tensor, target: Tensor, eps: float = 1e-6) -> Te
         eps: added to the denominator (an absent class predicted absent gives a loss near 1 - 0).
     """
     if probability.shape != target.shape:
-        raise ValueError(f"output {tuple(probability.shape)} and target {tuple(target.shape)} differ")
+        raise ConfigError(f"output {tuple(probability.shape)} and target {tuple(target.shape)} differ")
     axes = tuple(range(2, probability.dim()))
     inter = (probability * target).sum(axes)
     denom = probability.sum(axes) + target.sum(axes)
@@ -140,13 +140,13 @@ def soft_dice_loss(probability: Tensor, target: Tensor, eps: float = 1e-6) -> Te
 # ---------------------------------------------------------------------------- mass functions on 2^Omega
 def _check_frame(num_classes: int) -> None:
     if not 1 <= num_classes <= MAX_CLASSES:
-        raise ValueError(f"the frame must hold 1 to {MAX_CLASSES} classes (2^K subsets), got {num_classes}")
+        raise ConfigError(f"the frame must hold 1 to {MAX_CLASSES} classes (2^K subsets), got {num_classes}")
 
 
 def _num_classes(num_subsets: int) -> int:
     k = num_subsets.bit_length() - 1
     if num_subsets != 2**k:
-        raise ValueError(f"a mass function over K classes has 2^K entries, got {num_subsets}")
+        raise ConfigError(f"a mass function over K classes has 2^K entries, got {num_subsets}")
     _check_frame(k)
     return k
 
@@ -216,7 +216,9 @@ def dempster(masses: Tensor, dim: int = 2, check: bool = True) -> Tensor:
         TotalConflictError: total conflict at some pixel (with ``check``).
     """
     if masses.dim() < 2 or dim == 0:
-        raise ValueError("masses must be (M, ..., 2^K, ...) with the sources on axis 0 and subsets elsewhere")
+        raise ConfigError(
+            "masses must be (M, ..., 2^K, ...) with the sources on axis 0 and subsets elsewhere"
+        )
     k = _num_classes(masses.shape[dim])
     z = _subset_matrix(k, masses.device, masses.dtype)
     commonality = masses.movedim(dim, -1) @ z  # q(A) = sum_{B ⊇ A} m(B)
@@ -286,7 +288,7 @@ def contextual_discount(mass: Tensor, reliability: Tensor, dim: int = 1) -> Tens
     k = _num_classes(mass.shape[dim])
     beta = reliability.to(mass.dtype)
     if beta.shape[-1] != k:
-        raise ValueError(f"reliability has {beta.shape[-1]} classes on its last axis for a frame of {k}")
+        raise ConfigError(f"reliability has {beta.shape[-1]} classes on its last axis for a frame of {k}")
     m = mass.movedim(dim, -1)
     idx = torch.arange(2**k, device=mass.device)
     outside = ((idx[:, None] >> torch.arange(k, device=mass.device)[None, :]) & 1) == 0  # (2^K, K)

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from diffseg_lightning.exceptions import ConfigError
+
 
 class Fusion(str, Enum):
     """How S samples become one mask.
@@ -45,7 +47,7 @@ class Fusion(str, Enum):
         try:
             return cls(value)
         except ValueError:
-            raise ValueError(f"unknown fusion {value!r}; valid: {[f.value for f in cls]}") from None
+            raise ConfigError(f"unknown fusion {value!r}; valid: {[f.value for f in cls]}") from None
 
 
 def fuse_samples(
@@ -68,7 +70,7 @@ def fuse_samples(
     """
     fusion = Fusion.parse(fusion)
     if fusion is Fusion.EVOLUTION:
-        raise ValueError(
+        raise ConfigError(
             "fusion 'evolution' needs the mean and learned log-variance of every sample's final step, not just "
             "the samples: use DiffusionSampler(fusion='evolution') or evolution_fusion()"
         )
@@ -145,16 +147,18 @@ def staple(
             is out of range.
     """
     if decisions.dim() < 4:
-        raise ValueError(f"staple: decisions must be (B, S, C, *spatial), got shape {tuple(decisions.shape)}")
+        raise ConfigError(
+            f"staple: decisions must be (B, S, C, *spatial), got shape {tuple(decisions.shape)}"
+        )
     if max_iter < 1 or check_every < 1:
-        raise ValueError(f"staple: max_iter ({max_iter}) and check_every ({check_every}) must be >= 1")
+        raise ConfigError(f"staple: max_iter ({max_iter}) and check_every ({check_every}) must be >= 1")
     if tol < 0:
-        raise ValueError(f"staple: tol must be >= 0, got {tol}")
+        raise ConfigError(f"staple: tol must be >= 0, got {tol}")
     if not 0.0 < confidence_weight <= 1.0:
-        raise ValueError(f"staple: confidence_weight must be in (0, 1], got {confidence_weight}")
+        raise ConfigError(f"staple: confidence_weight must be in (0, 1], got {confidence_weight}")
     if decisions.dtype != torch.bool:
         if not bool(((decisions == 0) | (decisions == 1)).all()):
-            raise ValueError(
+            raise ConfigError(
                 "staple: decisions must be binary (0 or 1); binarise probabilities first, e.g. samples > 0.5"
             )
     out_dtype = torch.float64 if decisions.dtype == torch.float64 else torch.float32
@@ -207,7 +211,7 @@ def check_learned_variance(kernel: object) -> None:
             kernel without ``learn_variance=True``).
     """
     if not getattr(kernel, "learn_variance", False):
-        raise ValueError(
+        raise ConfigError(
             f"fusion 'evolution' (MB-Diff's evolution-uncertainty fusion) needs a kernel with a learned variance, "
             f"but {type(kernel).__name__} has none (learn_variance="
             f"{getattr(kernel, 'learn_variance', 'absent')}); train and sample with "
@@ -300,7 +304,7 @@ def evolution_fusion(
         ValueError: shapes differ or are not 5-D, or ``tau`` is negative.
     """
     if mean.ndim != 5 or log_variance.shape != mean.shape or noise.shape != mean.shape:
-        raise ValueError(
+        raise ConfigError(
             "evolution_fusion: mean, log_variance and noise must share one (B, n, C, H, W) shape, got "
             f"{tuple(mean.shape)}, {tuple(log_variance.shape)}, {tuple(noise.shape)}"
         )
@@ -308,7 +312,7 @@ def evolution_fusion(
     if tau is None:
         tau = threshold * n
     if tau < 0:
-        raise ValueError(f"evolution_fusion: tau must be >= 0 (a threshold on a sum of n votes), got {tau}")
+        raise ConfigError(f"evolution_fusion: tau must be >= 0 (a threshold on a sum of n votes), got {tau}")
     decode = decode if decode is not None else (lambda x: x)
     y = decode(mean + torch.exp(0.5 * log_variance) * noise)
     votes = y.sum(dim=1)

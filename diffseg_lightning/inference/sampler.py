@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.inference.fusion import (
     Fusion,
     check_learned_variance,
@@ -128,7 +129,7 @@ class DiffusionSampler:
         if self.max_batch is not None and (
             isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"sampler.max_batch must be null (one network pass per step) or a positive integer (the most "
                 f"rows, images x samples, per network pass), got {self.max_batch!r}"
             )
@@ -136,18 +137,18 @@ class DiffusionSampler:
         if self.tau is not None and not (
             isinstance(self.tau, int | float) and 0.0 <= self.tau <= self.num_samples
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"sampler.tau must be null or a number in [0, num_samples={self.num_samples}] (a threshold on the "
                 f"sum of the S evolutions' votes), got {self.tau!r}"
             )
         if self.parallel not in PARALLEL_MODES:
-            raise ValueError(f"sampler.parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
+            raise ConfigError(f"sampler.parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
         if self.num_steps < 1 or self.num_samples < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"sampler needs num_steps >= 1 and num_samples >= 1, got {self.num_steps}, {self.num_samples}"
             )
         if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"sampler.threshold must lie in [0, 1], got {self.threshold}")
+            raise ConfigError(f"sampler.threshold must lie in [0, 1], got {self.threshold}")
 
     def settings(self) -> dict[str, Any]:
         """The settings, as written to ``summary.json``."""

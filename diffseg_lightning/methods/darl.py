@@ -11,6 +11,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
+from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.inference.sampler import DiffusionSampler, describe_samples
 from diffseg_lightning.methods.mask_diffusion import SegmentationMethod
 from diffseg_lightning.nets.darl import one_hot_mask
@@ -207,30 +208,30 @@ class DARLModule(SegmentationMethod):
             or not hasattr(kernel, "q_sample")
             or getattr(kernel, "objective", None) != "epsilon"
         ):
-            raise ValueError(
+            raise ConfigError(
                 "DARLModule needs a Gaussian kernel with objective=epsilon (noise=gaussian "
                 f"noise.objective=epsilon): the generator reads the noise prediction; got {kernel!r}"
             )
         if mask_channels != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"DARLModule segments one vessel channel: mask_channels must be 1, got {mask_channels}"
             )
         for name, value in (("alpha", alpha), ("beta", beta), ("discriminator_weight", discriminator_weight)):
             if not (isinstance(value, (int, float)) and value >= 0):
-                raise ValueError(f"DARLModule: {name} must be a number >= 0, got {value!r}")
+                raise ConfigError(f"DARLModule: {name} must be a number >= 0, got {value!r}")
         T = kernel.num_train_timesteps
         if (
             isinstance(angiogram_max_t, bool)
             or not isinstance(angiogram_max_t, int)
             or not 1 <= angiogram_max_t <= T
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"DARLModule: angiogram_max_t must be an int in [1, T={T}], got {angiogram_max_t!r}"
             )
         if not 0.0 <= tile_overlap < 1.0:
-            raise ValueError(f"DARLModule: tile_overlap must lie in [0, 1), got {tile_overlap!r}")
+            raise ConfigError(f"DARLModule: tile_overlap must lie in [0, 1), got {tile_overlap!r}")
         if gradient_clip is not None and not gradient_clip > 0:
-            raise ValueError(f"DARLModule: gradient_clip must be > 0 or None, got {gradient_clip!r}")
+            raise ConfigError(f"DARLModule: gradient_clip must be > 0 or None, got {gradient_clip!r}")
         self.automatic_optimization = False
         self.diffusion = diffusion
         self.generator = generator
@@ -253,13 +254,13 @@ class DARLModule(SegmentationMethod):
     def grey(self, image: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, 1, H, W): ``input_channel`` of the image (or the channel mean), in [-1, 1]."""
         if image.dim() != 4:
-            raise ValueError(f"DARLModule expects (B, C, H, W) images, got {tuple(image.shape)}")
+            raise ConfigError(f"DARLModule expects (B, C, H, W) images, got {tuple(image.shape)}")
         image = image if image.is_floating_point() else image.float()
         if self.input_channel is None:
             image = image.mean(dim=1, keepdim=True)
         else:
             if not 0 <= self.input_channel < image.shape[1]:
-                raise ValueError(
+                raise ConfigError(
                     f"DARLModule: input_channel={self.input_channel} but the images have {image.shape[1]} channel(s)"
                 )
             image = image[:, self.input_channel : self.input_channel + 1]
@@ -299,7 +300,7 @@ class DARLModule(SegmentationMethod):
         """
         missing = [key for key in TRAIN_KEYS if key not in batch]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"DARLModule trains on unpaired angiograms, backgrounds and synthetic masks: the training batch "
                 f"lacks {missing} (use data=synthetic_angio, data=xcad or data=drive_darl, whose training items "
                 "carry image, background and fake_mask)"
@@ -308,7 +309,7 @@ class DARLModule(SegmentationMethod):
         x_b = self.grey(batch["background"])
         s_f = batch["fake_mask"].to(x_a.dtype)
         if s_f.shape != x_a.shape or x_b.shape != x_a.shape:
-            raise ValueError(
+            raise ConfigError(
                 f"DARLModule: image {tuple(x_a.shape)}, background {tuple(x_b.shape)} and fake_mask "
                 f"{tuple(s_f.shape)} must share (B, 1, H, W)"
             )

@@ -19,7 +19,7 @@ from diffseg_lightning.inference.sampler import DiffusionSampler, describe_sampl
 from diffseg_lightning.methods.mask_diffusion import SegmentationMethod
 from diffseg_lightning.methods.segmentation import DiceBCELoss
 from diffseg_lightning.nets.dkm import group_by_block
-from diffseg_lightning.utils.errors import DiffSegError
+from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 __all__ = ["DKMModule", "concat_condition"]
 
@@ -135,20 +135,20 @@ class DKMModule(SegmentationMethod):
     ) -> None:
         super().__init__(optimizer, scheduler, mask_channels, spacing, compile, channels_last)
         if kernel is None or not hasattr(kernel, "q_sample"):
-            raise ValueError(
+            raise ConfigError(
                 "DKMModule needs the Gaussian noise kernel (noise=gaussian) for its diffusion module"
             )
         if isinstance(net, nn.Module):
-            raise ValueError(
+            raise ConfigError(
                 "DKMModule: model.net must be a partial DKMSegNet (_partial_: true): its fusion widths are "
                 "measured from the diffusion module here"
             )
         if len(feature_blocks) != 4:
-            raise ValueError(
+            raise ConfigError(
                 f"DKMModule: feature_blocks must name 4 blocks (one per KineticBlock), got {list(feature_blocks)}"
             )
         if int(pretrain_steps) < 0:
-            raise ValueError(f"DKMModule: pretrain_steps must be >= 0, got {pretrain_steps}")
+            raise ConfigError(f"DKMModule: pretrain_steps must be >= 0, got {pretrain_steps}")
         self.post_channels = int(post_channels)
         self.image_channels = int(image_channels)
         self.kernel = kernel
@@ -172,7 +172,7 @@ class DKMModule(SegmentationMethod):
                 cond=torch.zeros(1, self.image_channels, side, side),
             )
         except Exception as err:
-            raise ValueError(
+            raise ConfigError(
                 f"DKMModule: the diffusion module does not take cat([x_t ({self.post_channels} post-contrast "
                 f"channels), pre ({self.image_channels} channel(s))]): {err}"
             ) from err
@@ -206,7 +206,7 @@ class DKMModule(SegmentationMethod):
             post: post-contrast phases (B, K, H, W), the DM's ``x_0``.
         """
         if post.shape[1] != self.post_channels:
-            raise ValueError(
+            raise ConfigError(
                 f"DKMModule: the batch has {post.shape[1]} post-contrast phases, model.post_channels is "
                 f"{self.post_channels}"
             )
@@ -215,7 +215,7 @@ class DKMModule(SegmentationMethod):
         out = concat_condition(self.ddpm, x_t, t, pre)
         expected = self.kernel.model_output_channels(self.post_channels)
         if out.shape[1] != expected:
-            raise ValueError(
+            raise ConfigError(
                 f"DKMModule: the diffusion module outputs {out.shape[1]} channels; the kernel needs {expected}"
             )
         return self.kernel.loss(out.float(), post, x_t, t)
@@ -255,7 +255,7 @@ class DKMModule(SegmentationMethod):
                 while len(losses) < steps:
                     for batch in loader:
                         if "post" not in batch:
-                            raise ValueError(
+                            raise ConfigError(
                                 "DKM pretraining needs batch['post'], the post-contrast phases (data=synthetic_dce)"
                             )
                         pre = batch["image"].to(self.device).float()
@@ -325,7 +325,7 @@ class DKMModule(SegmentationMethod):
     def diffusion_features(self, image: Tensor) -> list[Tensor]:
         """``f_dm^1..f_dm^4`` for pre-contrast images (B, C, H, W): one (B, T * C_b, H, W) map per block."""
         if image.shape[1] != self.image_channels:
-            raise ValueError(
+            raise ConfigError(
                 f"DKMModule: images have {image.shape[1]} channel(s), model.image_channels is {self.image_channels}"
             )
         start = image[:, :1].expand(-1, self.post_channels, -1, -1)  # the forward process starts at pre
@@ -341,7 +341,7 @@ class DKMModule(SegmentationMethod):
         target = self.training_target(batch).float()
         logits = self(batch["image"]).float()
         if logits.shape != target.shape:
-            raise ValueError(
+            raise ConfigError(
                 f"DKMSegNet returns {tuple(logits.shape)} but the masks are {tuple(target.shape)}: its output "
                 f"channels must equal data.mask_channels ({self.mask_channels})"
             )

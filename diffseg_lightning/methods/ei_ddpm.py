@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.inference.evidence import (
     dirichlet_opinion,
     discounted_plausibility,
@@ -162,20 +163,20 @@ class EIDDPMModule(SegmentationMethod):
             ("evidence", evidence, EVIDENCE),
         ):
             if value not in valid:
-                raise ValueError(f"EIDDPMModule: {name} must be one of {valid}, got {value!r}")
+                raise ConfigError(f"EIDDPMModule: {name} must be one of {valid}, got {value!r}")
         if getattr(kernel, "objective", None) not in ("x0", "epsilon") or getattr(
             kernel, "learn_variance", False
         ):
-            raise ValueError(
+            raise ConfigError(
                 "EIDDPMModule needs the Gaussian kernel (noise=gaussian, objective x0 or epsilon) without a "
                 "learned variance: the fused evidence is the x_0 estimate of every reverse step"
             )
         if Fusion.parse(sampler.fusion) is Fusion.EVOLUTION:
-            raise ValueError("EIDDPMModule: sampler.fusion=evolution needs a learned variance; use mean")
+            raise ConfigError("EIDDPMModule: sampler.fusion=evolution needs a learned variance; use mean")
         if not 0.0 < reliability_init < 1.0:
-            raise ValueError(f"reliability_init must lie in (0, 1), got {reliability_init}")
+            raise ConfigError(f"reliability_init must lie in (0, 1), got {reliability_init}")
         if anneal_epochs < 1 or min(lambda_eil, lambda_dice, lambda_ddpm) < 0:
-            raise ValueError("anneal_epochs must be >= 1 and the loss weights >= 0")
+            raise ConfigError("anneal_epochs must be >= 1 and the loss weights >= 0")
         self.num_classes = int(mask_channels) + 1
         self.num_modalities = int(num_modalities)
         if not isinstance(denoiser, nn.Module):  # a factory: every path gets K input and output channels
@@ -184,7 +185,7 @@ class EIDDPMModule(SegmentationMethod):
             )
         self.paths = ParallelDenoisers(denoiser, self.num_modalities)
         if self.paths.out_channels != self.num_classes or self.paths.mask_channels != self.num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"each path denoiser must take and return K = mask_channels + 1 = {self.num_classes} "
                 f"channels (one per class), got mask_channels={self.paths.mask_channels}, "
                 f"out_channels={self.paths.out_channels}"
@@ -194,7 +195,7 @@ class EIDDPMModule(SegmentationMethod):
         self.labels, self.fusion, self.evidence = labels, fusion, evidence
         self.anneal_epochs = int(anneal_epochs)
         if reliability_lr is not None and reliability_lr <= 0:
-            raise ValueError(f"reliability_lr must be null or > 0, got {reliability_lr}")
+            raise ConfigError(f"reliability_lr must be null or > 0, got {reliability_lr}")
         self.reliability_lr = reliability_lr
         self.lambda_eil, self.lambda_dice, self.lambda_ddpm = lambda_eil, lambda_dice, lambda_ddpm
         logit = torch.logit(torch.tensor(float(reliability_init)))
@@ -211,7 +212,7 @@ class EIDDPMModule(SegmentationMethod):
             or len(self.class_names) != self.num_classes
             or len(self.region_names) != self.mask_channels
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"modality_names needs {self.num_modalities} names, class_names {self.num_classes} and "
                 f"region_names {self.mask_channels}, got {self.modality_names}, {self.class_names} and "
                 f"{self.region_names}"
@@ -227,14 +228,14 @@ class EIDDPMModule(SegmentationMethod):
             inner = torch.cat([mask, torch.zeros_like(ones)], 1)
             classes = outer - inner
             if bool((classes < 0).any()):
-                raise ValueError(
+                raise ConfigError(
                     "EIDDPMModule(labels=nested): the mask channels are not nested (channel c+1 must lie "
                     "inside channel c, e.g. BraTS WT, TC, ET); use labels=exclusive for disjoint classes"
                 )
             return classes
         background = ones - mask.sum(1, keepdim=True)
         if bool((background < 0).any()):
-            raise ValueError("EIDDPMModule(labels=exclusive): the mask channels overlap; use labels=nested")
+            raise ConfigError("EIDDPMModule(labels=exclusive): the mask channels overlap; use labels=nested")
         return torch.cat([background, mask], 1)
 
     def classes_to_regions(self, probability: Tensor, dim: int = -3) -> Tensor:
@@ -346,7 +347,7 @@ class EIDDPMModule(SegmentationMethod):
         ``probability`` / ``mask`` and the uncertainty maps (B, C, H, W); ``class_probability``
         (B, K, H, W), the mean over S of the fused class probabilities."""
         if image.dim() != 4 or image.shape[1] != self.num_modalities:
-            raise ValueError(
+            raise ConfigError(
                 f"EI-DDPM expects (B, {self.num_modalities}, H, W) images, one channel per modality, got "
                 f"{tuple(image.shape)}"
             )

@@ -21,7 +21,7 @@ from diffseg_lightning.inference.sampler import DiffusionSampler, describe_sampl
 from diffseg_lightning.methods.mask_diffusion import SegmentationMethod
 from diffseg_lightning.metrics.fairness import subgroup_report
 from diffseg_lightning.nets.pixel_mlp import PixelMLPEnsemble
-from diffseg_lightning.utils.errors import DiffSegError
+from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 __all__ = ["FEDDModule", "classification_scores", "load_backbone"]
 
@@ -184,13 +184,13 @@ class FEDDModule(SegmentationMethod):
     ) -> None:
         super().__init__(optimizer, scheduler, mask_channels, spacing, compile, channels_last)
         if not 0.0 < float(pixel_fraction) <= 1.0:
-            raise ValueError(f"pixel_fraction must lie in (0, 1], got {pixel_fraction}")
+            raise ConfigError(f"pixel_fraction must lie in (0, 1], got {pixel_fraction}")
         self.backbone_ckpt = str(backbone_ckpt) if backbone_ckpt else None
         if self.backbone_ckpt is not None:
             backbone, kernel, _ = load_backbone(self.backbone_ckpt)
         else:
             if backbone is None:
-                raise ValueError(
+                raise ConfigError(
                     "FEDD needs model.backbone_ckpt (a pretrained image_ddpm) or a model.backbone"
                 )
             message = (
@@ -203,7 +203,7 @@ class FEDDModule(SegmentationMethod):
         if blocks is None:  # every decoder block of a MONAI DiffusionModelUNet
             up_blocks = getattr(backbone, "up_blocks", None)
             if up_blocks is None:
-                raise ValueError(f"{type(backbone).__name__} has no up_blocks: name model.blocks explicitly")
+                raise ConfigError(f"{type(backbone).__name__} has no up_blocks: name model.blocks explicitly")
             blocks = [f"up_blocks.{i}" for i in range(len(up_blocks))]
         self.extractor = DiffusionFeatureExtractor(
             backbone, list(blocks), list(timesteps), kernel=kernel, output_size=None, noise_seed=noise_seed
@@ -225,7 +225,7 @@ class FEDDModule(SegmentationMethod):
         self.group_key = group_key
         self.feature_cache = feature_cache
         if cache_dtype not in ("float32", "float16"):
-            raise ValueError(f"cache_dtype must be 'float32' or 'float16', got {cache_dtype!r}")
+            raise ConfigError(f"cache_dtype must be 'float32' or 'float16', got {cache_dtype!r}")
         self.cache_dtype = getattr(torch, cache_dtype)
         self.fusion = sampler.fusion if sampler is not None else "mean"
         self.use_sampler(sampler)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import Tensor, nn
 
+from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.inference.boxes import (
     batched_nms,
     box_cxcywh_to_xyxy,
@@ -226,11 +227,11 @@ class GlandDiffusionModule(InstanceScoring, SegmentationMethod):
     ) -> None:
         super().__init__(optimizer, scheduler, mask_channels, spacing, compile, channels_last)
         if mask_channels != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"GlandDiffusionModule segments one foreground class; got mask_channels={mask_channels}"
             )
         if getattr(kernel, "objective", None) != "x0" or getattr(kernel, "clip_x0", True):
-            raise ValueError(
+            raise ConfigError(
                 "GlandDiffusionModule needs a Gaussian kernel with objective='x0' (the decoder predicts boxes) and "
                 "clip_x0=false (the box signal lives in [-signal_scale, signal_scale]); set noise.objective=x0 "
                 f"noise.clip_x0=false (got objective={getattr(kernel, 'objective', None)!r}, "
@@ -238,12 +239,12 @@ class GlandDiffusionModule(InstanceScoring, SegmentationMethod):
             )
         for name, value in (("num_proposals", num_proposals), ("max_detections", max_detections)):
             if int(value) < 1:
-                raise ValueError(f"GlandDiffusionModule: {name} must be >= 1, got {value}")
+                raise ConfigError(f"GlandDiffusionModule: {name} must be >= 1, got {value}")
         if signal_scale <= 0:
-            raise ValueError(f"GlandDiffusionModule: signal_scale must be > 0, got {signal_scale}")
+            raise ConfigError(f"GlandDiffusionModule: signal_scale must be > 0, got {signal_scale}")
         for name, value in (("score_threshold", score_threshold), ("nms_threshold", nms_threshold)):
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"GlandDiffusionModule: {name} must be in [0, 1], got {value}")
+                raise ConfigError(f"GlandDiffusionModule: {name} must be in [0, 1], got {value}")
         self.net = net
         self.kernel = kernel
         self.sampler = sampler
@@ -294,7 +295,7 @@ class GlandDiffusionModule(InstanceScoring, SegmentationMethod):
     # ----------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         if "instances" not in batch:
-            raise ValueError(
+            raise ConfigError(
                 "GlandDiffusionModule trains on instance maps: every item needs `instances` (H, W) int64 "
                 "(0 background, 1..N objects), as data=glas, data=monuseg and data=synthetic give"
             )
@@ -484,7 +485,7 @@ class UNetInstanceModule(InstanceScoring, SegmentationModule):
     def __init__(self, *args: Any, connectivity: int = 1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if connectivity not in (1, 2):
-            raise ValueError(f"UNetInstanceModule: connectivity must be 1 or 2, got {connectivity}")
+            raise ConfigError(f"UNetInstanceModule: connectivity must be 1 or 2, got {connectivity}")
         self.structure = ndimage.generate_binary_structure(2, connectivity)
 
     @torch.no_grad()

@@ -10,6 +10,7 @@ import torch
 from monai.visualize import GradCAM
 from torch import nn
 
+from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.inference.sampler import DiffusionSampler
 from diffseg_lightning.methods.mask_diffusion import SegmentationMethod
 from diffseg_lightning.methods.weak_cdm import min_max_normalize, saliency_outputs
@@ -73,12 +74,12 @@ class GradCAMModule(SegmentationMethod):
         super().__init__(optimizer, scheduler, mask_channels, spacing, compile, channels_last)
         del kernel  # no diffusion (documented above)
         if mask_channels != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"GradCAMModule gives one map per image: mask_channels must be 1, got {mask_channels}"
             )
         names = {name for name, _ in net.named_modules()}
         if target_layer not in names:
-            raise ValueError(
+            raise ConfigError(
                 f"target_layer {target_layer!r} is not a layer of {type(net).__name__}; top-level layers: "
                 f"{sorted(n for n in names if n and '.' not in n)}"
             )
@@ -97,7 +98,7 @@ class GradCAMModule(SegmentationMethod):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if "label" not in batch:
-            raise ValueError(
+            raise ConfigError(
                 "GradCAMModule trains on image-level labels: the batch has no 'label' (set data.labels=from_masks)"
             )
         label = batch["label"].reshape(-1).long()

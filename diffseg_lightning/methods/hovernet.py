@@ -12,6 +12,7 @@ from monai.apps.pathology.losses import HoVerNetLoss
 from torch import nn
 
 from diffseg_lightning.data.hover import hover_maps, instances_from_hover
+from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.inference.sampler import DiffusionSampler, describe_samples
 from diffseg_lightning.methods.mask_diffusion import SegmentationMethod
 from diffseg_lightning.metrics.instances import (
@@ -80,7 +81,7 @@ class HoVerNetModule(SegmentationMethod):
         super().__init__(optimizer, scheduler, mask_channels, spacing, compile, channels_last)
         del kernel  # a discriminative network has no noise kernel
         if mask_channels != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"HoVerNetModule segments nuclei vs background: mask_channels must be 1, got {mask_channels}"
             )
         self.net = net
@@ -95,7 +96,7 @@ class HoVerNetModule(SegmentationMethod):
         """(B, C, H, W) -> the NP logits and HV maps, (B, 2, H, W) each."""
         out = self.net(self.to_memory_format(image))
         if not isinstance(out, dict) or NP_KEY not in out or HV_KEY not in out:
-            raise ValueError(
+            raise ConfigError(
                 f"{type(self.net).__name__} must return a dict with {NP_KEY!r} and {HV_KEY!r} (Hover-Net's NP and "
                 "HV branches)"
             )
@@ -112,7 +113,7 @@ class HoVerNetModule(SegmentationMethod):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if "instances" not in batch:
-            raise ValueError("HoVerNetModule trains on instance maps: the dataset must yield 'instances'")
+            raise ConfigError("HoVerNetModule trains on instance maps: the dataset must yield 'instances'")
         prediction = {k: v.float() for k, v in self(batch["image"]).items()}
         loss = self.loss(prediction, self.targets(batch["instances"]))
         self.check_loss(loss, batch_idx)

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
+from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.methods.mask_diffusion import SegmentationMethod
 
 __all__ = ["ImageDiffusionModule"]
@@ -83,7 +84,7 @@ class ImageDiffusionModule(SegmentationMethod):
         super().__init__(optimizer, scheduler, mask_channels, spacing, compile, channels_last)
         del sampler  # nothing is sampled in evaluation (documented above)
         if int(eval_timesteps) < 1:
-            raise ValueError(f"eval_timesteps must be >= 1, got {eval_timesteps}")
+            raise ConfigError(f"eval_timesteps must be >= 1, got {eval_timesteps}")
         self.net = net
         self.kernel = kernel
         self.target_key = str(target_key)
@@ -107,7 +108,7 @@ class ImageDiffusionModule(SegmentationMethod):
         x = x_t if condition is None else torch.cat([x_t, condition.to(x_t.dtype)], dim=1)
         expected = getattr(self.net, "in_channels", None)
         if expected is not None and x.shape[1] != expected:
-            raise ValueError(
+            raise ConfigError(
                 f"the network takes {expected} input channels but gets {x.shape[1]} "
                 f"({self.target_key}{' + ' + self.condition_key if self.condition_key else ''}); "
                 "set model.net.in_channels to match"

@@ -21,6 +21,7 @@ from diffseg_lightning.data.hover import (
     instances_from_structure,
     structure_from_instances,
 )
+from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.inference.sampler import DiffusionSampler
 from diffseg_lightning.methods.mask_diffusion import SegmentationMethod
 
@@ -128,14 +129,14 @@ class NucleiAugmentationModule(SegmentationMethod):
     ) -> None:
         super().__init__(optimizer, scheduler, mask_channels, spacing, compile, channels_last)
         if stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+            raise ConfigError(f"stage must be one of {STAGES}, got {stage!r}")
         if not 0.0 <= float(cond_drop_prob) <= 1.0:
-            raise ValueError(f"cond_drop_prob must lie in [0, 1], got {cond_drop_prob}")
+            raise ConfigError(f"cond_drop_prob must lie in [0, 1], got {cond_drop_prob}")
         low, high = (float(v) for v in image_range)
         if not high > low:
-            raise ValueError(f"image_range must be (low, high) with high > low, got {tuple(image_range)}")
+            raise ConfigError(f"image_range must be (low, high) with high > low, got {tuple(image_range)}")
         if getattr(kernel, "learn_variance", False):
-            raise ValueError(
+            raise ConfigError(
                 "NucleiAugmentationModule needs a kernel without learned variance (noise.learn_variance=false)"
             )
         self.structure_net = structure_net
@@ -196,7 +197,7 @@ class NucleiAugmentationModule(SegmentationMethod):
     def stage_targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(structure (B, 3, H, W), image in kernel space (B, C, H, W)) of a batch with ``instances``."""
         if "instances" not in batch:
-            raise ValueError(
+            raise ConfigError(
                 "NucleiAugmentationModule trains on instance maps: the dataset must yield 'instances' "
                 "(MoNuSeg, GlaS, or the synthetic data)"
             )

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.inference.sampler import DiffusionSampler, describe_samples
 from diffseg_lightning.methods.mask_diffusion import SegmentationMethod
 from diffseg_lightning.metrics.instances import hungarian_match
@@ -38,7 +39,7 @@ def fuse_class_probabilities(
         seen: (K,) bool, True for a category seen in training.
     """
     if p_diff.shape != p_clip.shape or p_diff.shape[-1] != seen.shape[-1]:
-        raise ValueError(
+        raise ConfigError(
             f"p_diff {tuple(p_diff.shape)}, p_clip {tuple(p_clip.shape)} and seen {tuple(seen.shape)} must agree on K"
         )
     lam = torch.where(seen.bool(), torch.as_tensor(lambda_seen), torch.as_tensor(lambda_unseen)).to(p_diff)
@@ -297,19 +298,19 @@ class ODISEModule(SegmentationMethod):
     ) -> None:
         super().__init__(optimizer, scheduler, mask_channels, spacing, compile, channels_last)
         if mask_channels != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"ODISE scores one foreground channel (data.mask_channels=1), got {mask_channels}"
             )
         self.categories = [str(c) for c in categories]
         self.unseen = [str(c) for c in unseen]
         if not self.categories or len(set(self.categories)) != len(self.categories):
-            raise ValueError(f"categories must be distinct names, got {self.categories}")
+            raise ConfigError(f"categories must be distinct names, got {self.categories}")
         missing = [c for c in self.unseen if c not in self.categories]
         if missing or len(self.unseen) >= len(self.categories):
-            raise ValueError(f"unseen {self.unseen} must be a proper subset of categories {self.categories}")
+            raise ConfigError(f"unseen {self.unseen} must be a proper subset of categories {self.categories}")
         for name, value in (("lambda_seen", lambda_seen), ("lambda_unseen", lambda_unseen)):
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1], got {value}")
+                raise ConfigError(f"{name} must lie in [0, 1], got {value}")
         self.net = net if isinstance(net, ODISENet) else net(kernel=kernel)
         self.seen_names = [c for c in self.categories if c not in self.unseen]
         # full-vocabulary class id (k + 1 in the data) -> index among the seen names, -1 for unseen
@@ -354,7 +355,7 @@ class ODISEModule(SegmentationMethod):
         """A clear error when the data has no panoptic annotation (``instances`` and ``semantic``)."""
         missing = [key for key in ("instances", "semantic") if key not in batch]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"ODISE needs panoptic annotations: the batches lack {missing} (segment ids and class ids per "
                 "pixel); use data=synthetic_shapes or a dataset whose items carry them"
             )

@@ -14,6 +14,7 @@ import torch
 from monai.losses import DiceLoss
 from torch import nn
 
+from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.inference.sampler import DiffusionSampler, describe_samples
 from diffseg_lightning.methods.mask_diffusion import SegmentationMethod
 
@@ -55,7 +56,7 @@ class DiceBCELoss(nn.Module):
     ) -> None:
         super().__init__()
         if lambda_dice < 0 or lambda_bce < 0 or lambda_dice + lambda_bce == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"DiceBCELoss needs lambda_dice >= 0 and lambda_bce >= 0, not both 0; "
                 f"got {lambda_dice} and {lambda_bce}"
             )
@@ -160,7 +161,7 @@ class SegmentationModule(SegmentationMethod):
         h, w = image.shape[-2:]
         fh, fw = self.size_factor
         if h % fh or w % fw:
-            raise ValueError(
+            raise ConfigError(
                 f"{type(self.net).__name__} downsamples by {fh}x{fw} (the product of its strides), so the "
                 f"input size must be divisible by it; got {h}x{w} (set data.size to a multiple of {fh})"
             )
@@ -170,7 +171,7 @@ class SegmentationModule(SegmentationMethod):
     def loss_terms(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """The loss as a dict with ``loss``: logits and target (B, C, H, W)."""
         if logits.shape != target.shape:
-            raise ValueError(
+            raise ConfigError(
                 f"the network returns {tuple(logits.shape)} but the masks are {tuple(target.shape)}: its "
                 f"output channels must equal data.mask_channels ({self.mask_channels})"
             )

@@ -16,6 +16,7 @@ from monai.transforms.utils import get_largest_connected_component_mask
 from skimage.filters import threshold_otsu
 from torch import nn
 
+from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.inference.sampler import DiffusionSampler, case_generators, describe_samples
 from diffseg_lightning.methods.mask_diffusion import SegmentationMethod
 
@@ -42,7 +43,7 @@ def otsu_masks(saliency: torch.Tensor, largest_component: bool = False) -> torch
         (B, 1, H, W) float masks in {0, 1}, on the input's device.
     """
     if saliency.dim() != 4 or saliency.shape[1] != 1:
-        raise ValueError(f"otsu_masks expects (B, 1, H, W) maps, got {tuple(saliency.shape)}")
+        raise ConfigError(f"otsu_masks expects (B, 1, H, W) maps, got {tuple(saliency.shape)}")
     maps = saliency.detach().float().cpu().numpy()
     out = np.zeros(maps.shape, dtype=np.float32)
     for i, image in enumerate(maps[:, 0]):
@@ -166,32 +167,32 @@ class WeakCDMModule(SegmentationMethod):
     ) -> None:
         super().__init__(optimizer, scheduler, mask_channels, spacing, compile, channels_last)
         if mask_channels != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"WeakCDMModule gives one saliency map per image: mask_channels must be 1, got {mask_channels}"
             )
         if getattr(kernel, "sampling", None) != "ddim" or float(getattr(kernel, "eta", 0.0)) != 0.0:
-            raise ValueError(
+            raise ConfigError(
                 "WeakCDMModule's saliency uses the deterministic DDIM update: set noise.sampling=ddim and "
                 f"noise.eta=0 (got sampling={getattr(kernel, 'sampling', None)!r}, eta={getattr(kernel, 'eta', None)})"
             )
         T = int(kernel.num_train_timesteps)
         if not 0 <= int(noise_level) < T:
-            raise ValueError(f"noise_level (Q) must be in [0, T={T}), got {noise_level}")
+            raise ConfigError(f"noise_level (Q) must be in [0, T={T}), got {noise_level}")
         if int(num_steps) < 1 or int(step_size) < 1:
-            raise ValueError(f"num_steps (R) and step_size must be >= 1, got {num_steps} and {step_size}")
+            raise ConfigError(f"num_steps (R) and step_size must be >= 1, got {num_steps} and {step_size}")
         if int(noise_level) - int(num_steps) * int(step_size) < -1:
-            raise ValueError(
+            raise ConfigError(
                 f"noise_level - num_steps * step_size must be >= -1 (the chain cannot go below x_0); got "
                 f"{noise_level} - {num_steps} * {step_size}"
             )
         if not 0.0 < float(tau) < 1.0:
-            raise ValueError(f"tau must be in (0, 1), got {tau}")
+            raise ConfigError(f"tau must be in (0, 1), got {tau}")
         num_classes = int(getattr(net, "num_classes", 2))
         for name, value in (("lesion_class", lesion_class), ("healthy_class", healthy_class)):
             if not 0 <= int(value) < num_classes:
-                raise ValueError(f"{name} must be in [0, {num_classes}), got {value}")
+                raise ConfigError(f"{name} must be in [0, {num_classes}), got {value}")
         if lesion_class == healthy_class:
-            raise ValueError("lesion_class and healthy_class must differ")
+            raise ConfigError("lesion_class and healthy_class must differ")
         self.net = net
         self.kernel = kernel
         self.num_classes = num_classes
@@ -217,7 +218,7 @@ class WeakCDMModule(SegmentationMethod):
     # ----------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if "label" not in batch:
-            raise ValueError(
+            raise ConfigError(
                 "WeakCDMModule trains on image-level labels: the batch has no 'label' (set "
                 "data.labels=from_masks for a loader without labels)"
             )

@@ -28,6 +28,8 @@ from typing import Literal
 
 import torch
 
+from diffseg_lightning.exceptions import ConfigError
+
 __all__ = [
     "expected_calibration_error",
     "uncertainty_error_auroc",
@@ -43,21 +45,21 @@ def _binary(mask: torch.Tensor, name: str) -> torch.Tensor:
     if mask.dtype == torch.bool:
         return mask
     if mask.is_complex() or not ((mask == 0) | (mask == 1)).all():
-        raise ValueError(f"{name} must be a binary mask (bool or values in {{0, 1}}); got other values")
+        raise ConfigError(f"{name} must be a binary mask (bool or values in {{0, 1}}); got other values")
     return mask != 0
 
 
 def _floating(x: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating torch.Tensor")
+        raise ConfigError(f"{name} must be a floating torch.Tensor")
     if not torch.isfinite(x).all():
-        raise ValueError(f"{name} must be finite (found NaN or inf)")
+        raise ConfigError(f"{name} must be finite (found NaN or inf)")
     return x
 
 
 def _check_shapes(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
     if a.shape != b.shape or a.ndim < 2:
-        raise ValueError(f"{name_a} {tuple(a.shape)} and {name_b} {tuple(b.shape)} must both be (B, H, W)")
+        raise ConfigError(f"{name_a} {tuple(a.shape)} and {name_b} {tuple(b.shape)} must both be (B, H, W)")
 
 
 def expected_calibration_error(
@@ -106,14 +108,14 @@ def expected_calibration_error(
             ``num_bins`` or an unknown ``convention``.
     """
     if convention not in ("foreground", "top_label"):
-        raise ValueError(f"convention must be 'foreground' or 'top_label', got {convention!r}")
+        raise ConfigError(f"convention must be 'foreground' or 'top_label', got {convention!r}")
     if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
-        raise ValueError(f"num_bins must be a positive integer, got {num_bins!r}")
+        raise ConfigError(f"num_bins must be a positive integer, got {num_bins!r}")
     p = _floating(probability, "probability")
     t = _binary(target, "target")
     _check_shapes(p, t, "probability", "target")
     if not ((p >= 0) & (p <= 1)).all():
-        raise ValueError("probability must lie in [0, 1] (apply a sigmoid to logits first)")
+        raise ConfigError("probability must lie in [0, 1] (apply a sigmoid to logits first)")
 
     p, t = p.flatten(1), t.flatten(1)
     if convention == "foreground":
@@ -137,14 +139,14 @@ def _ueo_thresholds(
     thresholds: int | Sequence[float], dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     if isinstance(thresholds, bool):
-        raise ValueError(f"thresholds must be an int or a sequence of floats, got {thresholds!r}")
+        raise ConfigError(f"thresholds must be an int or a sequence of floats, got {thresholds!r}")
     if isinstance(thresholds, int):
         if thresholds < 1:
-            raise ValueError(f"thresholds must be a positive number of thresholds, got {thresholds}")
+            raise ConfigError(f"thresholds must be a positive number of thresholds, got {thresholds}")
         return torch.arange(thresholds, dtype=torch.float64, device=device).div(thresholds).to(dtype)
     taus = [float(t) for t in thresholds]
     if not taus or not all(0.0 <= t < 1.0 for t in taus):
-        raise ValueError(
+        raise ConfigError(
             f"thresholds must be a non-empty sequence of values in [0, 1), got {list(thresholds)}"
         )
     return torch.tensor(taus, dtype=dtype, device=device)
@@ -179,9 +181,9 @@ def uncertainty_error_overlap_curve(
         (B, T) float32 Dice per threshold.
     """
     if normalize not in ("none", "minmax"):
-        raise ValueError(f"normalize must be 'none' or 'minmax', got {normalize!r}")
+        raise ConfigError(f"normalize must be 'none' or 'minmax', got {normalize!r}")
     if empty_error not in ("one", "nan"):
-        raise ValueError(f"empty_error must be 'one' or 'nan', got {empty_error!r}")
+        raise ConfigError(f"empty_error must be 'one' or 'nan', got {empty_error!r}")
     u = _floating(uncertainty, "uncertainty")
     e = _binary(error, "error")
     _check_shapes(u, e, "uncertainty", "error")
@@ -190,7 +192,7 @@ def uncertainty_error_overlap_curve(
         low, high = u.amin(1, keepdim=True), u.amax(1, keepdim=True)
         u = torch.where(high > low, (u - low) / (high - low).clamp_min(torch.finfo(u.dtype).tiny), 0.0)
     elif not ((u >= 0) & (u <= 1)).all():
-        raise ValueError("uncertainty must lie in [0, 1] with normalize='none' (or pass normalize='minmax')")
+        raise ConfigError("uncertainty must lie in [0, 1] with normalize='none' (or pass normalize='minmax')")
     batch, num_pixels = u.shape
     tau = _ueo_thresholds(thresholds, u.dtype, u.device).expand(batch, -1).contiguous()  # (B, T)
 

@@ -22,6 +22,8 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from diffseg_lightning.exceptions import ConfigError
+
 __all__ = ["LOWER_IS_BETTER", "subgroup_report"]
 
 #: Metrics where a smaller value is better (every other numeric metric: larger is better).
@@ -73,10 +75,10 @@ def subgroup_report(
         ValueError: no rows, or a row without ``group_key``.
     """
     if not rows:
-        raise ValueError("subgroup_report needs at least one row")
+        raise ConfigError("subgroup_report needs at least one row")
     missing = [row.get("case", i) for i, row in enumerate(rows) if group_key not in row]
     if missing:
-        raise ValueError(f"rows without the group key {group_key!r}: {missing[:5]}")
+        raise ConfigError(f"rows without the group key {group_key!r}: {missing[:5]}")
     if metrics is None:
         names: list[str] = []
         for row in rows:

@@ -29,6 +29,8 @@ import torch
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
+from diffseg_lightning.exceptions import ConfigError
+
 LabelMap = np.ndarray | torch.Tensor
 
 
@@ -38,14 +40,14 @@ def _as_labels(labels: LabelMap, name: str) -> np.ndarray:
         labels = labels.detach().cpu().numpy()
     labels = np.asarray(labels)
     if labels.dtype == bool or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(
+        raise ConfigError(
             f"{name}: expected an instance label map of integers (0 = background, 1..N = objects), got dtype "
             f"{labels.dtype}; label a binary mask with scipy.ndimage.label first"
         )
     if labels.ndim == 0:
-        raise ValueError(f"{name}: expected an instance label map (H, W), got a scalar")
+        raise ConfigError(f"{name}: expected an instance label map (H, W), got a scalar")
     if labels.size and labels.min() < 0:
-        raise ValueError(f"{name}: labels must be >= 0 (0 = background), found {labels.min()}")
+        raise ConfigError(f"{name}: labels must be >= 0 (0 = background), found {labels.min()}")
     return labels
 
 
@@ -72,7 +74,7 @@ class _Pair:
     def __init__(self, pred: LabelMap, gt: LabelMap) -> None:
         pred_np, gt_np = _as_labels(pred, "pred"), _as_labels(gt, "gt")
         if pred_np.shape != gt_np.shape:
-            raise ValueError(f"pred {pred_np.shape} and gt {gt_np.shape} label maps differ in shape")
+            raise ConfigError(f"pred {pred_np.shape} and gt {gt_np.shape} label maps differ in shape")
         self.shape = gt_np.shape
         self.gt, self.n_gt = _relabel(gt_np)
         self.pred, self.n_pred = _relabel(pred_np)
@@ -190,7 +192,7 @@ def object_hausdorff(pred: LabelMap, gt: LabelMap, spacing: Sequence[float] | No
     """
     pair = _Pair(pred, gt)
     if spacing is not None and len(spacing) != len(pair.shape):
-        raise ValueError(f"spacing {tuple(spacing)} does not match the {len(pair.shape)}-D label maps")
+        raise ConfigError(f"spacing {tuple(spacing)} does not match the {len(pair.shape)}-D label maps")
     if pair.both_empty:
         return float("nan")
     if pair.one_empty:
@@ -253,7 +255,7 @@ def hungarian_match(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _check_threshold(threshold: float) -> None:
     if not 0.0 <= threshold < 1.0:
-        raise ValueError(f"IoU threshold must be in [0, 1), got {threshold}")
+        raise ConfigError(f"IoU threshold must be in [0, 1), got {threshold}")
 
 
 def f1_at_iou(pred: LabelMap, gt: LabelMap, threshold: float = 0.5) -> dict[str, float]:
@@ -298,7 +300,7 @@ def _consecutive(labels: LabelMap, name: str) -> np.ndarray:
     """An integer label map relabelled to 0 (background) and 1..N."""
     x = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
     if not np.issubdtype(x.dtype, np.integer) or (x.size and x.min() < 0):
-        raise ValueError(
+        raise ConfigError(
             f"glas_f1: {name} must be a label map of integers >= 0 (0 = background), got {x.dtype}"
         )
     ids, inverse = np.unique(x, return_inverse=True)
@@ -324,7 +326,7 @@ def glas_f1(pred: LabelMap, gt: LabelMap) -> dict[str, float]:
     """
     p, g = _consecutive(pred, "pred"), _consecutive(gt, "gt")
     if p.shape != g.shape:
-        raise ValueError(f"glas_f1: pred {p.shape} and gt {g.shape} differ in shape")
+        raise ConfigError(f"glas_f1: pred {p.shape} and gt {g.shape} differ in shape")
     p, g = p.ravel(), g.ravel()
     n_pred, n_gt = int(p.max(initial=0)), int(g.max(initial=0))
     if n_pred == 0 and n_gt == 0:

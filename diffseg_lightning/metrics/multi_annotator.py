@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from diffseg_lightning.exceptions import ConfigError
+
 __all__ = [
     "generalized_energy_distance",
     "ged_by_sample_count",
@@ -53,19 +55,21 @@ def _binary(mask: torch.Tensor, name: str, ndim: int = 4) -> torch.Tensor:
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
     if mask.ndim < ndim:
-        raise ValueError(f"{name} must have at least {ndim} dims (B, N, H, W), got shape {tuple(mask.shape)}")
+        raise ConfigError(
+            f"{name} must have at least {ndim} dims (B, N, H, W), got shape {tuple(mask.shape)}"
+        )
     if mask.shape[1] == 0:
-        raise ValueError(f"{name} must hold at least one mask per case, got shape {tuple(mask.shape)}")
+        raise ConfigError(f"{name} must hold at least one mask per case, got shape {tuple(mask.shape)}")
     if mask.dtype == torch.bool:
         return mask
     if mask.is_complex() or not ((mask == 0) | (mask == 1)).all():
-        raise ValueError(f"{name} must be a binary mask (bool or values in {{0, 1}}); got other values")
+        raise ConfigError(f"{name} must be a binary mask (bool or values in {{0, 1}}); got other values")
     return mask != 0
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
     if a.shape[0] != b.shape[0] or a.shape[2:] != b.shape[2:]:
-        raise ValueError(
+        raise ConfigError(
             f"{name_a} {tuple(a.shape)} and {name_b} {tuple(b.shape)} must agree in the batch and spatial dims"
         )
 
@@ -177,7 +181,7 @@ def ged_by_sample_count(
     """
     for n in counts:
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"counts must be positive integers, got {list(counts)}")
+            raise ConfigError(f"counts must be positive integers, got {list(counts)}")
     d_sy, d_ss, d_yy = _distance_matrices(samples, annotators)
     num_samples = d_ss.shape[1]
     return {
@@ -252,9 +256,9 @@ def soft_dice(
             out-of-range ``thresholds``, or an unknown ``both_empty``.
     """
     if both_empty not in ("one", "skip"):
-        raise ValueError(f"both_empty must be 'one' or 'skip', got {both_empty!r}")
+        raise ConfigError(f"both_empty must be 'one' or 'skip', got {both_empty!r}")
     if not isinstance(probability, torch.Tensor) or not probability.is_floating_point():
-        raise ValueError(
+        raise ConfigError(
             "probability must be a floating torch.Tensor of shape (B, H, W) with values in [0, 1]"
         )
     y = _binary(annotators, "annotators")
@@ -263,14 +267,14 @@ def soft_dice(
         or probability.shape[0] != y.shape[0]
         or probability.shape[1:] != y.shape[2:]
     ):
-        raise ValueError(
+        raise ConfigError(
             f"probability {tuple(probability.shape)} must be (B, H, W) matching annotators {tuple(y.shape)}"
         )
     if not ((probability >= 0) & (probability <= 1)).all():
-        raise ValueError("probability must lie in [0, 1] (apply a sigmoid to logits first)")
+        raise ConfigError("probability must lie in [0, 1] (apply a sigmoid to logits first)")
     taus = [float(t) for t in thresholds]
     if not taus or not all(0.0 <= t < 1.0 for t in taus):
-        raise ValueError(
+        raise ConfigError(
             f"thresholds must be a non-empty sequence of values in [0, 1), got {list(thresholds)}"
         )
 

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 
+from diffseg_lightning.exceptions import ConfigError
+
 METRIC_NAMES = ("dice", "iou", "hd95")
 
 
@@ -35,7 +37,7 @@ def segmentation_metrics(
         ``{"dice", "iou", "hd95"}``, each (B, C) float32 on the CPU, with the empty-mask policy above.
     """
     if prediction.shape != reference.shape:
-        raise ValueError(
+        raise ConfigError(
             f"prediction {tuple(prediction.shape)} and reference {tuple(reference.shape)} differ in shape"
         )
     pred = (prediction > 0).float().cpu()

@@ -12,6 +12,7 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 from torch import Tensor, nn
 
+from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.nets.blocks import batch_timesteps, check_input
 
 
@@ -51,7 +52,7 @@ class BerDiffUNet(nn.Module):
     ) -> None:
         super().__init__()
         if len(channels) != len(attention_levels):
-            raise ValueError(
+            raise ConfigError(
                 f"channels {list(channels)} and attention_levels {list(attention_levels)} differ in length"
             )
         self.image_channels = image_channels
@@ -77,6 +78,6 @@ class BerDiffUNet(nn.Module):
         """(B, mask_channels, H, W), (B,), (B, image_channels, H, W) -> (B, out_channels, H, W)."""
         check_input(x_t, self.mask_channels, "x_t", self.downsample_factor)
         if cond.shape[0] != x_t.shape[0] or cond.shape[-2:] != x_t.shape[-2:]:
-            raise ValueError(f"condition {tuple(cond.shape)} does not match x_t {tuple(x_t.shape)}")
+            raise ConfigError(f"condition {tuple(cond.shape)} does not match x_t {tuple(x_t.shape)}")
         t = batch_timesteps(t, x_t)
         return self.unet(torch.cat([x_t, cond], dim=1), t.long())

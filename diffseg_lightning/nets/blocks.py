@@ -36,6 +36,8 @@ from monai.networks.blocks import Upsample as MonaiUpsample
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import Tensor, nn
 
+from diffseg_lightning.exceptions import ConfigError
+
 __all__ = [
     "AttentionBlock",
     "Downsample",
@@ -153,7 +155,7 @@ def batch_timesteps(t: Tensor | int | float, x: Tensor, owner: str | None = None
     if t.ndim == 0:
         t = t.expand(batch)
     if t.shape != (batch,):
-        raise ValueError(
+        raise ConfigError(
             f"{_prefix(owner)}expected timesteps t of shape ({batch},) (or a scalar), got {tuple(t.shape)}"
         )
     return t
@@ -186,7 +188,7 @@ def check_divisible(
     """
     if height % factor or width % factor:
         because = f" (= {why})" if why else ""
-        raise ValueError(
+        raise ConfigError(
             f"{_prefix(owner)}{what} size (H, W) = ({height}, {width}) is not divisible by the downsampling "
             f"factor {factor}{because}; pad or resize the input to a multiple of "
             f"{multiple if multiple is not None else factor}"
@@ -223,9 +225,9 @@ def check_input(
     """
     if not isinstance(x, Tensor) or x.ndim != 4:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{_prefix(owner)}expected {what} of shape (B, {channels}, H, W), got {shape}")
+        raise ConfigError(f"{_prefix(owner)}expected {what} of shape (B, {channels}, H, W), got {shape}")
     if x.shape[1] != channels:
-        raise ValueError(f"{_prefix(owner)}expected {channels} {what} channels, got {x.shape[1]}")
+        raise ConfigError(f"{_prefix(owner)}expected {channels} {what} channels, got {x.shape[1]}")
     if size_factor is not None:
         check_divisible(x.shape[-2], x.shape[-1], size_factor, what=what, why=why, owner=owner)
     return x
@@ -327,7 +329,7 @@ class ResBlock(nn.Module):
         h = self.norm2(self.conv1(self.act(self.norm1(x))))
         if self.emb_proj is not None:
             if emb is None:
-                raise ValueError("this ResBlock was built with a timestep embedding; pass `emb`")
+                raise ConfigError("this ResBlock was built with a timestep embedding; pass `emb`")
             scale, shift = self.emb_proj(self.act(emb))[:, :, None, None].chunk(2, dim=1)
             h = h * (1 + scale) + shift
         h = self.conv2(self.dropout(self.act(h)))
@@ -353,7 +355,7 @@ class AttentionBlock(nn.Module):
     def __init__(self, channels: int, num_heads: int = 4) -> None:
         super().__init__()
         if num_heads < 1 or channels % num_heads != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"attention needs channels divisible by num_heads, got channels={channels}, num_heads={num_heads}"
             )
         self.attn = SpatialAttentionBlock(
@@ -516,7 +518,7 @@ def _as_pair(size: int | Sequence[int]) -> tuple[int, int]:
         return int(size), int(size)
     size = tuple(int(s) for s in size)
     if len(size) != 2:
-        raise ValueError(f"expected an int or a pair (H, W), got {size}")
+        raise ConfigError(f"expected an int or a pair (H, W), got {size}")
     return size[0], size[1]
 
 
@@ -558,7 +560,7 @@ class FFParser(nn.Module):
         self.size = _as_pair(size)
         h, w = self.size
         if h < 1 or w < 1:
-            raise ValueError(f"FFParser reference size must be positive, got {self.size}")
+            raise ConfigError(f"FFParser reference size must be positive, got {self.size}")
         weight = torch.zeros(self.channels, h, w // 2 + 1, 2)
         weight[..., 0] = 1.0
         self.weight = nn.Parameter(weight)
@@ -607,7 +609,7 @@ class FFParser(nn.Module):
             (B, C, H, W) filtered features, same dtype as ``x``.
         """
         if x.ndim != 4 or x.shape[1] != self.channels:
-            raise ValueError(f"FFParser expects (B, {self.channels}, H, W) features, got {tuple(x.shape)}")
+            raise ConfigError(f"FFParser expects (B, {self.channels}, H, W) features, got {tuple(x.shape)}")
         height, width = x.shape[-2:]
         spec = torch.fft.rfft2(x.float(), norm="ortho")
         spec = spec * self.attentive_map(height, width)
@@ -650,7 +652,7 @@ class DynamicConditionalEncoding(nn.Module):
             (B, C, H, W).
         """
         if cond.shape != mask.shape:
-            raise ValueError(
+            raise ConfigError(
                 f"condition and mask features must have the same shape, got {tuple(cond.shape)} "
                 f"and {tuple(mask.shape)}"
             )

@@ -16,6 +16,8 @@ from monai.networks.nets import PatchDiscriminator
 from torch import nn
 from torch.nn.utils import spectral_norm as apply_spectral_norm
 
+from diffseg_lightning.exceptions import ConfigError
+
 __all__ = [
     "DARLGenerator",
     "LSGANDiscriminator",
@@ -32,7 +34,7 @@ def one_hot_mask(mask: torch.Tensor) -> torch.Tensor:
     masks in {-1, 1} pass ``(mask + 1) / 2``).
     """
     if mask.dim() != 4 or mask.shape[1] != 1:
-        raise ValueError(f"one_hot_mask expects a (B, 1, H, W) mask, got {tuple(mask.shape)}")
+        raise ConfigError(f"one_hot_mask expects a (B, 1, H, W) mask, got {tuple(mask.shape)}")
     foreground = (mask > 0.5).to(torch.get_default_dtype() if not mask.is_floating_point() else mask.dtype)
     return torch.cat([1.0 - foreground, foreground], dim=1)
 
@@ -81,7 +83,7 @@ class SwitchableSPADE(nn.Module):
             normalized = self.spade.param_free_norm(x.contiguous())
             return normalized * self.weight[None, :, None, None] + self.bias[None, :, None, None]
         if segmap.shape[1] != self.label_channels or segmap.shape[0] != x.shape[0]:
-            raise ValueError(
+            raise ConfigError(
                 f"SwitchableSPADE: the mask must be (B={x.shape[0]}, {self.label_channels}, H, W) one-hot, "
                 f"got {tuple(segmap.shape)}"
             )
@@ -173,7 +175,7 @@ class DARLGenerator(nn.Module):
     ) -> None:
         super().__init__()
         if num_downsamplings < 0 or num_middle_blocks < 0 or base_channels < 1:
-            raise ValueError(
+            raise ConfigError(
                 "DARLGenerator needs base_channels >= 1, num_downsamplings >= 0 and num_middle_blocks >= 0; got "
                 f"{base_channels}, {num_downsamplings}, {num_middle_blocks}"
             )
@@ -210,9 +212,11 @@ class DARLGenerator(nn.Module):
     def forward(self, x: torch.Tensor, segmap: torch.Tensor | None = None) -> torch.Tensor:
         h, w = x.shape[-2:]
         if x.shape[1] != self.in_channels:
-            raise ValueError(f"DARLGenerator expects {self.in_channels} input channels, got {tuple(x.shape)}")
+            raise ConfigError(
+                f"DARLGenerator expects {self.in_channels} input channels, got {tuple(x.shape)}"
+            )
         if h % self.size_factor or w % self.size_factor:
-            raise ValueError(
+            raise ConfigError(
                 f"DARLGenerator downsamples by {self.size_factor}: the input size must be divisible by it, "
                 f"got {h}x{w}"
             )

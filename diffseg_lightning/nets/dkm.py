@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from monai.networks.nets.basic_unet import TwoConv, UpCat
 from torch import Tensor, nn
 
+from diffseg_lightning.exceptions import ConfigError
+
 __all__ = ["DKMSegNet", "KineticBlock", "KineticFusion", "group_by_block"]
 
 
@@ -38,7 +40,7 @@ def group_by_block(features: Tensor, block_channels: Sequence[int], num_timestep
     """
     per_step = int(sum(block_channels))
     if features.ndim != 4 or features.shape[1] != num_timesteps * per_step:
-        raise ValueError(
+        raise ConfigError(
             f"features of shape {tuple(features.shape)} do not hold {num_timesteps} timestep(s) x "
             f"blocks of {list(block_channels)} channels"
         )
@@ -67,7 +69,7 @@ class KineticFusion(nn.Module):
     def __init__(self, dm_channels: int, out_channels: int, kernel_size: int = 1) -> None:
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"KineticFusion: kernel_size must be odd and >= 1, got {kernel_size}")
+            raise ConfigError(f"KineticFusion: kernel_size must be odd and >= 1, got {kernel_size}")
         self.conv = nn.Conv2d(dm_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
         self.norm = nn.BatchNorm2d(out_channels)
         self.act = nn.ReLU()
@@ -75,7 +77,7 @@ class KineticFusion(nn.Module):
 
     def forward(self, f_dm: Tensor, f_sm: Tensor) -> Tensor:
         if f_dm.shape[0] != f_sm.shape[0] or f_dm.shape[-2:] != f_sm.shape[-2:]:
-            raise ValueError(
+            raise ConfigError(
                 f"KineticFusion: f_dm {tuple(f_dm.shape)} and f_sm {tuple(f_sm.shape)} must share batch and size"
             )
         return torch.cat([self.act(self.norm(self.conv(f_dm))), f_sm], dim=1)
@@ -129,10 +131,10 @@ class KineticBlock(nn.Module):
         x = self.pool(f_sm)
         if self.fusion is None:
             if f_dm is not None:
-                raise ValueError("KineticBlock: built without dm_channels, but given diffusion features")
+                raise ConfigError("KineticBlock: built without dm_channels, but given diffusion features")
             return self.convs(x)
         if f_dm is None:
-            raise ValueError("KineticBlock: built with dm_channels, so it needs diffusion features f_dm")
+            raise ConfigError("KineticBlock: built with dm_channels, so it needs diffusion features f_dm")
         size = x.shape[-2:]
         if f_dm.shape[-2:] != size:
             if f_dm.shape[-2] >= size[0] and f_dm.shape[-1] >= size[1]:
@@ -187,12 +189,12 @@ class DKMSegNet(nn.Module):
         super().__init__()
         fea = [int(c) for c in features]
         if len(fea) != 6:
-            raise ValueError(f"DKMSegNet: features must hold 6 channel counts, got {list(features)}")
+            raise ConfigError(f"DKMSegNet: features must hold 6 channel counts, got {list(features)}")
         for name, value in (("dm_channels", dm_channels), ("fused_channels", fused_channels)):
             if value is not None and len(value) != 4:
-                raise ValueError(f"DKMSegNet: {name} must hold 4 values (one per KineticBlock), got {value}")
+                raise ConfigError(f"DKMSegNet: {name} must hold 4 values (one per KineticBlock), got {value}")
         if fused_channels is not None and dm_channels is None:
-            raise ValueError("DKMSegNet: fused_channels needs dm_channels")
+            raise ConfigError("DKMSegNet: fused_channels needs dm_channels")
         self.dm_channels = None if dm_channels is None else [int(c) for c in dm_channels]
         self.stem = TwoConv(2, in_channels, fea[0], act, norm, bias=True, dropout=dropout)
         self.kinetic = nn.ModuleList(
@@ -221,14 +223,14 @@ class DKMSegNet(nn.Module):
     def forward(self, image: Tensor, f_dm: Sequence[Tensor] | None = None) -> Tensor:
         h, w = image.shape[-2:]
         if h % 16 or w % 16:
-            raise ValueError(f"DKMSegNet down-samples 4 times: H and W must be multiples of 16, got {h}x{w}")
+            raise ConfigError(f"DKMSegNet down-samples 4 times: H and W must be multiples of 16, got {h}x{w}")
         if (f_dm is None) != (self.dm_channels is None):
-            raise ValueError(
+            raise ConfigError(
                 "DKMSegNet: diffusion features are needed exactly when the net was built with dm_channels "
                 f"(dm_channels={self.dm_channels}, features given: {f_dm is not None})"
             )
         if f_dm is not None and len(f_dm) != 4:
-            raise ValueError(f"DKMSegNet: f_dm must hold 4 maps (one per KineticBlock), got {len(f_dm)}")
+            raise ConfigError(f"DKMSegNet: f_dm must hold 4 maps (one per KineticBlock), got {len(f_dm)}")
         skips = [self.stem(image)]
         for i, block in enumerate(self.kinetic):
             skips.append(block(skips[-1], None if f_dm is None else f_dm[i]))

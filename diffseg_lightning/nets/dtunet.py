@@ -27,6 +27,7 @@ from einops import rearrange
 from monai.networks.blocks import Convolution, MLPBlock
 from torch import Tensor, nn
 
+from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.nets.blocks import (
     ResBlock,
     TimestepEmbedding,
@@ -79,7 +80,7 @@ def effective_window(
     """
     wh, ww = min(int(window_size), int(height)), min(int(window_size), int(width))
     if height % wh or width % ww:
-        raise ValueError(
+        raise ConfigError(
             f"window size {window_size} does not tile a {height}x{width} feature map "
             f"(window {wh}x{ww}); the map sides must be multiples of the window size (or at most it)"
         )
@@ -103,7 +104,7 @@ def window_partition(x: Tensor, window: tuple[int, int]) -> Tensor:
     """
     wh, ww = window
     if x.shape[1] % wh or x.shape[2] % ww:
-        raise ValueError(f"window {wh}x{ww} does not tile a {x.shape[1]}x{x.shape[2]} map")
+        raise ConfigError(f"window {wh}x{ww} does not tile a {x.shape[1]}x{x.shape[2]} map")
     return rearrange(x, "b (nh wh) (nw ww) c -> b (nh nw) (wh ww) c", wh=wh, ww=ww)
 
 
@@ -233,7 +234,7 @@ class WindowAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, window_size: int) -> None:
         super().__init__()
         if num_heads < 1 or dim % num_heads:
-            raise ValueError(f"window attention needs dim divisible by num_heads, got {dim} and {num_heads}")
+            raise ConfigError(f"window attention needs dim divisible by num_heads, got {dim} and {num_heads}")
         self.dim, self.num_heads, self.window_size = int(dim), int(num_heads), int(window_size)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -457,7 +458,7 @@ class CrossAttentionFusion(nn.Module):
     def __init__(self, mask_dim: int, cond_dim: int, num_heads: int, position_embedding: bool = True) -> None:
         super().__init__()
         if num_heads < 1 or mask_dim % num_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"cross-attention needs mask_dim divisible by num_heads, got {mask_dim} and {num_heads}"
             )
         self.mask_dim, self.cond_dim = int(mask_dim), int(cond_dim)
@@ -615,13 +616,13 @@ class DiffusionTransformerUNet(nn.Module):
         depth_list = tuple(int(d) for d in depths)
         windows = tuple(int(w) for w in window_sizes)
         if not mults or any(m < 1 for m in mults):
-            raise ValueError(f"channel_mults must be a non-empty sequence of positive ints, got {mults}")
+            raise ConfigError(f"channel_mults must be a non-empty sequence of positive ints, got {mults}")
         if len(depth_list) != len(mults) or any(d < 1 for d in depth_list):
-            raise ValueError(
+            raise ConfigError(
                 f"depths needs one positive int per level: got {depth_list} for {len(mults)} channel_mults"
             )
         if not windows or any(w < 1 for w in windows):
-            raise ValueError(f"window_sizes must be a non-empty sequence of positive ints, got {windows}")
+            raise ConfigError(f"window_sizes must be a non-empty sequence of positive ints, got {windows}")
         shift_ws = int(shift_window_size) if shift_window_size is not None else max(windows)
         for name, value in (
             ("image_channels", image_channels),
@@ -632,21 +633,21 @@ class DiffusionTransformerUNet(nn.Module):
             ("shift_window_size", shift_ws),
         ):
             if int(value) < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+                raise ConfigError(f"{name} must be >= 1, got {value}")
         for name, value in (
             ("image_encoder_depth", image_encoder_depth),
             ("mask_encoder_depth", mask_encoder_depth),
         ):
             if int(value) < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+                raise ConfigError(f"{name} must be >= 0, got {value}")
         if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+            raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
         if float(mlp_ratio) <= 0:
-            raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio}")
+            raise ConfigError(f"mlp_ratio must be > 0, got {mlp_ratio}")
         chans = tuple(int(embed_dim) * m for m in mults)
         for k, c in enumerate(chans):
             if c % int(head_channels):
-                raise ValueError(
+                raise ConfigError(
                     f"level {k} has {c} channels (embed_dim {embed_dim} x channel_mults[{k}] {mults[k]}), "
                     f"not divisible by head_channels {head_channels}"
                 )
@@ -657,7 +658,7 @@ class DiffusionTransformerUNet(nn.Module):
         self.embed_dim = int(embed_dim)
         self.cond_dim = int(cond_dim) if cond_dim is not None else self.embed_dim
         if self.cond_dim < 1:
-            raise ValueError(f"cond_dim must be >= 1, got {cond_dim}")
+            raise ConfigError(f"cond_dim must be >= 1, got {cond_dim}")
         self.channel_mults, self.depths, self.level_channels = mults, depth_list, chans
         self.window_sizes, self.shift_window_size = windows, shift_ws
         self.patch_size = int(patch_size)
@@ -738,7 +739,7 @@ class DiffusionTransformerUNet(nn.Module):
                 try:
                     effective_window(ws, h, w, False)
                 except ValueError as err:
-                    raise ValueError(
+                    raise ConfigError(
                         f"input size (H, W) = ({height}, {width}) gives a {h}x{w} feature map at level {k}, "
                         f"which window size {ws} does not tile (sides must be multiples of the window size, or "
                         f"at most it); pad or resize the input (multiples of {self.size_multiple} always work)"
@@ -789,7 +790,7 @@ class DiffusionTransformerUNet(nn.Module):
         expected = (x_t.shape[0], self.cond_dim, x_t.shape[-2] // p, x_t.shape[-1] // p)
         if not isinstance(cond, Tensor) or tuple(cond.shape) != expected:
             got = tuple(cond.shape) if isinstance(cond, Tensor) else type(cond).__name__
-            raise ValueError(
+            raise ConfigError(
                 f"`cond` must be encode_condition(image) for x_t {tuple(x_t.shape)}: expected shape {expected}, "
                 f"got {got}"
             )

@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 from torch.nn.utils.stateless import _reparametrize_module
 
+from diffseg_lightning.exceptions import ConfigError
+
 __all__ = ["ParallelDenoisers"]
 
 
@@ -65,7 +67,7 @@ class ParallelDenoisers(nn.Module):
     def __init__(self, denoiser: nn.Module | Callable[[], nn.Module], num_paths: int = 4) -> None:
         super().__init__()
         if num_paths < 1:
-            raise ValueError(f"num_paths must be >= 1, got {num_paths}")
+            raise ConfigError(f"num_paths must be >= 1, got {num_paths}")
         if isinstance(denoiser, nn.Module):
             copies = [denoiser] + [self._reinitialised(denoiser) for _ in range(num_paths - 1)]
         else:
@@ -73,7 +75,7 @@ class ParallelDenoisers(nn.Module):
         denoiser = copies[0]
         image_channels = getattr(denoiser, "image_channels", 1)
         if image_channels != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"each path is conditioned on one modality: the path denoiser must take image_channels=1, "
                 f"got {image_channels}"
             )
@@ -118,7 +120,7 @@ class ParallelDenoisers(nn.Module):
     def encode_condition(self, image: Tensor) -> Any:
         """(B, M, H, W) images -> each path's ``encode_condition`` of its channel, batch-first (B, M, ...)."""
         if image.dim() != 4 or image.shape[1] != self.num_paths:
-            raise ValueError(
+            raise ConfigError(
                 f"expected a (B, {self.num_paths}, H, W) image, one channel per path (modality), got "
                 f"{tuple(image.shape)}"
             )

@@ -27,6 +27,7 @@ from monai.networks.blocks.feature_pyramid_network import FeaturePyramidNetwork
 from monai.networks.nets.resnet import ResNet
 from torch import Tensor, nn
 
+from diffseg_lightning.exceptions import ConfigError, DiffSegError
 from diffseg_lightning.inference.boxes import apply_deltas, box_area
 
 __all__ = [
@@ -70,9 +71,9 @@ class ResNetFPN(nn.Module):
     ) -> None:
         super().__init__()
         if block not in ("basic", "bottleneck"):
-            raise ValueError(f"ResNetFPN: block must be 'basic' or 'bottleneck', got {block!r}")
+            raise ConfigError(f"ResNetFPN: block must be 'basic' or 'bottleneck', got {block!r}")
         if len(layers) != 4 or len(block_inplanes) != 4:
-            raise ValueError(
+            raise ConfigError(
                 f"ResNetFPN: layers and block_inplanes need 4 entries, got {layers}, {block_inplanes}"
             )
         self.resnet = ResNet(
@@ -94,14 +95,14 @@ class ResNetFPN(nn.Module):
         """Load a local ResNet ``state_dict``; raise when the file is missing or no weight matches."""
         file = Path(path)
         if not file.is_file():
-            raise FileNotFoundError(f"ResNetFPN: pretrained weights {file} do not exist")
+            raise DiffSegError(f"ResNetFPN: pretrained weights {file} do not exist")
         state = torch.load(file, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state)
         state = {k.removeprefix("module."): v for k, v in state.items()}
         own = self.resnet.state_dict()
         usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
         if not usable:
-            raise ValueError(f"ResNetFPN: no weight of {file} matches the ResNet (names or shapes differ)")
+            raise ConfigError(f"ResNetFPN: no weight of {file} matches the ResNet (names or shapes differ)")
         self.resnet.load_state_dict(usable, strict=False)
 
     def forward(self, image: Tensor) -> list[Tensor]:
@@ -372,7 +373,7 @@ class DynamicMaskHead(nn.Module):
     def __init__(self, in_channels: int = 8, channels: int = 8, num_layers: int = 3) -> None:
         super().__init__()
         if num_layers < 1:
-            raise ValueError(f"DynamicMaskHead: num_layers must be >= 1, got {num_layers}")
+            raise ConfigError(f"DynamicMaskHead: num_layers must be >= 1, got {num_layers}")
         dims = [in_channels + 2] + [channels] * (num_layers - 1) + [1]
         self.shapes = list(zip(dims[1:], dims[:-1], strict=True))  # (out, in) per layer
         self.num_params = sum(o * i + o for o, i in self.shapes)
@@ -380,7 +381,7 @@ class DynamicMaskHead(nn.Module):
     def split(self, params: Tensor) -> list[tuple[Tensor, Tensor]]:
         """(B, K, num_params) -> per layer (weight (B, K, out, in), bias (B, K, out))."""
         if params.shape[-1] != self.num_params:
-            raise ValueError(
+            raise ConfigError(
                 f"DynamicMaskHead: expected {self.num_params} parameters, got {params.shape[-1]}"
             )
         sizes = [s for o, i in self.shapes for s in (o * i, o)]
@@ -462,11 +463,11 @@ class GlandDiffusionNet(nn.Module):
     ) -> None:
         super().__init__()
         if num_stages < 1:
-            raise ValueError(f"GlandDiffusionNet: num_stages must be >= 1, got {num_stages}")
+            raise ConfigError(f"GlandDiffusionNet: num_stages must be >= 1, got {num_stages}")
         self.backbone = backbone
         self.pooler_resolution = pooler_resolution
         if sampling_ratio < 1:
-            raise ValueError(f"GlandDiffusionNet: sampling_ratio must be >= 1, got {sampling_ratio}")
+            raise ConfigError(f"GlandDiffusionNet: sampling_ratio must be >= 1, got {sampling_ratio}")
         self.sampling_ratio = sampling_ratio
         self.cond_encoding = ConditionalEncoding(in_channels, fpn_channels) if conditional_encoding else None
         self.mask_branch = MaskBranch(fpn_channels, mask_branch_channels, mask_channels, mask_branch_convs)

@@ -16,6 +16,7 @@ import torch
 from monai.networks.blocks import Convolution
 from torch import Tensor, nn
 
+from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.nets.blocks import (
     AttentionBlock,
     Downsample,
@@ -65,7 +66,7 @@ class MultiScaleImageGuidance(nn.Module):
         super().__init__()
         chans = [int(c) for c in level_channels]
         if not chans or min(chans) < 1 or int(num_blocks) < 1 or int(image_channels) < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"MultiScaleImageGuidance needs image_channels >= 1, positive level_channels and num_blocks >= 1, "
                 f"got {image_channels}, {chans}, {num_blocks}"
             )
@@ -172,11 +173,11 @@ class MBDiffUNet(nn.Module):
         mults = tuple(int(m) for m in channel_mults)
         attn = tuple(bool(a) for a in attention_levels)
         if not mults or min(mults) < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"channel_mults must be a non-empty sequence of positive ints, got {list(mults)}"
             )
         if len(attn) != len(mults):
-            raise ValueError(
+            raise ConfigError(
                 f"attention_levels needs one flag per level: got {len(attn)} flags for {len(mults)} channel_mults"
             )
         for name, value in (
@@ -188,11 +189,11 @@ class MBDiffUNet(nn.Module):
             ("guidance_blocks", guidance_blocks),
         ):
             if int(value) < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+                raise ConfigError(f"{name} must be >= 1, got {value}")
         if out_channels is not None and int(out_channels) < 1:
-            raise ValueError(f"out_channels must be >= 1, got {out_channels}")
+            raise ConfigError(f"out_channels must be >= 1, got {out_channels}")
         if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+            raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
 
         self.image_channels = int(image_channels)
         self.mask_channels = int(mask_channels)
@@ -259,7 +260,7 @@ class MBDiffUNet(nn.Module):
         feats = tuple(cond) if isinstance(cond, tuple | list) else (cond,)
         got = [tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__ for c in feats]
         if got != expected:
-            raise ValueError(
+            raise ConfigError(
                 f"MBDiffUNet: `cond` must be encode_condition(image) for images matching x_t {tuple(x_t.shape)} "
                 f"(repeated per sample): expected shapes {expected}, got {got}"
             )

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.nets.blocks import (
     AttentionBlock,
     Downsample,
@@ -121,9 +122,9 @@ class MedSegDiffUNet(nn.Module):
         mults = tuple(int(m) for m in channel_mults)
         attn_levels = tuple(bool(a) for a in attention_levels)
         if len(mults) < 1 or any(m < 1 for m in mults):
-            raise ValueError(f"channel_mults must be a non-empty sequence of positive ints, got {mults}")
+            raise ConfigError(f"channel_mults must be a non-empty sequence of positive ints, got {mults}")
         if len(attn_levels) != len(mults):
-            raise ValueError(
+            raise ConfigError(
                 f"attention_levels needs one flag per level: got {len(attn_levels)} flags for "
                 f"{len(mults)} channel_mults"
             )
@@ -135,15 +136,15 @@ class MedSegDiffUNet(nn.Module):
             ("num_heads", num_heads),
         ):
             if int(value) < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+                raise ConfigError(f"{name} must be >= 1, got {value}")
         if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+            raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
         if isinstance(ff_parser_size, int):
             ref_size = (int(ff_parser_size), int(ff_parser_size))
         else:
             ref_size = tuple(int(s) for s in ff_parser_size)
             if len(ref_size) != 2:
-                raise ValueError(f"ff_parser_size must be an int or (H, W), got {ref_size}")
+                raise ConfigError(f"ff_parser_size must be an int or (H, W), got {ref_size}")
 
         self.image_channels = int(image_channels)
         self.mask_channels = int(mask_channels)
@@ -159,7 +160,7 @@ class MedSegDiffUNet(nn.Module):
         if self.use_ff_parser and (
             ref_size[0] % self.downsample_factor or ref_size[1] % self.downsample_factor
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"ff_parser_size {ref_size} must be divisible by the downsampling factor "
                 f"{self.downsample_factor} (= 2**(len(channel_mults)-1))"
             )
@@ -231,7 +232,7 @@ class MedSegDiffUNet(nn.Module):
         expected = self._cond_shapes(x_t.shape[0], x_t.shape[-2], x_t.shape[-1])
         got = [tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__ for c in feats]
         if got != expected:
-            raise ValueError(
+            raise ConfigError(
                 f"`cond` must be what encode_condition(image) returns for this network "
                 f"(dynamic_encoding={self.dynamic_encoding}) and match x_t {tuple(x_t.shape)}: "
                 f"expected shapes {expected}, got {got}"
@@ -349,7 +350,7 @@ class MedSegDiffUNet(nn.Module):
         self._check_input(x_t, self.mask_channels, "x_t mask")
         self._check_input(image, self.image_channels, "image")
         if image.shape[0] != x_t.shape[0] or image.shape[-2:] != x_t.shape[-2:]:
-            raise ValueError(
+            raise ConfigError(
                 f"image {tuple(image.shape)} does not match x_t {tuple(x_t.shape)} in batch or size"
             )
         t = batch_timesteps(t, x_t)

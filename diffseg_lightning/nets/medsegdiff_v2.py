@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import Tensor, nn
 
+from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.nets.blocks import (
     AttentionBlock,
     Downsample,
@@ -120,13 +121,13 @@ class UncertainSpatialAttention(nn.Module):
     def __init__(self, channels: int, kernel_size: int = 7, sigma: float = 1.0) -> None:
         super().__init__()
         if int(channels) < 1:
-            raise ValueError(f"UncertainSpatialAttention: channels must be >= 1, got {channels}")
+            raise ConfigError(f"UncertainSpatialAttention: channels must be >= 1, got {channels}")
         if int(kernel_size) < 1 or int(kernel_size) % 2 == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"UncertainSpatialAttention: kernel_size must be a positive odd int, got {kernel_size}"
             )
         if not float(sigma) > 0.0:
-            raise ValueError(f"UncertainSpatialAttention: sigma must be > 0, got {sigma}")
+            raise ConfigError(f"UncertainSpatialAttention: sigma must be > 0, got {sigma}")
         self.channels = int(channels)
         self.kernel_size = int(kernel_size)
         self.radius = self.kernel_size // 2
@@ -169,7 +170,7 @@ class UncertainSpatialAttention(nn.Module):
             (B, C, H, W) in [0, 1].
         """
         if anchor_logits.ndim != 4 or anchor_logits.shape[1] != self.channels:
-            raise ValueError(
+            raise ConfigError(
                 f"UncertainSpatialAttention expects anchor logits of shape (B, {self.channels}, H, W), "
                 f"got {tuple(anchor_logits.shape)}"
             )
@@ -238,7 +239,7 @@ class NeuralBandPassFilter(nn.Module):
             ("num_blocks", num_blocks),
         ):
             if int(value) < 1:
-                raise ValueError(f"NeuralBandPassFilter: {name} must be >= 1, got {value}")
+                raise ConfigError(f"NeuralBandPassFilter: {name} must be >= 1, got {value}")
         self.num_filters = int(num_filters)
         hidden = int(hidden)
         self.lift = nn.Linear(2, hidden)
@@ -352,7 +353,7 @@ class SpectrumSpaceAttention(nn.Module):
     ) -> None:
         super().__init__()
         if int(heads) < 1 or int(channels) % int(heads) != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"SS-Former attention needs channels divisible by heads, got channels={channels}, heads={heads}"
             )
         self.channels = int(channels)
@@ -535,7 +536,7 @@ class SSFormer(nn.Module):
     ) -> None:
         super().__init__()
         if int(num_blocks) < 1:
-            raise ValueError(f"SSFormer: num_blocks must be >= 1, got {num_blocks}")
+            raise ConfigError(f"SSFormer: num_blocks must be >= 1, got {num_blocks}")
         self.blocks = nn.ModuleList(
             SSFormerBlock(channels, heads, emb_channels, mlp_ratio, nbp_hidden, nbp_blocks)
             for _ in range(int(num_blocks))
@@ -678,9 +679,9 @@ class MedSegDiffV2UNet(nn.Module):
         mults = tuple(int(m) for m in channel_mults)  # Hydra passes ListConfig
         attn_levels = tuple(bool(a) for a in attention_levels)
         if len(mults) < 1 or any(m < 1 for m in mults):
-            raise ValueError(f"channel_mults must be a non-empty sequence of positive ints, got {mults}")
+            raise ConfigError(f"channel_mults must be a non-empty sequence of positive ints, got {mults}")
         if len(attn_levels) != len(mults):
-            raise ValueError(
+            raise ConfigError(
                 f"attention_levels needs one flag per level: got {len(attn_levels)} flags for "
                 f"{len(mults)} channel_mults"
             )
@@ -698,11 +699,11 @@ class MedSegDiffV2UNet(nn.Module):
             ("nbp_blocks", nbp_blocks),
         ):
             if int(value) < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+                raise ConfigError(f"{name} must be >= 1, got {value}")
         if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+            raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
         if out_channels is not None and int(out_channels) < 1:
-            raise ValueError(f"out_channels must be >= 1, got {out_channels}")
+            raise ConfigError(f"out_channels must be >= 1, got {out_channels}")
 
         self.image_channels = int(image_channels)
         self.mask_channels = int(mask_channels)
@@ -719,7 +720,7 @@ class MedSegDiffV2UNet(nn.Module):
         self.cond_level_channels = tuple(cchans)
         c_low = chans[-1]
         if c_low % int(ssformer_heads) != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"the bottleneck width {c_low} (= base_channels * channel_mults[-1]) must be divisible by "
                 f"ssformer_heads={ssformer_heads}"
             )
@@ -750,7 +751,7 @@ class MedSegDiffV2UNet(nn.Module):
         )
         self.usa = UncertainSpatialAttention(self.mask_channels, anchor_kernel_size, anchor_sigma)
         if anchor_loss_every < 0 or anchor_bce_weight < 0:
-            raise ValueError("anchor_loss_every and anchor_bce_weight must be non-negative")
+            raise ConfigError("anchor_loss_every and anchor_bce_weight must be non-negative")
         self.anchor_loss_every = int(anchor_loss_every)
         self.anchor_bce_weight = float(anchor_bce_weight)
         self.anchor_dice = DiceLoss(sigmoid=True)
@@ -806,13 +807,13 @@ class MedSegDiffV2UNet(nn.Module):
     def _check_cond(self, cond: Mapping[str, Tensor], x_t: Tensor) -> None:
         expected = self.cond_shapes(x_t.shape[0], x_t.shape[-2], x_t.shape[-1])
         if not isinstance(cond, Mapping):
-            raise ValueError(
+            raise ConfigError(
                 "`cond` must be what encode_condition(image) returns: a dict with keys "
                 f"{list(COND_KEYS)}, got {type(cond).__name__}"
             )
         got = {k: (tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__) for k, v in cond.items()}
         if set(got) != set(expected) or any(got[k] != expected[k] for k in expected):
-            raise ValueError(
+            raise ConfigError(
                 f"`cond` must be what encode_condition(image) returns for this network and match x_t "
                 f"{tuple(x_t.shape)}: expected shapes {expected}, got {got}"
             )

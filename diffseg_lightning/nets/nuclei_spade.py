@@ -10,6 +10,8 @@ from monai.networks.nets import SPADEDiffusionModelUNet
 from monai.networks.nets.spade_diffusion_model_unet import SPADEDiffResBlock
 from torch import nn
 
+from diffseg_lightning.exceptions import ConfigError
+
 
 class _SegSlot:
     """The segmentation map of the current forward pass, shared by the middle block's SPADE blocks."""
@@ -66,7 +68,7 @@ class SPADEMiddleDiffusionUNet(SPADEDiffusionModelUNet):
         **kwargs: Any,
     ) -> None:
         if kwargs.get("with_conditioning"):
-            raise ValueError("SPADEMiddleDiffusionUNet does not support with_conditioning=True")
+            raise ConfigError("SPADEMiddleDiffusionUNet does not support with_conditioning=True")
         super().__init__(
             spatial_dims=spatial_dims,
             in_channels=in_channels,

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.features.extractor import DiffusionFeatureExtractor
 
 # ------------------------------------------------------------------------------------------- backbone
@@ -124,7 +125,7 @@ class ODISEBackbone(nn.Module):
         text_width = int(clip.config.text_config.hidden_size)
         cross = unet.config.cross_attention_dim
         if int(cross if isinstance(cross, int) else cross[0]) != text_width:
-            raise ValueError(
+            raise ConfigError(
                 f"the U-Net's cross_attention_dim ({cross}) must equal the CLIP text width ({text_width}): "
                 "the implicit captioner's tokens replace SD's text tokens"
             )
@@ -150,7 +151,7 @@ class ODISEBackbone(nn.Module):
             return image
         if image.shape[1] == 1:
             return image.expand(-1, channels, -1, -1)
-        raise ValueError(f"images have {image.shape[1]} channels; the backbone expects {channels} (or 1)")
+        raise ConfigError(f"images have {image.shape[1]} channels; the backbone expects {channels} (or 1)")
 
     def encode_text(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """CLIP text tower: token states (K, L, D_text) (SD's conditioning) and embeddings (K, E)."""
@@ -227,7 +228,7 @@ def build_odise_backbone(
     """
     if pretrained_path is not None:
         if clip_path is None:
-            raise ValueError(
+            raise ConfigError(
                 "model.backbone.clip_path must point at the local CLIP of the Stable Diffusion weights"
             )
         from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -486,7 +487,7 @@ class ODISENet(nn.Module):
     ) -> None:
         super().__init__()
         if "{}" not in prompt:
-            raise ValueError(f"prompt must contain '{{}}' where the category name goes, got {prompt!r}")
+            raise ConfigError(f"prompt must contain '{{}}' where the category name goes, got {prompt!r}")
         self.backbone = backbone
         self.prompt = prompt
         # differentiable: the captioner's tokens are trained through the frozen U-Net (Sec. 3.2)

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from diffseg_lightning.exceptions import ConfigError
+
 __all__ = ["PixelMLPEnsemble"]
 
 
@@ -42,7 +44,7 @@ class PixelMLPEnsemble(nn.Module):
     ) -> None:
         super().__init__()
         if in_channels < 1 or out_channels < 1 or num_members < 1 or any(int(h) < 1 for h in hidden):
-            raise ValueError(
+            raise ConfigError(
                 f"PixelMLPEnsemble needs positive sizes; got in_channels={in_channels}, "
                 f"out_channels={out_channels}, num_members={num_members}, hidden={list(hidden)}"
             )

@@ -10,6 +10,8 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
+from diffseg_lightning.exceptions import ConfigError
+
 
 class MixableClassEmbedding(nn.Embedding):
     """A class embedding ``e = f(y)`` that also embeds mixtures of classes.
@@ -27,7 +29,7 @@ class MixableClassEmbedding(nn.Embedding):
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
         if labels.is_floating_point():
             if labels.dim() != 2 or labels.shape[1] != self.num_embeddings:
-                raise ValueError(
+                raise ConfigError(
                     f"class weights must be (B, {self.num_embeddings}) (one weight per class), got "
                     f"{tuple(labels.shape)}"
                 )
@@ -72,7 +74,7 @@ class ClassConditionalUNet(nn.Module):
     ) -> None:
         super().__init__()
         if num_classes < 2:
-            raise ValueError(f"ClassConditionalUNet needs num_classes >= 2, got {num_classes}")
+            raise ConfigError(f"ClassConditionalUNet needs num_classes >= 2, got {num_classes}")
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.unet = DiffusionModelUNet(
@@ -103,7 +105,7 @@ class ClassConditionalUNet(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         h, w = x_t.shape[-2:]
         if h % self.size_factor or w % self.size_factor:
-            raise ValueError(
+            raise ConfigError(
                 f"ClassConditionalUNet downsamples by {self.size_factor}; the image size must be divisible "
                 f"by it, got {h}x{w} (set data.size to a multiple of {self.size_factor})"
             )

@@ -10,15 +10,13 @@ from collections.abc import Callable, Iterator
 from hydra.errors import HydraException, InstantiationException
 from omegaconf.errors import OmegaConfBaseException
 
-USER_ERRORS = (ValueError, FileNotFoundError)
+from diffseg_lightning.exceptions import ConfigError, DiffSegError, NonFiniteLossError
 
+__all__ = ["USER_ERRORS", "ConfigError", "DiffSegError", "NonFiniteLossError", "run_cli", "user_errors"]
 
-class DiffSegError(RuntimeError):
-    """An error caused by the user's input (data, config, checkpoint), with a message that says what to fix."""
-
-
-class NonFiniteLossError(DiffSegError):
-    """The training loss became NaN or infinite."""
+#: What :func:`user_errors` reports in one line: only the errors our own checks raise. Any other
+#: exception (a ``ValueError`` from inside torch, a bug of ours) keeps its traceback.
+USER_ERRORS = (DiffSegError,)
 
 
 def one_line(message: str) -> str:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from diffseg_lightning.exceptions import ConfigError
+
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
@@ -40,7 +42,7 @@ def input_size(size, crop=None):
     """
     chosen = size if size is not None else crop
     if chosen is None:
-        raise ValueError(
+        raise ConfigError(
             "the network needs a fixed input size but data.size (and data.crop) are null: set data.size=..."
         )
     return chosen
@@ -50,7 +52,7 @@ def slurm_tasks(devices) -> int:
     """SLURM tasks per node for ``hydra/launcher=slurm``: one per device, as Lightning's SLURMEnvironment
     expects."""
     if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
-        raise ValueError(
+        raise ConfigError(
             f"hydra/launcher=slurm needs trainer.devices as a positive number of devices per node, got "
             f"{devices!r} (-1 / auto are unknown before the job lands on a node): e.g. trainer.devices=8"
         )
