@@ -17,6 +17,7 @@ from test_data_glas import write_glas
 from torch import nn
 
 from diffseg_lightning.diffusion.gaussian import GaussianKernel
+from diffseg_lightning.exceptions import DiffSegError
 from diffseg_lightning.inference.boxes import (
     apply_deltas,
     batched_nms,
@@ -237,7 +238,7 @@ def test_network_shapes_and_conditional_encoding():
     assert net.masks(cond, out["boxes"][-1], out["filters"]).shape == (2, 5, 32, 32)
     plain = net.backbone(image)
     assert not torch.allclose(plain[0], cond["features"][0])  # the image encoding was added
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DiffSegError):
         ResNetFPN(3, pretrained_path="/nonexistent/resnet.pt")
 
 
