@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffseg_lightning.inference.fusion import Fusion, fuse_samples, staple
+from diffseg_lightning.exceptions import DiffSegError
+from diffseg_lightning.inference import fusion
+from diffseg_lightning.inference.fusion import Fusion, check_finite_fusion, fuse_samples, staple
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -155,3 +157,89 @@ def test_bad_input_is_rejected_clearly():
         staple(torch.ones(1, 3, 1, 4, 4), confidence_weight=1.5)
     with pytest.raises(ValueError, match="max_iter"):
         staple(torch.ones(1, 3, 1, 4, 4), max_iter=0)
+
+
+def low_diversity_cases(rng: np.random.Generator, num_cases: int, num_raters: int) -> np.ndarray:
+    """(num_cases, S, 32, 32) uint8: S copies of one random mask per case, two of them each off by one pixel:
+    samples that agree closely, where EM drives p and q to (or, in floating point, past) 1."""
+    cases = np.repeat(
+        (rng.random((num_cases, 1, 32, 32)) < rng.uniform(0.05, 0.9)).astype(np.uint8), num_raters, 1
+    )
+    for case in cases:
+        for rater in (0, 1):
+            i, j = rng.integers(0, 32, 2)
+            case[rater, i, j] ^= 1
+    return cases
+
+
+@pytest.mark.parametrize("num_raters", [2, 3, 5])
+def test_samples_that_agree_closely_match_simpleitk(num_raters):
+    """Today's code returned NaN for the whole image on most of these (S >= 3): p or q rounded one step
+    above 1 and log1p(-q) became NaN. ITK keeps every p and q in [0, 1] and reaches p = q = 1 exactly."""
+    pytest.importorskip("SimpleITK", reason="the [staple] extra is not installed")
+    cases = low_diversity_cases(np.random.default_rng(num_raters), 20, num_raters)
+    ours = staple(torch.from_numpy(cases)[:, :, None].double())[:, 0].numpy()
+    assert np.isfinite(ours).all()
+    for case, w in zip(cases, ours, strict=True):
+        # float64 EM to ITK's stopping rule: both stop within ~1e-7 of one fixed point (see the docstring)
+        np.testing.assert_allclose(w, sitk_staple(case), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("degenerate", [0, 1], ids=["one-empty", "one-full"])
+def test_a_degenerate_sample_among_agreeing_ones_matches_simpleitk(degenerate):
+    """Five samples agree, a sixth is all background (or all foreground): the agreeing raters reach p = q = 1,
+    the degenerate one p = 0, q = 1 (or p = 1, q = 0), and W is exactly the agreeing mask, as in ITK."""
+    pytest.importorskip("SimpleITK", reason="the [staple] extra is not installed")
+    rng = np.random.default_rng(5 + degenerate)
+    for density in (0.05, 0.3, 0.7):
+        base = (rng.random((32, 32)) < density).astype(np.uint8)
+        raters = np.stack([base] * 5 + [np.full_like(base, degenerate)])
+        ours = staple(torch.from_numpy(raters)[None, :, None])[0, 0].numpy()
+        expected = sitk_staple(raters)
+        assert np.isfinite(expected).all()
+        np.testing.assert_array_equal(ours, expected)  # both are exactly 0 or 1 here
+        np.testing.assert_array_equal(ours, base)
+
+
+def test_a_non_finite_fused_value_is_an_error_naming_the_case_and_the_fusion(tmp_path, monkeypatch):
+    """Evaluation and prediction refuse a NaN fused map (before: eval failed on "probability must be finite",
+    predict wrote empty masks with exit 0), whatever made it: here a STAPLE that returns NaN for one case."""
+    from conftest import TINY, compose_config
+
+    from diffseg_lightning.entry import build_module
+
+    cfg = compose_config("train", [*TINY, "sampler.fusion=staple"], tmp_path)
+    module = build_module(cfg.model, cfg.noise, cfg.sampler).eval()
+
+    def nan_for_the_second_case(decisions, **_):
+        w = decisions[:, 0].float()
+        w[1] = float("nan")
+        return w
+
+    monkeypatch.setattr(fusion, "staple", nan_for_the_second_case)
+    batch = {
+        "image": torch.randn(2, 1, 32, 32),
+        "mask": torch.zeros(2, 1, 32, 32),
+        "index": torch.arange(2),
+        "case": ["good.png", "bad.png"],
+    }
+    expected = (
+        r"fusion 'staple' \(sampler.fusion\) gave a NaN or infinite probability for case bad.png \(1024 of"
+    )
+    with pytest.raises(DiffSegError, match=expected):
+        module.predict_step(batch, 0)
+    with pytest.raises(DiffSegError, match=expected):
+        module.test_step(batch, 0)
+
+
+def test_check_finite_fusion_names_every_bad_case():
+    probability = torch.zeros(3, 1, 4, 4)
+    probability[0, 0, 1, 1] = float("inf")
+    probability[2] = float("nan")
+    with pytest.raises(DiffSegError, match=r"'vote'.*case a \(1 of 16 values\), c \(16 of 16 values\);"):
+        check_finite_fusion(probability, "vote", ["a", "b", "c"])
+    with pytest.raises(
+        DiffSegError, match=r"the method's probability \(no fusion\) is NaN or infinite for case a"
+    ):
+        check_finite_fusion(probability, "none", ["a", "b", "c"])
+    check_finite_fusion(probability[1:2], "staple", ["b"])  # finite: no error

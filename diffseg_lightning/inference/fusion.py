@@ -13,13 +13,13 @@ log-variance of the final reverse step of every sample, so the sampler computes 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import Enum
 from typing import Any
 
 import torch
 
-from diffseg_lightning.exceptions import ConfigError
+from diffseg_lightning.exceptions import ConfigError, DiffSegError
 
 
 class Fusion(str, Enum):
@@ -82,6 +82,35 @@ def fuse_samples(
         dtype = samples.dtype if samples.is_floating_point() else torch.float32
         probability = staple(samples > 0.5).to(dtype)
     return probability, (probability > threshold).float()
+
+
+def check_finite_fusion(probability: torch.Tensor, fusion: str, cases: Sequence[str]) -> None:
+    """Refuse a fused map with NaN or infinite values, naming the cases and the fusion.
+
+    Called on every method's output before it is scored or written, so a non-finite fusion stops the run
+    with one line instead of an unrelated metric error (``diffseg-eval``) or empty masks (``diffseg-predict``).
+
+    Args:
+        probability: (B, C, *spatial) the fused foreground probability of a batch.
+        fusion: the fusion's name, as in the sampler's settings (``sampler.fusion``).
+        cases: the B case names of the batch.
+
+    Raises:
+        DiffSegError: a case's fused map holds a NaN or an infinite value.
+    """
+    bad = ~torch.isfinite(probability.flatten(1)).all(dim=1)
+    if not bool(bad.any()):
+        return
+    rows = bad.nonzero().flatten().tolist()
+    counts = (~torch.isfinite(probability[rows].flatten(1))).sum(dim=1).tolist()
+    size = probability[0].numel()
+    named = ", ".join(f"{cases[i]} ({n} of {size} values)" for i, n in zip(rows, counts, strict=True))
+    if fusion in (None, "none"):
+        raise DiffSegError(f"the method's probability (no fusion) is NaN or infinite for case {named}")
+    raise DiffSegError(
+        f"fusion {fusion!r} (sampler.fusion) gave a NaN or infinite probability for case {named}; if "
+        f"sampler.fusion=mean gives finite values, the fusion is at fault: please report it"
+    )
 
 
 def staple(
@@ -168,24 +197,38 @@ def staple(
     d = decisions.bool().movedim(1, 2).reshape(b, c, s, -1)  # (B, C, S, N)
     dd = d.to(torch.float64)
 
-    w0 = dd.mean(dim=2)  # (B, C, N): the initial W, the mean decision
-    fg_fraction = w0.mean(dim=-1)  # (B, C)
+    w_init = dd.mean(dim=2)  # (B, C, N): the initial W, the mean decision
+    fg_fraction = w_init.mean(dim=-1)  # (B, C)
     degenerate = (fg_fraction == 0) | (fg_fraction == 1)  # every rater empty, or every rater full
     g = torch.where(degenerate, 0.5, fg_fraction * confidence_weight)
     log_prior_odds = (torch.log(g) - torch.log1p(-g)).unsqueeze(-1)  # (B, C, 1)
 
     tiny = torch.finfo(torch.float64).tiny
-    w = w0
+    w = w_init
     last_p = torch.full((b, c, s), -10.0, dtype=torch.float64, device=d.device)
     last_q = last_p.clone()
     converged = degenerate.clone()
     for it in range(max_iter):
-        # M-step: sensitivity and specificity of every rater, from the current W.
-        p = torch.einsum("bcsn,bcn->bcs", dd, w) / w.sum(-1, keepdim=True).clamp_min(tiny)
-        q = torch.einsum("bcsn,bcn->bcs", 1 - dd, 1 - w) / (1 - w).sum(-1, keepdim=True).clamp_min(tiny)
+        # M-step: sensitivity p = w1 / (w1 + w0) and specificity q = v0 / (v0 + v1) of every rater, from sums
+        # of non-negative terms: w1 = sum W D and w0 = sum W (1 - D) (the weight of W on the rater's 1s and
+        # 0s), v0 = sum (1 - W)(1 - D) and v1 = sum (1 - W) D. Then w1 <= fl(w1 + w0), so p lies in [0, 1]
+        # exactly (as ITK's, whose numerator is a sub-sum of its denominator), and 1 - p is w0 / (w1 + w0), not
+        # 1 - fl(p): exactly 0 when the rater has no 0 where W > 0, else positive however close p is to 1.
+        # (Dividing sum W D by a sum W computed in another order could round p one step above 1 and make
+        # log1p(-p) NaN for the whole case.)
+        w1 = torch.einsum("bcsn,bcn->bcs", dd, w)
+        w0 = torch.einsum("bcsn,bcn->bcs", 1 - dd, w)
+        v0 = torch.einsum("bcsn,bcn->bcs", 1 - dd, 1 - w)
+        v1 = torch.einsum("bcsn,bcn->bcs", dd, 1 - w)
+        fg, bg = (w1 + w0).clamp_min(tiny), (v0 + v1).clamp_min(tiny)
+        p, not_p, q, not_q = w1 / fg, w0 / fg, v0 / bg, v1 / bg
         # E-step in the log domain: a rater saying 1 adds log(p / (1 - q)), saying 0 adds log((1 - p) / q).
-        says_one = (torch.log(p) - torch.log1p(-q)).unsqueeze(-1)
-        says_zero = (torch.log1p(-p) - torch.log(q)).unsqueeze(-1)
+        # A term is infinite only for a rater whose p or q is exactly 0 or 1 (ITK's product is then 0), and
+        # no pixel gets both +inf and -inf: +inf from a rater saying 1 needs W = 1 wherever it says 1 (v1 = 0),
+        # -inf from one saying 0 needs W = 0 wherever it says 0 (w0 = 0). A term that is inf - inf (p = 0 and
+        # q = 1) belongs to a rater that never says 1 (or, for the other term, never says 0): never selected.
+        says_one = (torch.log(p) - torch.log(not_q)).unsqueeze(-1)
+        says_zero = (torch.log(not_p) - torch.log(q)).unsqueeze(-1)
         logit = log_prior_odds + torch.where(d, says_one, says_zero).sum(dim=2)
         w_new = torch.sigmoid(logit)
 
@@ -199,7 +242,7 @@ def staple(
         if (it + 1) % check_every == 0 and bool(converged.all()):
             break
 
-    w = torch.where(degenerate.unsqueeze(-1), w0, w)
+    w = torch.where(degenerate.unsqueeze(-1), w_init, w)
     return w.reshape(b, c, *spatial).to(out_dtype)
 
 

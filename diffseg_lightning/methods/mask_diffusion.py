@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from diffseg_lightning.inference.fusion import check_finite_fusion
 from diffseg_lightning.inference.sampler import DiffusionSampler
 from diffseg_lightning.metrics.report import case_metrics, summarize
 from diffseg_lightning.utils.errors import NonFiniteLossError
@@ -297,6 +298,7 @@ class SegmentationMethod(L.LightningModule):
         start = time.perf_counter()
         with torch.inference_mode():  # Lightning's fit-time validation loop runs under no_grad only
             out = self.sample(batch["image"], batch["index"])
+        check_finite_fusion(out["probability"], self.inference_settings().get("fusion"), batch["case"])
         if out["mask"].is_cuda:
             torch.cuda.synchronize()
         self._sampling_seconds += time.perf_counter() - start
@@ -357,6 +359,7 @@ class SegmentationMethod(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Any]:
         with torch.inference_mode():
             out = self.sample(batch["image"], batch["index"])
+        check_finite_fusion(out["probability"], self.inference_settings().get("fusion"), batch["case"])
         return {"case": batch["case"], "original_size": batch.get("original_size"), **out}
 
     # ------------------------------------------------------------------------------ checkpoints
