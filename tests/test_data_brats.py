@@ -288,13 +288,22 @@ def test_a_label_outside_the_years_set_names_the_file(tmp_path, naming, wrong):
     assert wrong in data.seen_labels  # the raw value was recorded before the check
 
 
-def test_corrupt_files_name_the_file(tmp_path):
+def test_corrupt_files_name_the_file(tmp_path, monkeypatch):
     folders = write_brats(tmp_path, "2021", cases=2)
     image = folders[0] / "BraTS2021_00000_t2.nii.gz"
-    image.write_bytes(image.read_bytes()[:200])  # truncated download
-    data = BraTS(tmp_path, **ALL)  # headers only at init: the case is listed
-    with pytest.raises(DiffSegError, match=r"BraTS2021_00000_t2\.nii\.gz: (cannot read|not a readable)"):
-        data[0]
+    whole = image.read_bytes()
+    image.write_bytes(whole[:200])  # a truncated download, header cut: found by the header check at init
+    with pytest.raises(DiffSegError, match=r"BraTS2021_00000_t2\.nii\.gz: not a readable NIfTI"):
+        BraTS(tmp_path, **ALL)
+    image.write_bytes(whole[:-200])  # header intact, voxels cut: found when the case is read
+    data = BraTS(tmp_path, **ALL)
+    reads = []
+    original = BraTS.read_volume
+    monkeypatch.setattr(BraTS, "read_volume", staticmethod(lambda p: reads.append(p) or original(p)))
+    for k in range(SHAPE[2]):
+        with pytest.raises(DiffSegError, match=r"BraTS2021_00000_t2\.nii\.gz: cannot read the NIfTI data"):
+            data[k]
+    assert len(reads) == 4  # seg, t1, t1ce and t2 (which fails): once for the case, not once per slice
     seg = folders[1] / "BraTS2021_00002_seg.nii.gz"
     seg.write_bytes(gzip.compress(b"not a nifti header"))
     with pytest.raises(DiffSegError, match=r"BraTS2021_00002_seg\.nii\.gz: not a readable NIfTI"):
@@ -303,19 +312,88 @@ def test_corrupt_files_name_the_file(tmp_path):
     assert skipped.ids == ["BraTS2021_00000"] and skipped.skipped[0][0] == str(seg)
 
 
-def test_shape_mismatch_and_nan_name_the_file(tmp_path):
+def test_nan_names_the_file(tmp_path):
     folders = write_brats(tmp_path, "2023", cases=2)
-    small = folders[0] / "BraTS-GLI-00000-000-t1c.nii.gz"
-    save(small, np.ones((16, 16, 5), np.float32))
     nan = folders[1] / "BraTS-GLI-00002-000-t2w.nii.gz"
     volume = modality_volume("t2", 2, np.float32)
     volume[3, 3, 3] = np.nan
     save(nan, volume)
     data = BraTS(tmp_path, **ALL)
-    with pytest.raises(DiffSegError, match=r"t1c\.nii\.gz: volume of shape \(16, 16, 5\) does not match"):
-        data[0]
     with pytest.raises(DiffSegError, match=r"t2w\.nii\.gz: image holds NaN"):
         data[6]
+
+
+def flipped(affine: np.ndarray) -> np.ndarray:
+    """The affine of the same voxels stored with axis 0 reversed (what a tool that re-orients writes)."""
+    out = affine.copy()
+    out[:, 0] *= -1
+    out[:3, 3] -= out[:3, 0] * (SHAPE[0] - 1)
+    return out
+
+
+def shifted(affine: np.ndarray, by: float) -> np.ndarray:
+    out = affine.copy()
+    out[1, 3] += by
+    return out
+
+
+def resave(path: Path, change) -> None:
+    """Rewrite a NIfTI file as ``change(voxels, affine) -> (voxels, affine)``."""
+    image = nib.load(path)
+    nib.save(nib.Nifti1Image(*change(np.asarray(image.dataobj), image.affine)), path)
+
+
+# One file of a case off the grid of its other files, and the message that names it and its reference.
+T1N = r"BraTS-GLI-00000-000-t1n\.nii\.gz"
+MISALIGNED = {
+    "flipped": (lambda v, a: (v, flipped(a)), rf"seg\.nii\.gz: orientation RPS differs from LPS of {T1N}"),
+    "2 mm": (
+        lambda v, a: (v, a @ np.diag([2.0, 2.0, 2.0, 1.0])),
+        rf"seg\.nii\.gz: voxel spacing \(2, 2, 2\) differs from \(1, 1, 1\) of {T1N}",
+    ),
+    "half a voxel": (
+        lambda v, a: (v, shifted(a, 0.5)),
+        rf"seg\.nii\.gz: affine differs from {T1N}'s by up to 0\.5 \(origin or axis directions; tolerance 0\.001",
+    ),
+    "a slice short": (
+        lambda v, a: (v[..., :-1], a),
+        rf"seg\.nii\.gz: shape \(16, 16, 5\) differs from \(16, 16, 6\) of {T1N}",
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(MISALIGNED))
+def test_a_seg_off_the_images_voxel_grid_is_a_bad_case_naming_both_files(tmp_path, fault):
+    folders = write_brats(tmp_path, "2023", cases=2)
+    seg = folders[0] / "BraTS-GLI-00000-000-seg.nii.gz"
+    change, message = MISALIGNED[fault]
+    resave(seg, change)
+    with pytest.raises(DiffSegError, match=message + r".*one voxel grid, or image and mask are misaligned"):
+        BraTS(tmp_path, **ALL)
+    data = BraTS(tmp_path, on_bad_case="skip", **ALL)
+    assert data.ids == ["BraTS-GLI-00002-000"] and [p for p, _ in data.skipped] == [str(seg)]
+
+
+def test_the_odd_file_is_named_and_the_tolerance_is_relative_to_the_voxel(tmp_path):
+    folders = write_brats(tmp_path, "2021", cases=1, spacing=(0.5, 0.5, 2.0))
+    t1ce = folders[0] / "BraTS2021_00000_t1ce.nii.gz"
+    resave(t1ce, lambda v, a: (v, flipped(a)))
+    # the seg and three modalities agree, so the flipped modality is the one named, not the seg
+    with pytest.raises(
+        DiffSegError, match=r"BraTS2021_00000_t1ce\.nii\.gz: orientation RPS differs from LPS"
+    ):
+        BraTS(tmp_path, **ALL)
+    resave(t1ce, lambda v, a: (v, flipped(a)))  # back on the grid
+    seg = folders[0] / "BraTS2021_00000_seg.nii.gz"
+    # The tolerance is 1e-3 of the smallest voxel (0.5 mm here): 4e-4 mm; float32 headers round an origin
+    # 100 mm away by 6e-6 mm, far below it. 3e-4 mm passes, 6e-4 mm does not.
+    resave(seg, lambda v, a: (v, shifted(a, 3e-4)))
+    assert len(BraTS(tmp_path, **ALL).ids) == 1
+    resave(seg, lambda v, a: (v, shifted(a, 3e-4)))
+    with pytest.raises(
+        DiffSegError, match=r"seg\.nii\.gz: affine differs .* by up to 0\.0006 .*tolerance 0\.0005"
+    ):
+        BraTS(tmp_path, **ALL)
 
 
 def test_option_errors(tmp_path):

@@ -367,3 +367,22 @@ def test_a_malformed_dataset_json_entry_names_the_file(tmp_path):
         DiffSegError, match=r"dataset\.json: malformed nnU-Net dataset\.json \(KeyError: 'images'\)"
     ):
         NNUNetRaw(root, "train", channels=2)
+
+
+def test_a_label_off_the_images_voxel_grid_is_a_bad_case_naming_both_files(tmp_path):
+    root = write_v2_nifti(tmp_path)
+    label = root / "labelsTr" / "prostate_01.nii.gz"
+    save_nifti(label, label_volume(), spacing=(0.8, 1.5, 6.0))  # slices twice as far apart as the images'
+    message = (
+        rf"labelsTr/prostate_01\.nii\.gz: voxel spacing \(0\.8, 1\.5, 6\) differs from \(0\.8, 1\.5, 3\) of "
+        rf"{root / 'imagesTr' / 'prostate_01_0000.nii.gz'}; the volumes of a case must share one voxel grid"
+    )
+    with pytest.raises(DiffSegError, match=message):
+        everything(root)
+    skipping = everything(root, on_bad_case="skip")
+    assert "prostate_01" not in skipping.case_ids and [p for p, _ in skipping.skipped] == [str(label)]
+    save_nifti(label, label_volume())
+    channel = root / "imagesTr" / "prostate_02_0001.nii.gz"
+    nib.save(nib.Nifti1Image(image_volume(2, 1), np.diag([*SPACING, 1.0]) @ np.diag([1, -1, 1, 1])), channel)
+    with pytest.raises(DiffSegError, match=r"prostate_02_0001\.nii\.gz: orientation RPS differs from RAS of"):
+        everything(root)

@@ -364,3 +364,26 @@ def test_train_on_real_kidney_reports_multi_annotator_metrics(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {"ged", "hm_iou", "soft_dice"} <= set(summary["mean"])
     assert all("/kidney/Training/case" in row["case"] for row in summary["metric_per_case"])
+
+
+def test_a_rater_on_another_voxel_grid_is_a_bad_case_naming_both_files(tmp_path):
+    write_qubiq(tmp_path / "kidney", cases=3)
+    case = tmp_path / "kidney" / "Training" / "case02"
+    rater = case / "task01_seg03.nii.gz"
+    # the same voxels, stored with axis 0 reversed: the rater's box would land on the other side
+    affine = np.diag([-SPACING[0], SPACING[1], 1.0, 1.0])
+    affine[0, 3] = SPACING[0] * (SHAPE[0] - 1)
+    nib.save(nib.Nifti1Image(rater_mask(2, 3)[::-1].copy(), affine), rater)
+    message = (
+        r"case02/task01_seg03\.nii\.gz: orientation LAS differs from RAS of image\.nii\.gz \(an axis is "
+        r"flipped or swapped\); the volumes of a case must share one voxel grid"
+    )
+    with pytest.raises(DiffSegError, match=message):
+        QUBIQ(tmp_path / "kidney", "train", fractions=(1.0, 0.0, 0.0))
+    data = QUBIQ(tmp_path / "kidney", "train", fractions=(1.0, 0.0, 0.0), on_bad_case="skip")
+    assert names(data) == ["case01", "case03"] and data.skipped[0][0] == str(case)
+    save_nifti(rater, rater_mask(2, 3), spacing=(0.8, 3.0))  # another pixel spacing
+    with pytest.raises(
+        DiffSegError, match=r"task01_seg03\.nii\.gz: voxel spacing \(0\.8, 3, 1\) differs from"
+    ):
+        QUBIQ(tmp_path / "kidney", "train", fractions=(1.0, 0.0, 0.0))

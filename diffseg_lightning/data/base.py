@@ -22,6 +22,19 @@ BAD_CASE_POLICIES = ("error", "skip")
 MAX_RECORDED_LABELS = 64  # instance maps hold hundreds of ids; the report needs only a glimpse
 
 
+def split_message(err: BaseException | str, default: str | Path = "") -> tuple[str, str]:
+    """``(file, reason)`` of a DiffSeg message ``<file>: <reason>`` (our checks name the file first).
+
+    The file is the text before the first ``": "`` when it names an existing file or folder (a ``#<slice>``
+    suffix allowed); otherwise the message is all reason and the file is ``default``.
+    """
+    message = " ".join(str(err).split())
+    head, sep, reason = message.partition(": ")
+    if sep and head and Path(head.partition("#")[0]).exists():
+        return head, reason
+    return str(default), message
+
+
 def check_policy(on_bad_case: str) -> str:
     if on_bad_case not in BAD_CASE_POLICIES:
         raise ConfigError(f"data.on_bad_case must be one of {BAD_CASE_POLICIES}, got {on_bad_case!r}")

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffseg_lightning.data.base import CaseDataset
+from diffseg_lightning.data.base import CaseDataset, split_message
 from diffseg_lightning.data.folder import as_size, check_same_size, read_image, read_label_map, resize
-from diffseg_lightning.data.qubiq import load_nifti, read_nifti_array
+from diffseg_lightning.data.nifti import check_same_grid, load_nifti, read_nifti_array
 from diffseg_lightning.data.splits import (
     check_fractions,
     check_split,
@@ -229,7 +229,8 @@ class NNUNetRaw(CaseDataset):
         splits_file: path to a ``splits_final.json``; None looks beside dataset.json.
         test_from_val: with a splits file and no labelsTs/, make the test split the fold's val cases.
         on_bad_case: ``error`` or ``skip``: a case missing a channel file or its label (or with files whose
-            shapes differ) is raised naming the expected file, or left out and listed in ``skipped``.
+            shapes or voxel grids differ: orientation, spacing, affine) is raised naming the file, or left out
+            and listed in ``skipped``.
         folds: k for k-fold cross-validation (see Splits).
         fold: the held-out fold (or the fold of the splits file).
 
@@ -297,7 +298,9 @@ class NNUNetRaw(CaseDataset):
         if self.splits_path is None and (self.root / SPLITS_FILE).is_file():
             self.splits_path = self.root / SPLITS_FILE
 
-        self._cached: tuple[int, np.ndarray, np.ndarray | None] | None = None  # the last volume read
+        self._cached: tuple | None = (
+            None  # the last volume read: (number, image, labels) or (number, error, None)
+        )
         labelled = split != "predict"
         if split == "predict" or (split == "test" and (self.root / "labelsTs").is_dir()):
             candidates = self.scan_folder("imagesTs", "labelsTs" if labelled else None)
@@ -318,11 +321,15 @@ class NNUNetRaw(CaseDataset):
             self.cases.append((case, images, label))
             self.spacings.append(spacing)
             self.num_slices.append(slices)
-            kept = (
-                self.nonempty_slices(number, slices)
-                if labelled and slices and empty_slices == "drop"
-                else None
-            )
+            kept = None
+            if labelled and slices and empty_slices == "drop":
+                try:
+                    kept = self.nonempty_slices(number, slices)
+                except DiffSegError as err:  # a volume that cannot be read: a bad case, as a missing file
+                    self.bad_case(*split_message(err))
+                    del self.cases[number], self.spacings[number], self.num_slices[number]
+                    self._cached = None
+                    continue
             self.items.extend(
                 (number, k) for k in (kept if kept is not None else range(slices) if slices else [-1])
             )
@@ -453,7 +460,8 @@ class NNUNetRaw(CaseDataset):
         self, case: str, images: list[Path], label: Path | None
     ) -> tuple[int, tuple | None] | None:
         """``(slices, spacing)`` of a case (0 slices: a 2D file; spacing None for 2D formats), or None when
-        it is a bad case (a missing file, or NIfTI headers whose shapes differ)."""
+        it is a bad case (a missing file, or NIfTI headers whose shapes or voxel grids differ: see
+        :func:`~diffseg_lightning.data.nifti.check_same_grid`)."""
         for k, path in enumerate(images):
             if not path.is_file():
                 name = self.info.channel_names[k] if k < len(self.info.channel_names) else f"channel {k}"
@@ -464,15 +472,14 @@ class NNUNetRaw(CaseDataset):
             return None
         if not self.info.is_nifti:
             return 0, None
+        files = [*images, label] if label is not None else list(images)
         try:
-            headers = [load_nifti(path) for path in images]
-            shapes = [tuple(int(n) for n in h.shape) for h in headers]
-            if label is not None:
-                label_shape = tuple(int(n) for n in load_nifti(label).shape)
+            headers = [load_nifti(path) for path in files]
         except DiffSegError as err:
-            path, _, reason = str(err).partition(": ")
-            self.bad_case(path, reason)
+            self.bad_case(*split_message(err))
             return None
+        shapes = [tuple(int(n) for n in h.shape) for h in headers[: len(images)]]
+        label_shape = tuple(int(n) for n in headers[-1].shape)
         for path, shape in zip(images[1:], shapes[1:], strict=True):
             if shape != shapes[0]:
                 self.bad_case(path, f"shape {shape} differs from {images[0].name}'s {shapes[0]}")
@@ -486,6 +493,11 @@ class NNUNetRaw(CaseDataset):
             self.bad_case(
                 label, f"label shape {label_shape} differs from the image shape {shapes[0]} of case {case}"
             )
+            return None
+        try:  # shapes agree: orientation, spacing and affine too, or image and label are misaligned
+            check_same_grid(files, headers)
+        except DiffSegError as err:
+            self.bad_case(*split_message(err))
             return None
         zooms = headers[0].header.get_zooms()
         spacing = (float(zooms[0]), float(zooms[1]))
@@ -512,7 +524,20 @@ class NNUNetRaw(CaseDataset):
         """Image (C, H, W[, D]) float32 and stored labels (H, W[, D]) (None in ``predict``) of a case; the
         last NIfTI case read is kept."""
         if self._cached is not None and self._cached[0] == number:
+            if isinstance(self._cached[1], DiffSegError):  # a bad case is decoded once, not once per slice
+                raise DiffSegError(str(self._cached[1]))
             return self._cached[1], self._cached[2]
+        try:
+            image, labels = self._read_case(number)
+        except DiffSegError as err:
+            if self.info.is_nifti:
+                self._cached = (number, err, None)
+            raise
+        if self.info.is_nifti:
+            self._cached = (number, image, labels)
+        return image, labels
+
+    def _read_case(self, number: int) -> tuple[np.ndarray, np.ndarray | None]:
         case, images, label = self.cases[number]
         expected = len(self.info.channel_names)
         if self.info.is_nifti:
@@ -544,8 +569,6 @@ class NNUNetRaw(CaseDataset):
             )
         if not np.isfinite(image).all():
             raise DiffSegError(f"{images[0]}: case {case} holds NaN or infinite values")
-        if self.info.is_nifti:
-            self._cached = (number, image, labels)
         return image, labels
 
     def __len__(self) -> int:

@@ -24,12 +24,12 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 
 from diffseg_lightning.data.base import CaseDataset
 from diffseg_lightning.data.folder import as_size, channels_first, check_channels, resize
+from diffseg_lightning.data.nifti import check_same_grid, load_nifti, read_nifti_array
 from diffseg_lightning.data.splits import (
     check_fractions,
     check_split,
@@ -50,24 +50,6 @@ SPLITS = ("train", "val", "test")
 IMAGE_NAMES = ("image.nii.gz", "image.nii")
 RATER_FILE = re.compile(r"^(task\d+)_seg(\d+)\.nii(\.gz)?$")
 OFFICIAL_FOLDERS = ("Training", "Validation")
-
-
-def load_nifti(path: Path) -> nib.Nifti1Image:
-    """``nibabel.load`` with a one-line error naming the file."""
-    try:
-        return nib.load(path)
-    except Exception as err:  # any reason a file cannot be opened as NIfTI
-        raise DiffSegError(f"{path}: not a readable NIfTI file ({type(err).__name__}: {err})") from None
-
-
-def read_nifti_array(path: Path) -> np.ndarray:
-    """All voxels of a NIfTI file as float32, with a one-line error naming the file (truncated gzip, ...)."""
-    try:
-        return np.asarray(load_nifti(path).dataobj, dtype=np.float32)
-    except DiffSegError:
-        raise
-    except Exception as err:
-        raise DiffSegError(f"{path}: cannot read the NIfTI data ({type(err).__name__}: {err})") from None
 
 
 def _names(keys: frozenset) -> str:
@@ -100,7 +82,9 @@ class QUBIQ(CaseDataset):
 
     Bad cases: a case folder without ``image.nii.gz`` or without rater files, with two files for one
     rater, with a rater set unlike the other cases', or whose headers do not fit (a rater shape unlike the
-    image's, an unreadable header, a wrong channel count) is an error naming it. The folder checks cover
+    image's, a rater on another voxel grid: orientation, spacing or affine, see
+    :func:`~diffseg_lightning.data.nifti.check_same_grid`; an unreadable header, a wrong channel count) is an
+    error naming it. The folder checks cover
     every case of ``Training`` and ``Validation`` whatever the split, so they fail before training. Under
     ``on_bad_case="skip"`` such a case is left out of its split instead and listed in ``skipped`` (by the
     dataset of that split only), and the other cases keep their split. ``seen_labels`` collects the stored
@@ -253,7 +237,9 @@ class QUBIQ(CaseDataset):
             self.items.extend((len(self.cases), k) for k in (range(slices) if slices else [-1]))
             self.cases.append((image_path, rater_paths))
             self.spacings.append(spacing)
-        self._cached: tuple[int, np.ndarray, np.ndarray] | None = None  # the last case read (volumes)
+        self._cached: tuple | None = (
+            None  # the last case read: (number, image, masks) or (number, error, None)
+        )
 
     @staticmethod
     def find_task(root: Path, task: str | None) -> tuple[Path, str]:
@@ -345,12 +331,14 @@ class QUBIQ(CaseDataset):
 
     def inspect(self, image_path: Path, rater_paths: list[Path]) -> tuple[int, tuple[float, float]]:
         """(slices, spacing) from the headers (0 slices: a 2D image); checks that the raters' shapes match
-        the image's and the image's channel count."""
+        the image's, that the image and every rater lie on one voxel grid (orientation, spacing, affine:
+        :func:`~diffseg_lightning.data.nifti.check_same_grid`) and the image's channel count."""
         header = load_nifti(image_path)
         shape = tuple(int(n) for n in header.shape)
         zooms = header.header.get_zooms()
-        for path in rater_paths:
-            rater_shape = tuple(int(n) for n in load_nifti(path).shape)
+        raters = [load_nifti(path) for path in rater_paths]
+        for path, rater in zip(rater_paths, raters, strict=True):
+            rater_shape = tuple(int(n) for n in rater.shape)
             if (
                 len(rater_shape) not in (2, 3)
                 or shape[: len(rater_shape)] != rater_shape
@@ -360,7 +348,8 @@ class QUBIQ(CaseDataset):
                     f"{path}: rater mask of shape {rater_shape} does not match the image {image_path.name} of "
                     f"shape {shape} (expected the image's (H, W) for a 2D case, (H, W, D) for a volume)"
                 )
-        spatial = len(load_nifti(rater_paths[0]).shape)
+        spatial = len(raters[0].shape)
+        check_same_grid([image_path, *rater_paths], [header, *raters], spatial)
         channels = shape[spatial] if len(shape) > spatial else 1
         if self.channels is not None and channels != self.channels:
             raise DiffSegError(
@@ -374,7 +363,18 @@ class QUBIQ(CaseDataset):
     def read_case(self, number: int) -> tuple[np.ndarray, np.ndarray]:
         """Image (H, W[, D][, C]) and raters (A, H, W[, D]) of a case, float32, checked; the last is cached."""
         if self._cached is not None and self._cached[0] == number:
+            if isinstance(self._cached[1], DiffSegError):  # a bad case is decoded once, not once per slice
+                raise DiffSegError(str(self._cached[1]))
             return self._cached[1], self._cached[2]
+        try:
+            image, masks = self._read_case(number)
+        except DiffSegError as err:
+            self._cached = (number, err, None)
+            raise
+        self._cached = (number, image, masks)
+        return image, masks
+
+    def _read_case(self, number: int) -> tuple[np.ndarray, np.ndarray]:
         image_path, rater_paths = self.cases[number]
         image = read_nifti_array(image_path)
         if not np.isfinite(image).all():
@@ -391,9 +391,7 @@ class QUBIQ(CaseDataset):
                 values = np.unique(rater[bad])[:5].tolist()
                 raise DiffSegError(f"{path}: rater mask values must be 0 or 1, found {values}")
             raters.append(rater)
-        masks = np.stack(raters)
-        self._cached = (number, image, masks)
-        return image, masks
+        return image, np.stack(raters)
 
     def __len__(self) -> int:
         return len(self.items)
