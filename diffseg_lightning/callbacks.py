@@ -199,6 +199,13 @@ def overlay_image(image: np.ndarray, mask: np.ndarray, alpha: float = 0.4) -> np
 LABEL_MAPS = ("instances", "panoptic", "semantic")
 
 
+def output_names(stem: str) -> list[str]:
+    """Every file name :class:`MaskWriter` can give an output of the input named ``<stem>.<suffix>``, for a 2D
+    image or a NIfTI file."""
+    maps = [f"{stem}_{kind}{ext}" for kind in ("mask", "prob", "uncertainty") for ext in (".png", ".nii.gz")]
+    return [*maps, f"{stem}_overlay.png", *(f"{stem}_{key}.png" for key in LABEL_MAPS)]
+
+
 class MaskWriter(BasePredictionWriter):
     """Writes each input's mask, probability, uncertainty and overlay into ``output_dir``.
 

@@ -9,14 +9,22 @@ back as one volume; a last axis as long as the model's channel count is read as 
 (see :func:`~diffseg_lightning.data.folder.nifti_layout`).
 
 Files that cannot be read or have the wrong channel count are skipped: one warning line each and a
-final ``skipped N file(s): ...`` line; the others are written. When no file can be predicted (or the
-folder is missing or empty) the run ends with a one-line ``error:`` and exit code 1.
+final ``skipped N file(s): ...`` line; the others are written, and outputs that an earlier run left in
+``output_dir`` for a skipped file (``<stem>_mask.png`` ..., see :func:`remove_stale_outputs`) are removed,
+so no file there looks like a prediction of an input this run did not predict.
+
+Exit codes: 0 when every file was predicted; 2 (:data:`EXIT_SKIPPED`) when some were skipped and the others
+written, unless ``allow_skipped=true`` (then 0); 1 with a one-line ``error:`` when no file can be predicted
+(or the folder is missing or empty, or the checkpoint is unusable), and then ``output_dir`` is left as it was.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
+from collections.abc import Iterable
 from functools import partial
+from pathlib import Path
 
 import hydra
 import lightning as L
@@ -25,13 +33,16 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from diffseg_lightning.callbacks import MaskWriter
+from diffseg_lightning.callbacks import MaskWriter, output_names
 from diffseg_lightning.data import ImageFolder, SegmentationDataModule
-from diffseg_lightning.data.folder import describe_skipped, nothing_usable
+from diffseg_lightning.data.folder import describe_skipped, file_stem, nothing_usable
 from diffseg_lightning.entry import load_checkpoint, module_from_checkpoint
 from diffseg_lightning.utils import CONFIG_DIR, run_cli, user_errors
 
 log = logging.getLogger(__name__)
+
+#: ``diffseg-predict``'s exit code when some inputs were skipped and the others written (1 is an error).
+EXIT_SKIPPED = 2
 
 
 @rank_zero_only
@@ -39,11 +50,40 @@ def _warn(message: str, *args: object) -> None:
     log.warning(message, *args)
 
 
+def remove_stale_outputs(
+    output_dir: str | Path, skipped: Iterable[str | Path], kept: Iterable[str | Path], inputs: Iterable[Path]
+) -> list[Path]:
+    """Remove the outputs (:func:`~diffseg_lightning.callbacks.output_names`) an earlier run left in
+    ``output_dir`` for files skipped now.
+
+    Args:
+        skipped: the inputs skipped in this run.
+        kept: the inputs predicted in this run (or by another DDP process); outputs named after their stems
+            stay (``b.tif`` is skipped because ``b.png`` writes ``b_mask.png``).
+        inputs: every file of the input folder: none of them is removed, even when ``output_dir`` is the
+            input folder.
+
+    Returns:
+        The files removed.
+    """
+    keep = {file_stem(path) for path in kept}
+    protected = {Path(path).resolve() for path in inputs}
+    removed = []
+    for stem in sorted({file_stem(path) for path in skipped} - keep):
+        for name in output_names(stem):
+            path = Path(output_dir) / name
+            if path.is_file() and path.resolve() not in protected:
+                path.unlink(missing_ok=True)  # another DDP process may have removed it first
+                removed.append(path)
+    return removed
+
+
 def predict(cfg: DictConfig) -> dict[str, list]:
     """Predict every usable file of ``cfg.input_dir`` into ``cfg.output_dir``.
 
     Returns:
-        ``written``: the input paths whose outputs were written; ``skipped``: ``(path, reason)`` pairs.
+        ``written``: the input paths whose outputs were written; ``skipped``: ``(path, reason)`` pairs;
+        ``removed``: the outputs of skipped files an earlier run had left (:func:`remove_stale_outputs`).
 
     Raises:
         DiffSegError: when the checkpoint or the folder is unusable, or no file could be predicted.
@@ -75,15 +115,37 @@ def predict(cfg: DictConfig) -> dict[str, list]:
     skipped = [(str(path), reason) for path, reason in dataset.skipped] + writer.skipped
     if not writer.written:
         raise nothing_usable(cfg.input_dir, skipped)
+    read_errors = {file_stem(case) for case, _ in writer.skipped}
+    removed = remove_stale_outputs(
+        cfg.output_dir,
+        [path for path, _ in skipped],
+        kept=[path for path in dataset.files if file_stem(path) not in read_errors],
+        inputs=[*dataset.files, *(path for path, _ in dataset.skipped)],
+    )
+    if removed:
+        _warn(
+            "removed %d output(s) an earlier run left for skipped file(s): %s",
+            len(removed),
+            ", ".join(path.name for path in removed),
+        )
     if skipped:
         _warn("%s", describe_skipped(skipped))
-    return {"written": writer.written, "skipped": skipped}
+    return {"written": writer.written, "skipped": skipped, "removed": [str(path) for path in removed]}
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
 def hydra_main(cfg: DictConfig) -> None:
+    """Predict; exit code :data:`EXIT_SKIPPED` when an input was skipped, unless ``allow_skipped=true``."""
     with user_errors():
-        predict(cfg)
+        result = predict(cfg)
+    if result["skipped"] and not cfg.get("allow_skipped", False) and rank_zero_only.rank == 0:
+        print(
+            f"{describe_skipped(result['skipped'])}; the other {len(result['written'])} file(s) were written "
+            f"to {cfg.output_dir}; exit code {EXIT_SKIPPED} (allow_skipped=true exits 0)",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(EXIT_SKIPPED)
 
 
 def main() -> None:

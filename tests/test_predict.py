@@ -13,9 +13,9 @@ import torch
 from conftest import compose_config
 from PIL import Image
 
-from diffseg_lightning.callbacks import MaskWriter, atomic_write, overlay_image
+from diffseg_lightning.callbacks import MaskWriter, atomic_write, output_names, overlay_image
 from diffseg_lightning.data.folder import ImageFolder, file_stem, nifti_layout
-from diffseg_lightning.predict import predict
+from diffseg_lightning.predict import predict, remove_stale_outputs
 from diffseg_lightning.utils.errors import DiffSegError
 
 PNG_SIZES = {"a": (40, 40), "b": (32, 48)}
@@ -33,6 +33,18 @@ SLICE_AFFINE = np.array(
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Files an earlier run left in the output folder: outputs of inputs that are skipped now (removed), one of
+# b.png's (b.tif is skipped for its stem, b.png is predicted: rewritten) and files that are not outputs (kept).
+STALE = [
+    "colour_mask.png",
+    "colour_overlay.png",
+    "broken_prob.png",
+    "broken_instances.png",
+    "nan_mask.nii.gz",
+]
+STALE += ["nan_uncertainty.nii.gz", "nan_overlay.png"]
+NOT_OUTPUTS = ["notes.txt", "colour-mask.png", "a_mask.jpg"]
 
 
 def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
@@ -80,10 +92,13 @@ def mixed_run(trained_run, tmp_path_factory):
     nan = rng.normal(size=(32, 32)).astype(np.float32)
     nan[4, 4] = np.nan
     save_nifti(inputs / "nan.nii.gz", nan, np.eye(4))  # fails when read
+    out = root / "pred"
+    out.mkdir()
+    for name in [*STALE, "b_mask.png", *NOT_OUTPUTS]:
+        (out / name).write_bytes(b"from an earlier run")
     handler = LogLines()
     logging.getLogger("diffseg_lightning").addHandler(handler)
     try:
-        out = root / "pred"
         result = predict(
             compose_config(
                 "predict", predict_overrides(trained_run / "checkpoints" / "best.ckpt", inputs, out), root
@@ -163,9 +178,43 @@ def test_bad_files_are_skipped_and_named(mixed_run):
 
 
 def test_no_temporary_files_are_left(mixed_run):
-    names = sorted(p.name for p in mixed_run["out"].iterdir())
+    names = sorted(p.name for p in mixed_run["out"].iterdir() if p.name not in NOT_OUTPUTS)
     assert not [n for n in names if ".tmp" in n], names
     assert len(names) == 2 * 4 + 3 * 4  # 2 PNG inputs x 4 files, 3 NIfTI inputs x (3 NIfTI + overlay)
+    stems = {Path(p).name: file_stem(p) for p in mixed_run["result"]["written"]}
+    assert set(names) <= {n for stem in stems.values() for n in output_names(stem)}  # the names it removes
+
+
+def test_outputs_an_earlier_run_left_for_skipped_files_are_removed(mixed_run):
+    """Outputs named after a file skipped now (unreadable, wrong channels, NaN when read) would pass for its
+    prediction: they are removed and listed; the skipped duplicate b.tif does not take b.png's outputs, and
+    files that are not outputs stay."""
+    out, result, log = mixed_run["out"], mixed_run["result"], mixed_run["log"]
+    assert sorted(Path(p).name for p in result["removed"]) == sorted(STALE)
+    assert not [name for name in STALE if (out / name).exists()]
+    assert (out / "b_mask.png").read_bytes() != b"from an earlier run"  # b.png's, written now
+    assert np.asarray(Image.open(out / "b_mask.png")).shape == PNG_SIZES["b"]
+    assert all((out / name).read_bytes() == b"from an earlier run" for name in NOT_OUTPUTS)
+    (line,) = [line for line in log if line.startswith("removed")]
+    assert line.startswith("removed 7 output(s) an earlier run left for skipped file(s): ") and all(
+        name in line for name in STALE
+    )
+
+
+def test_stale_outputs_are_never_input_files(tmp_path):
+    """With the output folder as the input folder, a file that is itself an input is not removed."""
+    for name in ["a.png", "a_mask.png", "a_prob.png", "b.png", "b.tif", "b_mask.png", "c_mask.png"]:
+        (tmp_path / name).write_bytes(b"x")
+    removed = remove_stale_outputs(
+        tmp_path,
+        skipped=[tmp_path / "a.png", tmp_path / "b.tif"],
+        kept=[tmp_path / "b.png"],
+        inputs=[tmp_path / name for name in ("a.png", "a_mask.png", "b.png", "b.tif")],
+    )
+    assert removed == [
+        tmp_path / "a_prob.png"
+    ]  # a_mask.png is an input; b_mask.png is b.png's; c not skipped
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "a_mask.png", "b.png", "b.tif", "b_mask.png", "c_mask.png"]  # fmt: skip
 
 
 def test_all_bad_or_empty_folder_is_an_error(trained_run, tmp_path):
