@@ -247,10 +247,13 @@ def test_corrupt_files_and_bad_masks_name_the_file(tmp_path):
     with pytest.raises(DiffSegError, match=rf"{first}\.bmp: not a readable image"):
         data[0]
     with pytest.raises(
-        DiffSegError, match=rf"{second}_lesion\.bmp: unexpected label value\(s\) 128; .*\[0, 255\]"
+        DiffSegError,
+        match=rf"{second}_lesion\.bmp: mask values 0, 128, 255 are not those of a binary PH2 mask",
     ):
         data[1]
-    with pytest.raises(DiffSegError, match=rf"{third}_lesion\.bmp: expected a grey label image"):
+    with pytest.raises(
+        DiffSegError, match=rf"{third}_lesion\.bmp: colour mask \(1 colour\(s\): \(255, 0, 0\)\)"
+    ):
         data[2]
     with pytest.raises(DiffSegError, match=rf"{fourth}_lesion\.bmp: mask size \(7, 5\) .*differs"):
         data[3]

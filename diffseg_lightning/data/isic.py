@@ -20,10 +20,9 @@ from diffseg_lightning.data.folder import (
     channels_first,
     check_channels,
     check_same_size,
-    present_values,
-    read_grey,
     resize,
 )
+from diffseg_lightning.data.masks import mask_foreground, present_values, read_mask_file
 from diffseg_lightning.data.splits import check_split, train_val_split
 from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
@@ -87,32 +86,23 @@ def read_jpeg(path: Path, size: tuple[int, int] | None) -> tuple[np.ndarray, tup
 
 
 def read_binary_lesion_mask(
-    dataset: CaseDataset,
-    path: Path,
-    image_path: Path,
-    stored: Sequence[int],
-    encodings: Sequence[set[int]] = ({0, 255},),
+    dataset: CaseDataset, path: Path, image_path: Path, stored: Sequence[int], owner: str = "ISIC"
 ) -> np.ndarray:
-    """Read a lesion mask as bool (H, W), checked against its image's stored size and the official values.
+    """Read a lesion mask as bool (H, W), checked against its image's stored size and the binary rule.
 
-    The grey values are read with :func:`~diffseg_lightning.data.folder.read_grey` (a palette or 1-bit mask
-    gives its grey values, never its palette indices, so a [white, black] palette cannot invert the
-    lesion; grey saved as RGB with equal channels is accepted) and recorded with
-    ``dataset.note_labels``. They must lie in one of ``encodings``, in order of their largest value (for
-    ``[{0, 1}, {0, 255}]``: a mask whose maximum is <= 1 must be 0/1, any other must be 0/255). The lesion
-    is every non-zero pixel of a checked mask (the same as > 127 for a 0/255 mask).
+    The values are read and binarised by the shared mask rule (``binary`` of
+    :mod:`~diffseg_lightning.data.masks`): they must be 0/1 or 0/255 (grey, grey stored as RGB, or a
+    palette image by its colours, so a [white, black] palette cannot invert the lesion); the lesion is the
+    non-zero value. They are recorded with ``dataset.note_labels``.
 
     Raises:
         DiffSegError: naming the mask when it cannot be read, holds colour, differs in size from its image,
             or holds other values.
     """
-    raw = read_grey(path)
-    check_same_size(path, raw.shape, image_path, stored)
-    present = dataset.note_labels(present_values(raw))
-    top = int(present.max()) if present.size else 0
-    allowed = next((e for e in sorted(encodings, key=max) if top <= max(e)), encodings[-1])
-    dataset.check_labels(present, allowed, path, "expected a binary lesion mask with values")
-    return raw > 0
+    values, lossy = read_mask_file(path)
+    check_same_size(path, values.shape[:2], image_path, stored)
+    dataset.note_labels(present_values(values))
+    return mask_foreground(values, "binary", path, lossy, owner=owner)
 
 
 def find_folder(root: Path, name: str) -> Path | None:
@@ -181,8 +171,9 @@ class ISIC(CaseDataset):
     the mask stays exactly binary. The EXIF orientation tag is not applied: masks are drawn on the stored
     pixel grid.
 
-    Masks are 0/255 8-bit PNGs: a mask with any other value (an anti-aliased edge, 128 for "uncertain") is
-    an error naming the file; the lesion is ``value > 127``.
+    Masks are 0/255 8-bit PNGs, read by the shared binary rule (:func:`read_binary_lesion_mask`): 0/255
+    or 0/1; a mask with any other value (an anti-aliased edge, 128 for "uncertain") is an error naming the
+    file and its values; the lesion is the non-zero value.
 
     Items (the :class:`~diffseg_lightning.data.SegmentationDataModule` contract):
         ``image`` float32 (3, H, W), 0..255, bilinear to ``size``; ``mask`` float32 (1, H, W) in {0, 1},
@@ -206,7 +197,7 @@ class ISIC(CaseDataset):
         DiffSegError: when ``root`` or a needed folder is missing (naming the expected folder), a data folder
             holds no ``ISIC_<id>.jpg``, or (under ``error``) an image has no mask (naming the expected mask).
             Unreadable files, a wrong channel count, a mask whose size differs from its image's and mask
-            values other than 0/255 raise when the item is read, naming the file.
+            values other than 0/255 (or 0/1) raise when the item is read, naming the file.
         ValueError: for an unknown split or year, or a ``val_fraction`` outside [0, 1].
     """
 

@@ -16,10 +16,13 @@ from diffseg_lightning.data.folder import (
     as_size,
     check_channels,
     check_same_size,
+    list_images,
     locate_root,
     read_image,
     resize,
+    same_stems,
 )
+from diffseg_lightning.data.masks import broken_link, mask_foreground, read_mask_file
 from diffseg_lightning.data.splits import check_fractions, check_split, seeded_split
 from diffseg_lightning.utils.errors import DiffSegError
 
@@ -34,8 +37,11 @@ class KvasirSEG(CaseDataset):
     ymin, xmax, ymax}]}}``. ``root`` may also be the ``Kvasir-SEG`` folder itself. Image sizes vary per
     image, so keep ``size`` set for batching.
 
-    Masks are JPEG and RGB, so they carry compression noise around the edges: they are converted to grey
-    (ITU-R 601 luma, PIL's "L") and binarised with grey > 127.
+    Masks are JPEG and RGB, so they carry compression noise around the edges: they are read by the shared
+    ``binary`` rule for JPEG masks (:mod:`~diffseg_lightning.data.masks`): grey as luma (ITU-R 601, PIL's
+    "L"), the polyp is grey > 127; a colour mask, or one whose values are not 0/255 (or 0/1) with
+    compression noise (a soft mask), is an error naming the file and its values. All 300 masks of the real
+    subset pass and give the same masks as grey > 127.
 
     Split (there is no official one): the ids are sorted, shuffled with ``numpy.random.default_rng(seed)``
     and cut into ``fractions`` (train / val / test, default 0.8 / 0.1 / 0.1, i.e. 800 / 100 / 100 of the
@@ -45,7 +51,8 @@ class KvasirSEG(CaseDataset):
     not), the fractions, the seed and the fold.
 
     Bad cases: an image without its mask is an error naming the expected mask (whatever split it falls
-    in, so it is found before training); under ``on_bad_case="skip"`` it is left out of its split instead
+    in, so it is found before training), and so are two images of one id (``a.jpg`` and ``a.jpeg``, naming
+    both) and a broken symbolic link (naming its target); under ``on_bad_case="skip"`` it is left out of its split instead
     and listed in ``skipped`` (by the dataset of that split only), and the other cases keep their split.
     ``seen_labels`` collects the stored mask values read (0..255 with JPEG noise; all channels).
 
@@ -98,22 +105,27 @@ class KvasirSEG(CaseDataset):
             raise DiffSegError(
                 f"{self.root}: no images/ folder (expected images/<id>.jpg and masks/<id>.jpg)"
             )
-        images = sorted(
-            p
-            for p in (self.root / "images").iterdir()
-            if p.is_file() and p.suffix.lower() in (".jpg", ".jpeg")
-        )
-        if not images:
-            raise DiffSegError(f"{self.root / 'images'} holds no .jpg images")
+        images = list_images(self.root / "images", (".jpg", ".jpeg"))
         if not (self.root / "masks").is_dir():
             raise DiffSegError(f"{self.root}: no masks/ folder beside images/")
         chosen = set(seeded_split(len(images), fractions, seed, split, folds, fold))
+        twins = same_stems(images)
         self.pairs: list[tuple[Path, Path]] = []
         for number, image in enumerate(images):
             mask = self.root / "masks" / image.name
-            if not mask.is_file():
+            if broken_link(image):
+                problem = (image, broken_link(image))
+            elif image in twins:
+                problem = (image, f"{twins[image].name} has the same id: keep one of them")
+            elif broken_link(mask):
+                problem = (mask, broken_link(mask))
+            elif not mask.is_file():
+                problem = (image, f"no mask; expected {mask}")
+            else:
+                problem = None
+            if problem is not None:
                 if number in chosen or self.on_bad_case == "error":
-                    self.bad_case(image, f"no mask; expected {mask}")
+                    self.bad_case(*problem)
             elif number in chosen:
                 self.pairs.append((image, mask))
         self.ids: list[str] = [image.stem for image, _ in self.pairs]
@@ -136,13 +148,11 @@ class KvasirSEG(CaseDataset):
     def __getitem__(self, index: int) -> dict:
         image_path, mask_path = self.pairs[index]
         image = check_channels(read_image(image_path), self.channels, image_path)
-        grey = self.note_labels(read_image(mask_path))
-        if grey.shape[0] >= 3:  # RGB(A) JPEG mask: luma, as PIL's convert("L")
-            grey = 0.299 * grey[0:1] + 0.587 * grey[1:2] + 0.114 * grey[2:3]
-        elif grey.shape[0] == 2:  # grey + alpha
-            grey = grey[0:1]
-        check_same_size(mask_path, grey.shape, image_path, image.shape)
-        mask = torch.from_numpy((grey > 127).astype(np.float32))
+        values, lossy = read_mask_file(mask_path)
+        self.note_labels(values)
+        check_same_size(mask_path, values.shape[:2], image_path, image.shape)
+        polyp = mask_foreground(values, "binary", mask_path, lossy, owner="Kvasir-SEG")
+        mask = torch.from_numpy(polyp.astype(np.float32))[None]
         return {
             "image": resize(torch.from_numpy(image), self.size, "bilinear"),
             "mask": resize(mask, self.size, "nearest"),

@@ -277,7 +277,7 @@ class PH2(CaseDataset):
     def __getitem__(self, index: int) -> dict:
         image_path, mask_path, label = self.cases[index]
         image = check_channels(read_image(image_path), self.channels, image_path)
-        mask = read_binary_lesion_mask(self, mask_path, image_path, image.shape, ({0, 1}, {0, 255}))
+        mask = read_binary_lesion_mask(self, mask_path, image_path, image.shape, "PH2")
         mask = resize(torch.from_numpy(mask.astype(np.uint8))[None], self.size, "nearest")
         return {
             "image": resize(torch.from_numpy(image), self.size, "bilinear"),
