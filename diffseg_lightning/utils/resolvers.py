@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import netrc
 import os
+import secrets
+from datetime import datetime
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -65,6 +67,31 @@ def slurm_gpus(accelerator: str, devices) -> int | None:
     return None if str(accelerator) == "cpu" else tasks
 
 
+def run_name() -> str:
+    """A run (or sweep) directory's name that no other run gets: ``2025-01-31_12-00-00_4242-9f1c``.
+
+    The start time, then this process's id (unique among the runs on one host) and 16 random bits
+    (against runs on other hosts writing to the same folder). Hydra resolves it once per run: it is
+    registered with ``use_cache``, like Hydra's own ``now``, so every read of ``hydra.run.dir`` in a run,
+    and every job of a sweep (Hydra copies the cache into each job's config), sees the same name; DDP
+    workers started by Lightning get the resolved directory on their command line.
+
+    Processes started by ``torchrun`` compose the config each on their own, so there the name is the
+    rendezvous id they share (``torchrun-<id>``; ``--standalone`` makes a unique one).
+    """
+    torchrun = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if torchrun != "none":
+        return f"torchrun-{torchrun}"
+    while True:
+        name = f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{os.getpid()}-{secrets.token_hex(2)}"
+        if name not in _ISSUED:  # runs of one process (in-process calls of a CLI) never repeat a name
+            _ISSUED.add(name)
+            return name
+
+
+_ISSUED: set[str] = set()
+
+
 def register_resolvers() -> None:
     """Register the ``diffseg.*`` resolvers (idempotent)."""
     resolvers = {
@@ -77,6 +104,8 @@ def register_resolvers() -> None:
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+    if not OmegaConf.has_resolver("diffseg.run_name"):
+        OmegaConf.register_new_resolver("diffseg.run_name", run_name, use_cache=True)  # once per run
 
 
 register_resolvers()
