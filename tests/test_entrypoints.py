@@ -83,16 +83,25 @@ def test_eval_on_the_validation_split(trained_run, tmp_path):
     assert summary["split"] == "val" and summary["metric_per_case"][0]["case"].startswith("synthetic-val-")
 
 
+def resample_overrides(trained_run) -> list[str]:
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    return [f"ckpt_path={ckpt}", "sampler.num_steps=3", "sampler.num_samples=2", "logger=none", "trainer.accelerator=cpu"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ddim_summary(trained_run, tmp_path_factory) -> dict:
+    """summary.json of an evaluation with the trained (DDIM) update, shared by the other updates' tests."""
+    out = tmp_path_factory.mktemp("ddim")
+    evaluate(compose_config("eval", resample_overrides(trained_run), out))
+    return json.loads((out / "summary.json").read_text())
+
+
 @pytest.mark.parametrize("update", ["ddpm", "dpmpp_2m"])
-def test_eval_resamples_the_trained_kernel_with_another_update(trained_run, tmp_path, update):
+def test_eval_resamples_the_trained_kernel_with_another_update(trained_run, ddim_summary, tmp_path, update):
     """noise.sampling=... at eval changes only the reverse update: the trained kernel's T, schedule and
     objective are kept, and summary.json says which update ran."""
-    ckpt = trained_run / "checkpoints" / "best.ckpt"
-    common = [f"ckpt_path={ckpt}", "sampler.num_steps=3", "sampler.num_samples=2", "logger=none", "trainer.accelerator=cpu"]  # fmt: skip
-    evaluate(compose_config("eval", [*common, f"noise.sampling={update}"], tmp_path / update))
-    evaluate(compose_config("eval", common, tmp_path / "ddim"))
-    other = json.loads((tmp_path / update / "summary.json").read_text())
-    ddim = json.loads((tmp_path / "ddim" / "summary.json").read_text())
+    evaluate(compose_config("eval", [*resample_overrides(trained_run), f"noise.sampling={update}"], tmp_path))
+    other, ddim = json.loads((tmp_path / "summary.json").read_text()), ddim_summary
     assert other["sampler"]["update"] == update and ddim["sampler"]["update"] == "ddim"
     probs = [[r["mean_std"] for r in s["metric_per_case"]] for s in (other, ddim)]
     assert probs[0] != probs[1], "a different reverse update must give different samples"
