@@ -139,7 +139,9 @@ def test_bad_inputs_name_the_file(tmp_path):
     Image.fromarray((np.arange(SHAPE[0] * SHAPE[1]) % 3 * 100).astype(np.uint8).reshape(SHAPE)).save(
         base / "1st_manual" / "01_manual1.gif", optimize=False
     )
-    with pytest.raises(DiffSegError, match=r"01_manual1\.gif: expected a binary mask"):
+    with pytest.raises(
+        DiffSegError, match=r"01_manual1\.gif: mask values 0, 100, 200 are not those of a binary DRIVE mask"
+    ):
         DRIVE(tmp_path, "test")[0]
     Image.new("L", (5, 5)).save(base / "mask" / "02_test_mask.gif")
     with pytest.raises(DiffSegError, match=r"02_test_mask\.gif: mask size \(5, 5\) .*differs"):

@@ -304,7 +304,7 @@ def test_png_bad_files_name_the_file(tmp_path):
     folder = tmp_path / "train"
     gt = folder / "gt" / "LIDC-IDRI-0001" / "z-105.0_c0_l1.png"
     Image.fromarray(np.full((PNG_SIDE, PNG_SIDE), 128, np.uint8)).save(gt)
-    with pytest.raises(DiffSegError, match=rf"{gt}: unexpected label value\(s\) 128; expected mask values"):
+    with pytest.raises(DiffSegError, match=rf"{gt}: mask values 128 are not those of a binary LIDC mask"):
         LIDC(tmp_path, "train")[0]
     Image.fromarray(np.zeros((PNG_SIDE, 170), np.uint8)).save(gt)
     with pytest.raises(DiffSegError, match=rf"{gt}: mask size \(180, 170\) \(H, W\) differs"):

@@ -20,6 +20,7 @@ from diffseg_lightning.data.folder import (
     read_label_map,
     resize,
 )
+from diffseg_lightning.data.masks import mask_foreground
 from diffseg_lightning.data.splits import check_split, train_val_split
 from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
@@ -27,33 +28,18 @@ DRIVE_SPLITS = ("train", "val", "test")
 _IMAGE_NAME = re.compile(r"^(\d+)_(training|test)\.tif$")
 
 
-def read_mask_values(path: Path) -> np.ndarray:
-    """The stored values of a DRIVE mask GIF, (H, W) uint8, checked to hold at most two values.
+def read_binary_mask(path: Path) -> np.ndarray:
+    """A DRIVE mask GIF as bool (H, W), by the shared binary rule (:mod:`~diffseg_lightning.data.masks`).
 
     Grey GIFs (``1st_manual``, the field-of-view ``mask``) hold 0/255 and palette GIFs (``2nd_manual``) hold
     palette INDICES 0/1 whose colours are near-black / near-white: the stored values are read without
-    colour conversion (:func:`~diffseg_lightning.data.folder.read_label_map`).
+    colour conversion (:func:`~diffseg_lightning.data.folder.read_label_map`) and must be 0/255 or 0/1; the
+    non-zero value is foreground.
 
     Raises:
-        DiffSegError: naming the file when it cannot be read or holds more than two values.
+        DiffSegError: naming the file when it cannot be read or holds other values.
     """
-    return check_two_values(read_label_map(path), path)
-
-
-def check_two_values(values: np.ndarray, path: Path) -> np.ndarray:
-    """``values``, or an error naming ``path`` when they hold more than two distinct values."""
-    present = np.unique(values)
-    if present.size > 2:
-        raise DiffSegError(
-            f"{path}: expected a binary mask (0/255, or palette indices 0/1), found {present.size} values "
-            f"{present[:6].tolist()}{'...' if present.size > 6 else ''}"
-        )
-    return values
-
-
-def read_binary_mask(path: Path) -> np.ndarray:
-    """A DRIVE mask GIF as bool (H, W): its stored values (:func:`read_mask_values`) > 0."""
-    return read_mask_values(path) > 0
+    return mask_foreground(read_label_map(path), "binary", path, owner="DRIVE")
 
 
 class DRIVE(CaseDataset):
@@ -194,9 +180,9 @@ class DRIVE(CaseDataset):
         values = read_label_map(path)
         if label:
             self.note_labels(values)
-        check_two_values(values, path)
         check_same_size(path, values.shape, image_path, image_shape)
-        return resize(torch.from_numpy((values > 0).astype(np.float32))[None], self.size, "nearest")
+        vessels = mask_foreground(values, "binary", path, owner="DRIVE")
+        return resize(torch.from_numpy(vessels.astype(np.float32))[None], self.size, "nearest")
 
     def __getitem__(self, index: int) -> dict:
         files = self.cases[index]

@@ -38,10 +38,10 @@ from diffseg_lightning.data.folder import (
     as_size,
     check_channels,
     check_same_size,
-    read_grey,
     read_image,
     resize,
 )
+from diffseg_lightning.data.masks import mask_foreground, read_mask_file
 from diffseg_lightning.data.splits import SPLITS, check_fold, check_fractions, check_split, seeded_split
 from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
@@ -49,7 +49,6 @@ FORMATS = ("auto", "pickle", "png")
 PICKLE_SUFFIXES = (".pickle", ".pkl")
 PICKLE_KEYS = ("image", "masks", "series_uid")
 GT_FILE = re.compile(r"^(?P<slice>.+)_l(?P<annotator>\d+)\.png$")
-PNG_MASK_VALUES = (0, 1, 255)  # the release stores 0 / 255; 0 / 1 is accepted too
 
 # One loaded set of pickle files, shared by the train / val / test datasets of a run (the release's pickle
 # is about 1.3 GB; without this each split would load its own copy). Key: (path, size, mtime) of each file.
@@ -144,8 +143,9 @@ class LIDC(CaseDataset):
     and stay whole), then resized to ``size`` (bilinear for the image, nearest for the masks; a no-op at
     128). An image smaller than ``crop`` is not padded. Intensities are returned as stored: the pickle's
     floats in [0, 1], the PNGs' 8-bit values as 0..255 floats; the DataModule then z-scores each image
-    (``normalize: zscore``), so both forms reach the model alike. Masks: PNG values 0 / 255 (or 0 / 1) and
-    pickle values 0 / 1 are binarised (> 0); any other value is an error naming the file.
+    (``normalize: zscore``), so both forms reach the model alike. Masks: PNG values 0 / 255 (or 0 / 1: the shared
+    binary rule of :mod:`~diffseg_lightning.data.masks`) and pickle values 0 / 1 are binarised (> 0); any
+    other value is an error naming the file.
 
     Items:
         ``image`` (1, H, W) float32; ``masks`` (A, H, W) float32 in {0, 1}, every annotator in file order
@@ -441,11 +441,10 @@ class LIDC(CaseDataset):
         image = check_channels(read_image(image_path), self.channels, image_path)
         out = []
         for path in gt_paths:
-            raw = read_grey(path)
-            self.note_labels(raw)
-            self.check_labels(raw, PNG_MASK_VALUES, path, "expected mask values")
-            check_same_size(path, raw.shape, image_path, image.shape)
-            out.append(raw > 0)
+            values, lossy = read_mask_file(path)
+            self.note_labels(values)
+            check_same_size(path, values.shape[:2], image_path, image.shape)
+            out.append(mask_foreground(values, "binary", path, lossy, owner="LIDC"))
         return image, np.stack(out)
 
     def __getitem__(self, index: int) -> dict:

@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from skimage.draw import polygon as fill_polygon
 
 from diffseg_lightning.data.base import CaseDataset
-from diffseg_lightning.data.folder import as_size, check_channels, read_image, resize
+from diffseg_lightning.data.folder import as_size, check_channels, read_image, resize, same_stems
 from diffseg_lightning.data.splits import check_split, train_val_split
 from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
@@ -276,16 +276,24 @@ class MoNuSeg(CaseDataset):
     ) -> list[tuple[Path, Path]]:
         """The images ``files[i]`` for ``i`` in ``chosen`` with their ``annotations/<stem>.xml``.
 
-        An image of ``files`` without its XML is :meth:`bad_case` (under ``error`` whichever split it is
-        in; under ``skip`` it is recorded only when it is one of ``chosen``) and is left out.
+        An image of ``files`` without its XML, or whose stem another image shares (``a.tif`` and ``a.png``:
+        one case stored twice, both paired with ``a.xml``), is :meth:`bad_case` (under ``error`` whichever
+        split it is in; under ``skip`` it is recorded only when it is one of ``chosen``) and is left out.
         """
         chosen = set(chosen)
+        twins = same_stems(files)
         pairs = []
         for number, path in enumerate(files):
             xml = annotations / f"{path.stem}.xml"
-            if not xml.is_file():
+            if path in twins:
+                problem = f"{twins[path].name} has the same stem: both would pair with {xml.name}; keep one"
+            elif not xml.is_file():
+                problem = f"no annotation {xml} (MoNuSeg pairs <id>.tif with <id>.xml)"
+            else:
+                problem = None
+            if problem is not None:
                 if number in chosen or self.on_bad_case == "error":
-                    self.bad_case(path, f"no annotation {xml} (MoNuSeg pairs <id>.tif with <id>.xml)")
+                    self.bad_case(path, problem)
             elif number in chosen:
                 pairs.append((path, xml))
         return pairs

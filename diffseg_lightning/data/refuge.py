@@ -20,7 +20,14 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from diffseg_lightning.data.base import CaseDataset
-from diffseg_lightning.data.folder import as_size, check_channels, check_same_size, read_grey, resize
+from diffseg_lightning.data.folder import (
+    as_size,
+    check_channels,
+    check_same_size,
+    read_grey,
+    resize,
+    same_stems,
+)
 from diffseg_lightning.data.splits import check_split, train_val_split
 from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
@@ -240,7 +247,8 @@ class REFUGE(CaseDataset):
         target: ``cup``, ``disc`` or ``both``.
         disc_crop: None (whole fundus) or the crop side in multiples of the disc's extent (> 1).
         seed: seed of the k-fold split.
-        on_bad_case: ``error`` or ``skip``: an image without its mask is an error naming the expected mask,
+        on_bad_case: ``error`` or ``skip``: an image without its mask (naming the expected mask), or one
+            whose stem another image shares (``V0001.jpg`` and ``V0001.jpeg``, naming both), is an error,
             or (``skip``) left out and listed in ``skipped``.
         folds: k for k-fold cross-validation on Training400 (None: the official Validation400 is ``val``).
         fold: the validation fold, 0 .. k - 1.
@@ -282,21 +290,26 @@ class REFUGE(CaseDataset):
         self.disc_crop = None if disc_crop is None else float(disc_crop)
         self.seed, self.folds, self.fold = seed, folds, fold
         if split == "test" or (split == "val" and folds is None):
-            candidates = self.scan_official(split)
+            candidates = scanned = self.scan_official(split)
         else:
-            training = self.scan_training()
+            scanned = self.scan_training()
             chosen = (
-                train_val_split(len(training), split, 0.0, seed, folds, fold)
+                train_val_split(len(scanned), split, 0.0, seed, folds, fold)
                 if folds is not None
-                else range(len(training))
+                else range(len(scanned))
             )
-            candidates = [training[i] for i in chosen]
+            candidates = [scanned[i] for i in chosen]
+        twins = same_stems([image for image, _, _ in scanned])
         self.cases: list[tuple[Path, Path, int]] = []
         for image, mask, label in candidates:
-            if not mask.is_file():
+            if image in twins:
+                self.bad_case(
+                    image, f"{twins[image].name} has the same stem: both would pair with {mask.name}"
+                )
+            elif not mask.is_file():
                 self.bad_case(image, f"no mask; expected {mask}")
-                continue
-            self.cases.append((image, mask, label))
+            else:
+                self.cases.append((image, mask, label))
 
     # ----------------------------------------------------------------------------------------- scanning
     def scan_training(self) -> list[tuple[Path, Path, int]]:

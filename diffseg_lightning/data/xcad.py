@@ -15,10 +15,11 @@ from diffseg_lightning.data.folder import (
     check_channels,
     check_same_size,
     list_images,
-    read_grey,
     read_image,
     resize,
+    same_stems,
 )
+from diffseg_lightning.data.masks import broken_link, mask_foreground, read_mask_file
 from diffseg_lightning.data.splits import check_split
 from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
@@ -51,7 +52,11 @@ class XCAD(CaseDataset):
         train/trainC/<name>.png   contrast-free background frames (same names as trainB)
         train/trainA/<n>.png      synthetic fractal vessel masks (0/255)
         test/images/<name>.png    test angiograms (126), 512 x 512 grey
-        test/masks/<name>.png     their vessel masks (0/255; binarised with grey > 127)
+        test/masks/<name>.png     their vessel masks (0/255)
+
+    Masks (test masks and fake masks) are read by the shared binary rule
+    (:mod:`~diffseg_lightning.data.masks`): 0/255 (or 0/1), the vessel is the non-zero value; any other value
+    is an error naming the file and the values.
 
     ``root`` may be that folder or its parent holding ``XCAD/`` or ``Dataset_XCAD/``.
 
@@ -122,12 +127,19 @@ class XCAD(CaseDataset):
         order = np.random.default_rng(self.seed).permutation(len(images))
         held_out = set(order[: self.val_count].tolist())
         chosen = [p for i, p in enumerate(images) if (i in held_out) == (self.split == "val")]
+        twins = same_stems(images)
         for image in chosen:
             mask = test / "masks" / image.name
-            if not mask.is_file():
+            if image in twins:
+                self.bad_case(image, f"{twins[image].name} has the same stem: keep one of them")
+            elif broken_link(image):
+                self.bad_case(image, broken_link(image))
+            elif broken_link(mask):
+                self.bad_case(mask, broken_link(mask))
+            elif not mask.is_file():
                 self.bad_case(image, f"no vessel mask; expected {mask}")
-                continue
-            self.cases.append({"image": image, "mask": mask})
+            else:
+                self.cases.append({"image": image, "mask": mask})
         if not self.cases:
             raise DiffSegError(f"XCAD: the {self.split} split of {self.root} has no usable image")
 
@@ -141,9 +153,11 @@ class XCAD(CaseDataset):
         return check_channels(read_image(path), self.channels, path)
 
     def _binary(self, path: Path, image_path: Path, image_shape: Sequence[int]) -> torch.Tensor:
-        grey = self.note_labels(read_grey(path))
-        check_same_size(path, grey.shape, image_path, image_shape)
-        return resize(torch.from_numpy((grey > 127).astype(np.float32))[None], self.size, "nearest")
+        values, lossy = read_mask_file(path)
+        self.note_labels(values)
+        check_same_size(path, values.shape[:2], image_path, image_shape)
+        vessels = mask_foreground(values, "binary", path, lossy, owner="XCAD")
+        return resize(torch.from_numpy(vessels.astype(np.float32))[None], self.size, "nearest")
 
     def __getitem__(self, index: int) -> dict:
         files = self.cases[index]
@@ -159,8 +173,9 @@ class XCAD(CaseDataset):
             item["background"] = resize(
                 torch.from_numpy(background), self.size or image.shape[-2:], "bilinear"
             )
-            fake = read_grey(files["fake"])
-            fake_t = torch.from_numpy((fake > 127).astype(np.float32))[None]
+            values, lossy = read_mask_file(files["fake"])
+            fake = mask_foreground(values, "binary", files["fake"], lossy, owner="XCAD")
+            fake_t = torch.from_numpy(fake.astype(np.float32))[None]
             item["fake_mask"] = resize(fake_t, self.size or image.shape[-2:], "nearest")
         else:
             item["mask"] = self._binary(files["mask"], files["image"], image.shape)
