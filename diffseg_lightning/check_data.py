@@ -1,13 +1,17 @@
 """``diffseg-check-data data=<name> data.root=...``: check a dataset before training on it.
 
 Reads every case of train / val / test once with the loader training would use (the DataModule's check
-pass), prints what the data hold and every problem found (missing partner files, size mismatches,
-unexpected label values, unreadable files, channel counts), writes ``data_report.json`` in the run
-directory, and exits 1 when there is any problem.
+pass, with ``on_bad_case=skip`` so that no problem hides the others), prints what the data hold and every
+problem found (missing partner files, size mismatches, volumes off one voxel grid, unexpected label values,
+unreadable or truncated files, channel counts), each once: a file's problem found while scanning the folder
+and again when its items are read, or by every slice of a volume, is one line (with the items it failed),
+and a problem every split finds (a folder-level one) is one line naming the splits. Writes
+``data_report.json`` in the run directory and exits 1 when there is any problem.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,8 +20,11 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from torch.utils.data import Subset
 
+from diffseg_lightning.data.base import split_message
 from diffseg_lightning.data.check import READ_ERRORS, SplitReport, check_dataset, first_line
 from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.utils import CONFIG_DIR, run_cli, user_errors
@@ -25,12 +32,23 @@ from diffseg_lightning.utils import CONFIG_DIR, run_cli, user_errors
 SPLITS = ("train", "val", "test")
 
 
-def check_splits(data_cfg: DictConfig, splits: Sequence[str] = SPLITS) -> dict[str, SplitReport]:
-    """The check report of every configured split; loaders collect every problem (``on_bad_case=skip``)."""
-    data_cfg = data_cfg.copy()
-    with open_dict(data_cfg):
-        data_cfg.on_bad_case = "skip"  # collect every problem instead of stopping at the first
-    datamodule = instantiate(data_cfg)
+def skipping(cfg: DictConfig) -> DictConfig:
+    """A copy of the composed config whose ``data.on_bad_case`` is ``skip``.
+
+    The loaders' ``on_bad_case: ${data.on_bad_case}`` resolves against the root of the config, so the
+    setting is changed there (a copy of the ``data`` node alone keeps its parent, and its loaders would
+    still raise at the first bad case).
+    """
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.data.on_bad_case = "skip"
+    return cfg
+
+
+def check_splits(cfg: DictConfig, splits: Sequence[str] = SPLITS) -> dict[str, SplitReport]:
+    """The check report of every configured split of ``cfg.data`` (the composed config); the loaders
+    collect every problem (``on_bad_case=skip``) instead of stopping at the first."""
+    datamodule = instantiate(skipping(cfg).data)
     reports = {}
     for split in splits:
         if split not in SPLITS:
@@ -40,17 +58,27 @@ def check_splits(data_cfg: DictConfig, splits: Sequence[str] = SPLITS) -> dict[s
             continue
         try:
             dataset = factory()
-        except READ_ERRORS as err:
-            reports[split] = SplitReport(split=split, dataset="?", problems=[(split, first_line(err))])
+        except READ_ERRORS as err:  # a folder-level problem (no images/ folder, ...): the whole split
+            reports[split] = SplitReport(split=split, dataset="?")
+            reports[split].add_problem(*split_message(first_line(err)))  # "" when it names no file
             continue
-        _, report = check_dataset(dataset, split)
-        if report.items:
+        good, report = check_dataset(dataset, split)
+        if good:  # the config's channel counts, on an item that reads (a bad one is already listed)
             try:
-                datamodule.check_first_item(dataset, split)
+                datamodule.check_first_item(Subset(dataset, good[:1]), split)
             except READ_ERRORS as err:
-                report.problems.append((split, first_line(err)))
+                report.add_problem(*split_message(first_line(err), split))
         reports[split] = report
     return reports
+
+
+def distinct_problems(reports: dict[str, SplitReport]) -> dict[str, list[str]]:
+    """Every problem line once, with the splits that found it (a folder-level problem: all of them)."""
+    found: dict[str, list[str]] = {}
+    for split, report in reports.items():
+        for number in range(len(report.problems)):
+            found.setdefault(report.problem_line(number), []).append(split)
+    return found
 
 
 def most_common(counter, limit: int = 3) -> str:
@@ -80,9 +108,8 @@ def print_reports(reports: dict[str, SplitReport], console: Console) -> None:
             annotators, labels, str(len(r.problems)),
         )  # fmt: skip
     console.print(table)
-    for split, r in reports.items():
-        for where, reason in r.problems:
-            console.print(f"[red]problem[/red] {split}: {where}: {reason}", markup=True, highlight=False)
+    for line, splits in distinct_problems(reports).items():
+        console.print(f"[red]problem[/red] {', '.join(splits)}: {escape(line)}", markup=True, highlight=False)
 
 
 def as_json(reports: dict[str, SplitReport]) -> dict:
@@ -95,7 +122,10 @@ def as_json(reports: dict[str, SplitReport]) -> dict:
             "spacings": {"x".join(map(str, k)): n for k, n in r.spacings.items()},
             "annotators": {str(k): n for k, n in r.annotators.items()},
             "labels": r.labels,
-            "problems": [{"where": w, "reason": why} for w, why in r.problems],
+            "problems": [
+                {"where": where, "reason": why, "items": r.repeats.get(number, [])}
+                for number, (where, why) in enumerate(r.problems)
+            ],
         }
         for split, r in reports.items()
     }
@@ -103,13 +133,13 @@ def as_json(reports: dict[str, SplitReport]) -> dict:
 
 def check_data(cfg: DictConfig) -> int:
     """Check, print, write ``data_report.json``; return the exit code (1 when anything is wrong)."""
-    reports = check_splits(cfg.data, cfg.get("splits", SPLITS))
+    reports = check_splits(cfg, cfg.get("splits", SPLITS))
     console = Console(width=160)
     print_reports(reports, console)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "data_report.json").write_text(json.dumps(as_json(reports), indent=1))
-    problems = sum(len(r.problems) for r in reports.values())
+    problems = len(distinct_problems(reports))
     console.print(f"{problems} problem(s); report written to {out / 'data_report.json'}", highlight=False)
     return 1 if problems or not reports else 0
 

@@ -258,9 +258,7 @@ def test_check_data_cli_reports_problems_and_exits_1(tmp_path):
     assert "c4.png" in result.stdout and "1 problem(s)" in result.stdout
     report = json.loads((tmp_path / "out" / "data_report.json").read_text())
     assert sum(r["items"] for r in report.values()) == 9
-    assert [p["reason"] for r in report.values() for p in r["problems"]][0].startswith(
-        str(root / "masks" / "c4.png")
-    )
+    assert [p["where"] for r in report.values() for p in r["problems"]] == [str(root / "masks" / "c4.png")]
 
 
 def test_check_data_passes_on_clean_data(tmp_path):
