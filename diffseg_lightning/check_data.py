@@ -67,7 +67,7 @@ def check_splits(cfg: DictConfig, splits: Sequence[str] = SPLITS) -> dict[str, S
             try:
                 datamodule.check_first_item(Subset(dataset, good[:1]), split)
             except READ_ERRORS as err:
-                report.add_problem(*split_message(first_line(err), split))
+                report.add_problem(*split_message(first_line(err)))
         reports[split] = report
     return reports
 

@@ -14,7 +14,7 @@ from PIL import Image
 from test_data_brats import flipped, resave, write_brats
 
 from diffseg_lightning.check_data import check_data
-from diffseg_lightning.data import SegmentationDataModule
+from diffseg_lightning.data import PairedFolder, SegmentationDataModule
 from diffseg_lightning.data.brats import BraTS
 from diffseg_lightning.utils import DiffSegError
 
@@ -66,6 +66,16 @@ def test_every_fault_of_a_folder_is_listed_exactly_once(tmp_path, capsys):
     assert "4 problem(s)" in out
     for where in faults:
         assert sum(where in line for line in out.splitlines() if line.startswith("problem")) == 1
+
+
+def test_a_bad_first_item_is_not_counted_again_by_the_channel_check(tmp_path, capsys):
+    root = tmp_path / "data"
+    write_faulty_folder(root)
+    first = PairedFolder(root, "train", fractions=(1.0, 0.0, 0.0), on_bad_case="skip").pairs[0][0]
+    first.write_bytes(b"broken")  # item 0 of the split: read by the check pass and by the channel check
+    overrides = ["data=folder", f"data.root={root}", "data.fractions=[1,0,0]"]
+    code, report, out = run_check(overrides, tmp_path / "out", capsys)
+    assert code == 1 and [w for w, _ in problems_of(report)].count(str(first)) == 1
 
 
 def test_a_folder_level_problem_of_every_split_is_one_line(tmp_path, capsys):
