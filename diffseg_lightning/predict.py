@@ -15,7 +15,8 @@ so no file there looks like a prediction of an input this run did not predict.
 
 Exit codes: 0 when every file was predicted; 2 (:data:`EXIT_SKIPPED`) when some were skipped and the others
 written, unless ``allow_skipped=true`` (then 0); 1 with a one-line ``error:`` when no file can be predicted
-(or the folder is missing or empty, or the checkpoint is unusable), and then ``output_dir`` is left as it was.
+(or the folder is missing or empty, or the checkpoint is unusable); then no file in ``output_dir`` is
+written or removed.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def predict(cfg: DictConfig) -> dict[str, list]:
         DiffSegError: when the checkpoint or the folder is unusable, or no file could be predicted.
     """
     L.seed_everything(cfg.seed, workers=True)
-    checkpoint = load_checkpoint(cfg.ckpt_path)
+    checkpoint = load_checkpoint(cfg.ckpt_path, predict=True)  # a method without masks: one line, here
     data_cfg = checkpoint["diffseg_config"]["data"]
     size = cfg.size if cfg.get("size") is not None else data_cfg["size"]
     datamodule = SegmentationDataModule(
