@@ -1,10 +1,14 @@
-"""The sampling benchmark's measurement on a tiny network: every figure is there and positive."""
+"""The sampling benchmark on a tiny network: with a scripted clock, every figure follows from the protocol."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 from pathlib import Path
+
+import pytest
+
+from diffseg_lightning.diffusion import GaussianKernel
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,28 +23,74 @@ TINY_NET = [
 ]
 
 
-def test_measure_tiny_network():
+class ScriptedClock:
+    """A clock that only moves when told: the bench reads it through ``time.perf_counter``."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+# Simulated costs, in clock units (binary fractions, so every sum below is exact in float64).
+FORWARD_PER_ROW, ENCODE, KERNEL_STEP = 1.0, 0.5, 0.25
+
+
+def test_measure_attributes_time_to_the_network_and_extrapolates_the_reference(monkeypatch):
+    """With a clock that moves only inside the network (per row of a forward pass, per image encoded) and the
+    kernel step, every figure of the bench follows from the protocol: ours runs k batched passes of S rows,
+    one encode and k kernel steps; the reference runs one row, one encode and one kernel step per step."""
+    clock = ScriptedClock()
+    monkeypatch.setattr(bench, "time", clock)
+    monkeypatch.setattr(bench, "matmul_peak", lambda device, n: 1e9)
+    build = bench.build_module
+
+    def build_with_costs(*args):
+        module = build(*args)
+        denoiser, encode = module.denoiser, module.denoiser.encode_condition
+
+        def costly_encode(image):
+            clock.now += ENCODE
+            return encode(image)
+
+        def forward_cost(net, inputs, output):
+            clock.now += FORWARD_PER_ROW * inputs[0].shape[0]
+
+        denoiser.encode_condition = costly_encode
+        denoiser.register_forward_hook(forward_cost)
+        return module
+
+    step = GaussianKernel.step
+
+    def costly_step(self, *args, **kwargs):
+        clock.now += KERNEL_STEP
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "build_module", build_with_costs)
+    monkeypatch.setattr(GaussianKernel, "step", costly_step)
     cfg = bench.compose_bench("medsegdiff", "gaussian", 16, TINY_NET)
-    result = bench.measure(cfg, samples=[1], steps=[2], ref_steps=2, matmul_n=256)
+    result = bench.measure(cfg, samples=[1, 3], steps=[2, 4], ref_steps=3, matmul_n=256)
+
     assert result["reference_sampling"] == "ddpm" and result["sampling"] == "ddim"
-    assert result["macs_per_forward"] > 0 and result["matmul_peak_mac_per_second"] > 0
+    assert result["macs_per_forward"] > 0 and result["macs_image_branch"] > 0
     ref = result["reference"]
-    assert ref["extrapolated"] and ref["timed_steps"] == 2 and ref["seconds_per_step"] > 0
-    (row,) = result["rows"]
-    assert {
-        "samples",
-        "steps",
-        "seconds",
-        "samples_per_second",
-        "outside_network_share",
-        "peak_memory_bytes",
-        "mac_fraction_of_peak",
-        "ratio_to_reference",
-    } <= row.keys()
-    assert row["forward_calls"] == 2 and row["encode_calls"] == 1
-    assert row["ratio_to_reference"] > 0 and row["mac_fraction_of_peak"] > 0 and row["seconds"] > 0
-    assert 0 <= row["outside_network_share"] < 1
-    assert row["reference_seconds"] == ref["seconds_per_step"] * 1000
+    reference_step = FORWARD_PER_ROW + ENCODE + KERNEL_STEP  # one row, the image branch every step
+    assert ref["extrapolated"] and ref["timed_steps"] == 3
+    assert ref["seconds_timed"] == 3 * reference_step and ref["seconds_per_step"] == reference_step
+    assert [(row["samples"], row["steps"]) for row in result["rows"]] == [(1, 2), (1, 4), (3, 2), (3, 4)]
+    for row in result["rows"]:
+        s, k = row["samples"], row["steps"]
+        network = k * s * FORWARD_PER_ROW + ENCODE  # S samples in one pass per step, the image encoded once
+        assert row["forward_calls"] == k and row["encode_calls"] == 1
+        assert row["network_seconds"] == network and row["seconds"] == network + k * KERNEL_STEP
+        assert row["outside_network_share"] == pytest.approx(k * KERNEL_STEP / row["seconds"], rel=1e-12)
+        assert row["samples_per_second"] == pytest.approx(s / row["seconds"], rel=1e-12)
+        assert row["reference_seconds"] == 1000 * s * reference_step  # 1000 ancestral steps per sample
+        assert row["ratio_to_reference"] == pytest.approx(
+            row["seconds"] / (1000 * s * reference_step), rel=1e-12
+        )
+        assert row["peak_memory_bytes"] >= 0 and row["mac_fraction_of_peak"] > 0
 
 
 def test_main_writes_tables(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -148,9 +149,38 @@ def test_predict_writes_masks_and_uncertainty(trained_run, tmp_path):
         )  # the mask is the thresholded fused probability
 
 
-def test_tiny_settings_are_the_real_pipeline():
-    """TINY shrinks sizes only: it names no stub component."""
-    assert not any("_target_" in o for o in TINY)
+def config_leaves(node, prefix: str = "") -> dict:
+    """Every leaf of a resolved config container, by its dotted key."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    return {
+        k: v
+        for key, child in node.items()
+        for k, v in config_leaves(child, f"{prefix}.{key}" if prefix else str(key)).items()
+    }
+
+
+def test_tiny_settings_are_the_real_pipeline(tmp_path):
+    """The tests' TINY run builds every component of the default run (same ``_target_`` everywhere) and
+    changes only sizes and counts (plus a CPU trainer, a CSV logger and no progress bar)."""
+    from omegaconf import OmegaConf
+
+    def leaves(overrides: list[str]) -> dict:
+        cfg = OmegaConf.to_container(compose_config("train", overrides, tmp_path), resolve=True)
+        swapped = ("logger.", "callbacks.progress_bar.")  # TINY's CSV logger, and no progress bar
+        return {k: v for k, v in config_leaves(cfg).items() if not k.startswith(swapped)}
+
+    default, tiny = leaves([]), leaves(TINY)
+    assert default.keys() == tiny.keys()
+    targets = {k: v for k, v in default.items() if k.endswith("_target_")}
+    assert len(targets) > 5 and targets == {k: tiny[k] for k in targets}
+    changed = {k for k in default if default[k] != tiny[k]}
+    assert {"model.denoiser.base_channels", "sampler.num_steps", "data.num_train"} <= changed
+    modes = {"trainer.accelerator", "trainer.enable_model_summary"}  # cpu, and no summary
+    # every other change is a size or a count (not a rate, a mode or a component)
+    size_like = re.compile(r"(size|num_\w+|channels|channel_mults|attention_levels|max_epochs)$")
+    odd = {k: (default[k], tiny[k]) for k in changed - modes if not size_like.search(k.rsplit(".", 1)[-1])}
+    assert not odd, odd
 
 
 def test_wandb_logs_offline_without_a_key(tmp_path, monkeypatch):
