@@ -368,6 +368,21 @@ def test_xcad_bad_cases_are_named(tmp_path):
         XCAD(tmp_path, "val", val_count=4)
 
 
+def test_xcad_masks_follow_the_binary_rule(tmp_path):
+    base = write_xcad(tmp_path)
+    name = "01251_32"
+    vessels = vessel_tree(24, seed=10)
+    Image.fromarray(vessels.astype(np.uint8)).save(base / "test/masks" / f"{name}.png")  # 0/1: was empty
+    test = XCAD(tmp_path, "test", size=None, val_count=0)
+    item = next(test[i] for i in range(len(test)) if name in test[i]["case"])
+    assert vessels.any() and torch.equal(item["mask"][0] > 0, torch.from_numpy(vessels > 0))
+    Image.fromarray((vessels * 128).astype(np.uint8)).save(base / "test/masks" / f"{name}.png")
+    with pytest.raises(
+        DiffSegError, match=rf"{name}\.png: mask values 0, 128 are not those of a binary XCAD"
+    ):
+        test[[Path(c["image"]).name for c in test.cases].index(f"{name}.png")]
+
+
 def test_xcad_config_composes(tmp_path):
     write_xcad(tmp_path)
     cfg = compose_config(

@@ -143,6 +143,12 @@ def test_bad_inputs_name_the_file(tmp_path):
         DiffSegError, match=r"01_manual1\.gif: mask values 0, 100, 200 are not those of a binary DRIVE mask"
     ):
         DRIVE(tmp_path, "test")[0]
+    two = np.where(np.arange(SHAPE[0] * SHAPE[1]).reshape(SHAPE) % 2, 128, 255).astype(np.uint8)
+    Image.fromarray(two).save(base / "1st_manual" / "01_manual1.gif", optimize=False)  # 2 values, not 0/255
+    with pytest.raises(
+        DiffSegError, match=r"01_manual1\.gif: mask values 128, 255 are not those of a binary"
+    ):
+        DRIVE(tmp_path, "test")[0]  # used to pass the two-value check and read as all vessel
     Image.new("L", (5, 5)).save(base / "mask" / "02_test_mask.gif")
     with pytest.raises(DiffSegError, match=r"02_test_mask\.gif: mask size \(5, 5\) .*differs"):
         DRIVE(tmp_path, "test")[1]

@@ -147,6 +147,36 @@ def test_bad_inputs_name_the_file(tmp_path):
         KvasirSEG(tmp_path)
 
 
+def test_masks_off_the_binary_rule_duplicate_ids_and_broken_links_are_named(tmp_path):
+    truth = write_kvasir(tmp_path, n=4)
+    first, second, third = sorted(truth)[:3]
+    folder = tmp_path / "Kvasir-SEG"
+    soft = (truth[first] * 102).astype(np.uint8)  # a soft 0/102 mask: used to read as empty (> 127)
+    Image.fromarray(soft).convert("RGB").save(folder / "masks" / f"{first}.jpg", quality=60)
+    red = np.zeros((*truth[second].shape, 3), np.uint8)
+    red[truth[second], 0] = 255  # red on black: its luma 76 used to read as empty
+    Image.fromarray(red).save(folder / "masks" / f"{second}.jpg", quality=60)
+    data = KvasirSEG(tmp_path, "train", fractions=(1.0, 0.0, 0.0), size=None)
+    with pytest.raises(
+        DiffSegError, match=rf"masks/{first}\.jpg: JPEG mask is neither 0/1 nor 0/255 .*Kvasir-SEG"
+    ):
+        data[data.ids.index(first)]
+    with pytest.raises(
+        DiffSegError, match=rf"masks/{second}\.jpg: JPEG colour mask \(channels differ by up to"
+    ):
+        data[data.ids.index(second)]
+
+    Image.open(folder / "images" / f"{third}.jpg").save(folder / "images" / f"{third}.jpeg")
+    with pytest.raises(DiffSegError, match=rf"images/{third}\.jpeg: {third}\.jpg has the same id"):
+        KvasirSEG(tmp_path)
+    (folder / "images" / f"{third}.jpeg").unlink()
+    (folder / "images" / "cjuzz.jpg").symlink_to(tmp_path / "elsewhere.jpg")
+    with pytest.raises(
+        DiffSegError, match=rf"images/cjuzz\.jpg: broken symbolic link to {tmp_path}/elsewhere"
+    ):
+        KvasirSEG(tmp_path)
+
+
 def test_box_table_errors_name_the_json(tmp_path):
     write_kvasir(tmp_path, n=2)
     table = tmp_path / "Kvasir-SEG" / "kavsir_bboxes.json"

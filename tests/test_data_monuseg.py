@@ -221,6 +221,17 @@ def test_skip_leaves_out_images_without_xml_or_too_small_for_the_crop(tmp_path):
     assert {tiles[i]["case"] for i in range(len(tiles))} == {str(p) for p, _ in tiles.pairs}
 
 
+def test_two_images_of_one_stem_are_a_bad_case_naming_both(tmp_path):
+    write_monuseg(tmp_path, train=6, test=1)
+    name = "TCGA-03-TRAIN-01Z-00-DX1"
+    Image.open(tmp_path / "Tissue Images" / f"{name}.tif").save(tmp_path / "Tissue Images" / f"{name}.png")
+    with pytest.raises(DiffSegError, match=rf"{name}\.png: {name}\.tif has the same stem: both would pair"):
+        MoNuSeg(tmp_path, "train")
+    kept = [MoNuSeg(tmp_path, s, on_bad_case="skip") for s in ("train", "val")]
+    assert sorted(Path(p).name for k in kept for p, _ in k.skipped) == [f"{name}.png", f"{name}.tif"]
+    assert all(p.stem != name for k in kept for p, _ in k.pairs)
+
+
 def test_kfold_over_the_training_images(tmp_path):
     write_monuseg(tmp_path, train=10, test=2)
 

@@ -310,6 +310,19 @@ def test_bad_cases_and_bad_files_name_the_file(root, tmp_path):
         REFUGE(root, "train", channels=1, on_bad_case="skip")[4]
 
 
+def test_two_images_of_one_stem_are_a_bad_case_naming_both(root):
+    folder = root / "REFUGE-Validation400"
+    first = sorted(folder.glob("*.jpg"))[0]
+    (folder / f"{first.stem}.jpeg").write_bytes(first.read_bytes())  # one case stored twice
+    with pytest.raises(
+        DiffSegError, match=rf"{first.stem}\.jpeg: {first.name} has the same stem: both would"
+    ):
+        REFUGE(root, "val")
+    kept = REFUGE(root, "val", on_bad_case="skip")
+    assert sorted(Path(p).name for p, _ in kept.skipped) == sorted([first.name, f"{first.stem}.jpeg"])
+    assert all(image.stem != first.stem for image, _, _ in kept.cases)
+
+
 def test_a_batch_through_the_hydra_config(root, tmp_path):
     cfg = compose_config(
         "train", ["data=refuge", f"data.root={root}", "data.num_workers=0"], tmp_path / "run"

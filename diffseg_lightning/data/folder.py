@@ -432,12 +432,13 @@ class PairedFolder(CaseDataset):
         images = list_images(self.root / "images")
         mask_files = list_images(self.root / "masks")
         masks = {file_stem(p): p for p in mask_files}
-        missing = [p.name for p in images if file_stem(p) not in masks]
-        if missing and self.on_bad_case == "error":
-            self.bad_case(self.root / "masks", f"no mask for {len(missing)} image(s), e.g. {missing[0]}")
         problems = self.pair_problems(images, masks, same_stems(images), same_stems(mask_files))
-        if problems and self.on_bad_case == "error":
-            self.bad_case(*problems[min(problems)])  # whatever split the image is in
+        if problems and self.on_bad_case == "error":  # whatever split the image is in
+            missing = [images[i].name for i, (_, why) in problems.items() if why.startswith("no mask")]
+            others = [problem for problem in problems.values() if not problem[1].startswith("no mask")]
+            if others:
+                self.bad_case(*others[0])
+            self.bad_case(self.root / "masks", f"no mask for {len(missing)} image(s), e.g. {missing[0]}")
         self.pairs: list[tuple[Path, Path]] = []
         for i in seeded_split(len(images), fractions, seed, split, folds, fold):
             if i in problems:

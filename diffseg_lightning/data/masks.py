@@ -150,6 +150,15 @@ def shown(values: Sequence | np.ndarray) -> str:
     return text + (f" ... ({len(values)} values)" if len(values) > SHOWN_VALUES else "")
 
 
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luma of 8-bit RGB (H, W, 3), rounded to integers exactly as PIL's ``convert("L")``.
+
+    Rounded, not float: the float weights sum to 1 - 1e-16, so grey 1 stored as RGB would give 0.99999.
+    """
+    weights = np.array([19595, 38470, 7471], np.int64)  # 0.299, 0.587, 0.114 in 16-bit fixed point
+    return ((rgb.astype(np.int64) @ weights + 0x8000) >> 16).astype(np.uint8)
+
+
 def setting_text(foreground: Foreground) -> str:
     """A rule as it is written on the command line: ``binary``, ``2``, ``[1,2]``."""
     if isinstance(foreground, str):
@@ -184,8 +193,7 @@ def mask_foreground(
     if values.ndim == 3:
         spread = values.max(axis=-1).astype(np.int64) - values.min(axis=-1)
         if int(spread.max(initial=0)) <= (JPEG_BAND if lossy else 0):
-            weights = np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma, as PIL's convert("L")
-            values = values @ weights if lossy else values[..., 0]
+            values = luma(values) if lossy else values[..., 0]
         elif foreground == "nonzero" and not lossy:
             return values.any(axis=-1)
         else:
