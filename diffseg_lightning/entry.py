@@ -7,8 +7,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
-from lightning.pytorch.utilities import rank_zero_only
+from hydra.errors import HydraException
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffseg_lightning.utils.errors import DiffSegError
@@ -31,8 +32,15 @@ def build_all(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a DiffSeg checkpoint, with a one-line error when it is missing, unreadable or not ours."""
+class LoadedCheckpoint(dict):
+    """A checkpoint's content (a plain dict) and the ``path`` it was read from, for messages that name it."""
+
+    path: Path
+
+
+def load_checkpoint(path: str | Path, predict: bool = False) -> LoadedCheckpoint:
+    """Read a DiffSeg checkpoint, with a one-line error when it is missing, unreadable or not ours, or, with
+    ``predict``, when its method cannot predict masks (a class attribute ``cannot_predict`` gives the reason)."""
     path = Path(path)
     if not path.is_file():
         raise DiffSegError(f"checkpoint {path} does not exist")
@@ -46,13 +54,38 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise DiffSegError(f"checkpoint {path} has no state_dict: not a Lightning checkpoint")
     if "diffseg_config" not in checkpoint:
         raise DiffSegError(f"checkpoint {path} has no diffseg_config: it was not written by diffseg-train")
-    return checkpoint
+    if predict:
+        target = str((checkpoint["diffseg_config"].get("model") or {}).get("_target_", ""))
+        try:
+            reason = getattr(get_class(target), "cannot_predict", None)
+        except (HydraException, ImportError, ValueError):
+            reason = None  # an unknown method fails with its own message when it is built
+        if reason:
+            raise DiffSegError(f"checkpoint {path} cannot be used by diffseg-predict: {reason}")
+    loaded = LoadedCheckpoint(checkpoint)
+    loaded.path = path
+    return loaded
 
 
 #: Kernel settings that only change how a trained model is sampled; ``noise.<key>=...`` on the command line
 #: of ``diffseg-eval`` / ``diffseg-predict`` overrides them. Anything else (T, schedule, objective) would
 #: change what the network was trained to predict.
 SAMPLING_KEYS = ("sampling", "eta", "clip_x0")
+
+#: Kernel settings that define what the network is trained to predict (its target and the noise levels
+#: of the timesteps it sees). A resumed run must keep them: see :func:`check_resume`.
+PREDICTION_KEYS = (
+    "_target_",
+    "num_train_timesteps",
+    "schedule",
+    "beta_start",
+    "beta_end",
+    "objective",
+    "learn_variance",
+)
+
+#: Model settings that never change the shapes of the weights (left out of a mismatch report).
+NON_ARCHITECTURE_KEYS = ("optimizer", "scheduler", "compile", "channels_last")
 
 
 def inference_noise_config(trained: DictConfig, overrides: DictConfig | dict | None) -> DictConfig:
@@ -89,9 +122,121 @@ def module_from_checkpoint(
     run_cfg = OmegaConf.create(checkpoint["diffseg_config"])
     noise_cfg = inference_noise_config(run_cfg.noise, noise_overrides)
     module = build_module(run_cfg.model, noise_cfg, sampler_cfg)
+    check_weights(module, checkpoint, "the model its own config builds (written by another version?)")
     module.load_state_dict(checkpoint["state_dict"])
     module.run_config = checkpoint["diffseg_config"]
     return module
+
+
+def _flatten(node: Any, prefix: str) -> dict[str, Any]:
+    """A nested config as ``{"model.denoiser.base_channels": 32, ...}`` (lists are values)."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(_flatten(value, f"{prefix}.{key}"))
+    return flat
+
+
+def config_differences(old: Any, new: Any, prefix: str) -> list[tuple[str, Any, Any]]:
+    """``(key, old value, new value)`` for every setting that differs between two config sections (a key
+    missing on one side has the value ``"<absent>"``); ``_target_`` keys first."""
+    a, b = _flatten(old or {}, prefix), _flatten(new or {}, prefix)
+    absent = "<absent>"
+    keys = sorted(set(a) | set(b), key=lambda k: (not k.endswith("._target_"), k.count("."), k))
+    return [(k, a.get(k, absent), b.get(k, absent)) for k in keys if a.get(k, absent) != b.get(k, absent)]
+
+
+def _describe(differences: list[tuple[str, Any, Any]], limit: int = 3) -> str:
+    shown = [f"{key}={old} in the checkpoint, {new} now" for key, old, new in differences[:limit]]
+    more = len(differences) - limit
+    return "; ".join(shown) + (f" (and {more} more setting(s))" if more > 0 else "")
+
+
+def check_weights(
+    module: L.LightningModule, checkpoint: dict[str, Any], built_by: str, model_cfg: Any | None = None
+) -> None:
+    """Check, without loading, that ``checkpoint["state_dict"]`` fits ``module`` (what a strict
+    ``load_state_dict`` checks: the same parameter names and shapes), so that a misfit is one line naming the
+    checkpoint instead of torch's multi-line ``size mismatch`` / ``Missing key(s)`` traceback.
+
+    Args:
+        built_by: what built ``module``, for the message ("this run's model").
+        model_cfg: the resolved ``model`` section that built ``module``; when given, the message names the
+            model settings that differ from the checkpoint's stored ones, else the first misfit parameter.
+
+    Raises:
+        DiffSegError: when the weights do not fit.
+    """
+    weights, expected = checkpoint["state_dict"], module.state_dict()
+    problem = next(
+        (
+            f"parameter {name} is {tuple(weights[name].shape)} in the checkpoint, {tuple(tensor.shape)} in the model"
+            for name, tensor in expected.items()
+            if name in weights and getattr(weights[name], "shape", None) != getattr(tensor, "shape", None)
+        ),
+        None,
+    )
+    missing = [name for name in expected if name not in weights]
+    unexpected = [name for name in weights if name not in expected]
+    problem = (
+        problem
+        or (missing and f"the checkpoint has no parameter {missing[0]}")
+        or (unexpected and f"the model has no parameter {unexpected[0]}")
+    )
+    if not problem:
+        return
+    path = getattr(checkpoint, "path", "(in memory)")
+    stored = checkpoint.get("diffseg_config", {}).get("model")
+    changed = [
+        d
+        for d in config_differences(stored, model_cfg, "model")
+        if d[0].split(".")[1] not in NON_ARCHITECTURE_KEYS
+    ]
+    detail = _describe(changed) if model_cfg is not None and changed else problem
+    raise DiffSegError(f"checkpoint {path} does not fit {built_by}: {detail}")
+
+
+def check_resume(checkpoint: dict[str, Any], cfg: DictConfig) -> None:
+    """Refuse, in one line, to resume ``checkpoint`` with a kernel that makes the network predict something else.
+
+    A kernel setting of :data:`PREDICTION_KEYS` (T, schedule, objective, ...) that differs from the
+    checkpoint's is an error, not a warning: the weights, the EMA and the optimiser's moments were fitted to
+    the old target, so the resumed run would match neither configuration while its ``config.yaml`` claimed
+    the new one, and a warning scrolls away in the training log. Other kernel settings (loss weights) may
+    change, with a warning naming them; the sampling settings (:data:`SAMPLING_KEYS`) change silently.
+
+    Raises:
+        DiffSegError: naming the checkpoint, each changed setting and its old and new value.
+    """
+    path = getattr(checkpoint, "path", "(in memory)")
+    trained = checkpoint["diffseg_config"].get("noise")
+    noise = config_differences(trained, OmegaConf.to_container(cfg.noise, resolve=True), "noise")
+    fatal = [d for d in noise if d[0].split(".")[1] in PREDICTION_KEYS]
+    if any(key == "noise._target_" for key, _, _ in fatal):
+        fatal = [d for d in fatal if d[0] == "noise._target_"]  # another kernel: its other keys mean nothing
+    if fatal:
+        key, old, _ = fatal[0]
+        fix = (
+            f"the checkpoint's kernel {old}"
+            if key == "noise._target_"
+            else " ".join(f"{k}={o}" for k, o, _ in fatal)
+        )
+        raise DiffSegError(
+            f"cannot resume from checkpoint {path}: {_describe(fatal)}; that changes what the network predicts "
+            f"(resume with {fix}, or train from scratch without ckpt_path)"
+        )
+    warned = [d for d in noise if d[0].split(".")[1] not in (*PREDICTION_KEYS, *SAMPLING_KEYS)]
+    if warned:
+        rank_zero_warn(
+            f"resuming checkpoint {path} with changed loss settings: {_describe(warned, len(warned))}"
+        )
+
+
+def check_resume_weights(checkpoint: dict[str, Any], cfg: DictConfig, module: L.LightningModule) -> None:
+    """One line, before the trainer, when the checkpoint's weights do not fit the model this run builds
+    (another width, another method): it names the model settings that differ (:func:`check_weights`)."""
+    check_weights(module, checkpoint, "this run's model", OmegaConf.to_container(cfg.model, resolve=True))
 
 
 @rank_zero_only

@@ -10,7 +10,14 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffseg_lightning.entry import build_all, build_module, load_checkpoint, save_config
+from diffseg_lightning.entry import (
+    build_all,
+    build_module,
+    check_resume,
+    check_resume_weights,
+    load_checkpoint,
+    save_config,
+)
 from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.utils import CONFIG_DIR, run_cli, user_errors
 
@@ -22,13 +29,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError(
             "sampler.parallel=sample is for diffseg-eval; validation during training splits the images"
         )
-    if cfg.get("ckpt_path"):
-        load_checkpoint(cfg.ckpt_path)  # fail early with a clear message
+    resume = load_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None  # fail early, clearly
+    if resume is not None:
+        check_resume(resume, cfg)  # a changed noise.objective, T or schedule: one line, before the data
     datamodule = instantiate(cfg.data)
     datamodule.setup()  # every split is checked here, before anything is written to the run directory
+    module = build_module(cfg.model, cfg.noise, cfg.sampler)
+    if resume is not None:
+        check_resume_weights(resume, cfg, module)  # another width or method: one line, not a traceback
+        del resume  # the trainer reads the checkpoint itself
     save_config(cfg, cfg.paths.output_dir)
     datamodule.save_splits(cfg.paths.output_dir)
-    module = build_module(cfg.model, cfg.noise, cfg.sampler)
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=build_all(cfg.get("callbacks")), logger=build_all(cfg.get("logger")) or False

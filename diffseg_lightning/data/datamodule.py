@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from diffseg_lightning.data.base import check_policy
 from diffseg_lightning.data.cache import ArrayCache, CacheWriter, build_lock, cache_folder
 from diffseg_lightning.data.check import SplitReport, check_dataset
+from diffseg_lightning.data.resumable import EpochSampler, ResumableLoader
 from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 DatasetFactory = Callable[[], Dataset]
@@ -240,16 +242,25 @@ class SegmentationDataModule(L.LightningDataModule):
             self.setup(None)
         if split not in self.datasets:
             raise DiffSegError(f"the data config has no {split} split")
-        return DataLoader(
+        loader, order = DataLoader, {"shuffle": shuffle}
+        if shuffle:  # training: an order that resume reproduces exactly, mid-epoch too (data/resumable.py)
+            loader, order = ResumableLoader, {"sampler": self.epoch_sampler(self.datasets[split])}
+        return loader(
             self.datasets[split],
             batch_size=batch_size,
-            shuffle=shuffle,
+            **order,
             drop_last=shuffle and len(self.datasets[split]) >= batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,
             collate_fn=partial(self.collate, split=split),
         )
+
+    def epoch_sampler(self, dataset: Dataset) -> EpochSampler:
+        """The training order: a permutation seeded with ``PL_GLOBAL_SEED`` (what ``seed_everything`` sets, the
+        seed of Lightning's own distributed sampler) plus the epoch; this process's share under DDP."""
+        shards = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
+        return EpochSampler(dataset, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)), **shards)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True, self.batch_size)

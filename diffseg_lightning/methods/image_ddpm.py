@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from diffseg_lightning.exceptions import ConfigError
+from diffseg_lightning.exceptions import ConfigError, DiffSegError
 from diffseg_lightning.methods.mask_diffusion import SegmentationMethod
 
 __all__ = ["ImageDiffusionModule"]
@@ -63,6 +63,11 @@ class ImageDiffusionModule(SegmentationMethod):
     """
 
     network_attr = "net"
+    #: Why ``diffseg-predict`` refuses this method (read from the checkpoint's config before anything runs).
+    cannot_predict = (
+        "an image DDPM has no segmentation output to predict; score it with diffseg-eval (denoising loss) "
+        "or use its checkpoint as a backbone (model=fedd model.backbone_ckpt=...)"
+    )
 
     def __init__(
         self,
@@ -190,17 +195,14 @@ class ImageDiffusionModule(SegmentationMethod):
         }
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Any]:
-        raise RuntimeError(
-            "ImageDiffusionModule has no segmentation output to predict; score it with diffseg-eval "
-            "(denoising loss) or use its checkpoint as a backbone (model=fedd model.backbone_ckpt=...)"
-        )
+        raise DiffSegError(self.cannot_predict)
 
     def configure_callbacks(self) -> list[ModelCheckpoint]:
         """Keep the checkpoint with the lowest ``val/loss`` (replaces the configured ModelCheckpoint)."""
         trainer = self._trainer
-        configured = [
-            c for c in (trainer.callbacks if trainer is not None else []) if isinstance(c, ModelCheckpoint)
-        ]
+        # exactly ModelCheckpoint: not diffseg's LastCheckpoint (a subclass that keeps last.ckpt)
+        callbacks = trainer.callbacks if trainer is not None else []
+        configured = [c for c in callbacks if type(c) is ModelCheckpoint]
         if not configured:
             return []
         old = configured[0]
