@@ -6,10 +6,10 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-full lint bench clean
+.PHONY: help install train test test-full test-random lint bench clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,11 +28,17 @@ install: $(STAMP) ## create .venv and install the package with its dev extras
 train: $(STAMP) ## train (then test) the default experiment on built-in synthetic data; ARGS="..." adds overrides
 	$(VENV)/bin/diffseg-train experiment=medsegdiff_synthetic $(ARGS)
 
+# -p no:randomly: a fixed test order (pytest-randomly, a dev dependency, would shuffle it); test-random shuffles.
 test: $(STAMP) ## the fast test suite (no slow training runs)
-	$(PY) -m pytest -m "not slow" -q $(ARGS)
+	$(PY) -m pytest -p no:randomly -m "not slow" -q $(ARGS)
 
 test-full: $(STAMP) ## every test, including the training runs that must learn
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -p no:randomly -q $(ARGS)
+
+test-random: $(STAMP) ## the fast suite in a random order (pytest-randomly); SEED=N repeats an order
+	@seed=$(or $(SEED),$$(python3 -c 'import random; print(random.randrange(2**32))')); \
+	echo "random order, seed $$seed (make test-random SEED=$$seed repeats it)"; \
+	$(PY) -m pytest -p randomly --randomly-seed=$$seed -m "not slow" -q $(ARGS)
 
 lint: $(STAMP) ## ruff lint and format check
 	$(VENV)/bin/ruff check diffseg_lightning tests experiments
