@@ -11,8 +11,8 @@ use ``binary``:
   make up the foreground): the pixels holding one of them are foreground, every other value background.
 - ``nonzero``: every value but 0 is foreground (for a colour mask: every pixel that is not black).
 
-Grey and colour: grey files (modes L, I;16, I, F), 1-bit files (as 0/255) and grey stored as colour (RGB whose
-channels are equal; palette images, read by their colours) are grey values. A true-colour mask (e.g. red on
+Grey and colour: grey files (modes L, I;16, I, F), 1-bit files (as 0/255) and grey stored as colour
+(RGB whose channels are equal; palette images, read by their colours) are grey values. A true-colour mask (e.g. red on
 black) is an error unless ``nonzero`` says that every non-black pixel is foreground. An alpha channel is
 ignored when it is constant and an error when it varies (transparency cannot say what is foreground).
 
@@ -24,7 +24,7 @@ value >= ``255 - JPEG_BAND`` and at most ``JPEG_AMBIGUOUS_SHARE`` of whose non-b
 error naming the file (a soft or multi-valued mask saved as JPEG). Colour JPEGs are grey when their
 channels differ by at most ``JPEG_BAND`` (read as luma, ITU-R 601, as PIL's "L"). Note that a 0/1 mask
 saved as JPEG has already lost foreground when it is read (measured here with PIL: 2-10% of a disc's area
-and 35-80% of 1-3 px vessels at quality 95-75, everything at quality <= 50): store 0/1 masks as PNG.
+and 35-85% of 1-3 px vessels at quality 95-75, everything at quality <= 50): store 0/1 masks as PNG.
 """
 
 from __future__ import annotations
