@@ -319,3 +319,14 @@ def test_a_broken_symlink_is_an_error_naming_its_target(tmp_path):
     predict = ImageFolder(tmp_path / "masks", size=8, channels=1)
     assert (tmp_path / "masks" / "case02.png", "broken symbolic link to nowhere.png") in predict.skipped
     assert len(predict) == 3
+
+
+def test_check_data_names_a_broken_symlink_as_the_problem_file(tmp_path):
+    from diffseg_lightning.check_data import check_splits
+
+    write_pairs(tmp_path / "data", n=10)
+    link = tmp_path / "data" / "images" / "case11.png"
+    link.symlink_to(tmp_path / "gone.png")
+    cfg = compose_config("check_data", ["data=folder", f"data.root={tmp_path / 'data'}"], tmp_path / "out")
+    problems = {p for report in check_splits(cfg).values() for p in report.problems}
+    assert problems == {(str(link), f"broken symbolic link to {tmp_path / 'gone.png'}")}

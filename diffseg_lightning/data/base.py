@@ -11,6 +11,7 @@ unexpected label values) raise from ``__getitem__``; the DataModule's check pass
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +26,12 @@ MAX_RECORDED_LABELS = 64  # instance maps hold hundreds of ids; the report needs
 def split_message(err: BaseException | str, default: str | Path = "") -> tuple[str, str]:
     """``(file, reason)`` of a DiffSeg message ``<file>: <reason>`` (our checks name the file first).
 
-    The file is the text before the first ``": "`` when it names an existing file or folder (a ``#<slice>``
-    suffix allowed); otherwise the message is all reason and the file is ``default``.
+    The file is the text before the first ``": "`` when it names an existing file or folder, or a broken
+    symbolic link (a ``#<slice>`` suffix allowed); otherwise the message is all reason and the file is ``default``.
     """
     message = " ".join(str(err).split())
     head, sep, reason = message.partition(": ")
-    if sep and head and Path(head.partition("#")[0]).exists():
+    if sep and head and os.path.lexists(head.partition("#")[0]):
         return head, reason
     return str(default), message
 
