@@ -28,6 +28,7 @@ from diffseg_lightning.data.base import split_message
 from diffseg_lightning.data.check import READ_ERRORS, SplitReport, check_dataset, first_line
 from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.utils import CONFIG_DIR, run_cli, user_errors
+from diffseg_lightning.utils.validate import validate_config
 
 SPLITS = ("train", "val", "test")
 
@@ -133,6 +134,7 @@ def as_json(reports: dict[str, SplitReport]) -> dict:
 
 def check_data(cfg: DictConfig) -> int:
     """Check, print, write ``data_report.json``; return the exit code (1 when anything is wrong)."""
+    validate_config(cfg)  # the whole config, before anything is read or written
     reports = check_splits(cfg, cfg.get("splits", SPLITS))
     console = Console(width=160)
     print_reports(reports, console)

@@ -16,16 +16,19 @@ from diffseg_lightning.callbacks import SummaryWriter
 from diffseg_lightning.entry import build_all, load_checkpoint, module_from_checkpoint, save_config
 from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.utils import CONFIG_DIR, DiffSegError, run_cli, user_errors
+from diffseg_lightning.utils.validate import check_inference, validate_config
 
 SPLITS = ("test", "val")
 
 
 def evaluate(cfg: DictConfig) -> dict:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.split`` of the checkpoint's data (or of ``data=...``)."""
+    validate_config(cfg)  # the whole config, before anything is read or written
     if cfg.split not in SPLITS:
         raise ConfigError(f"split must be one of {SPLITS}, got {cfg.split!r}")
     L.seed_everything(cfg.seed, workers=True)
     checkpoint = load_checkpoint(cfg.ckpt_path)
+    check_inference(cfg, checkpoint["diffseg_config"])  # the sampler against the trained kernel
     save_config(cfg, cfg.paths.output_dir)
     data_cfg = (
         cfg.data if cfg.get("data") is not None else OmegaConf.create(checkpoint["diffseg_config"]["data"])

@@ -39,6 +39,7 @@ from diffseg_lightning.data import ImageFolder, SegmentationDataModule
 from diffseg_lightning.data.folder import describe_skipped, file_stem, nothing_usable
 from diffseg_lightning.entry import load_checkpoint, module_from_checkpoint
 from diffseg_lightning.utils import CONFIG_DIR, run_cli, user_errors
+from diffseg_lightning.utils.validate import check_inference, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,10 @@ def predict(cfg: DictConfig) -> dict[str, list]:
     Raises:
         DiffSegError: when the checkpoint or the folder is unusable, or no file could be predicted.
     """
+    validate_config(cfg)  # the whole config, before anything is read or written
     L.seed_everything(cfg.seed, workers=True)
     checkpoint = load_checkpoint(cfg.ckpt_path, predict=True)  # a method without masks: one line, here
+    check_inference(cfg, checkpoint["diffseg_config"])  # the sampler against the trained kernel
     data_cfg = checkpoint["diffseg_config"]["data"]
     size = cfg.size if cfg.get("size") is not None else data_cfg["size"]
     datamodule = SegmentationDataModule(

@@ -30,6 +30,7 @@ from diffseg_lightning.data.monuseg import TRAIN_ANNOTATIONS, TRAIN_IMAGES
 from diffseg_lightning.entry import load_checkpoint, module_from_checkpoint
 from diffseg_lightning.utils import CONFIG_DIR, run_cli, user_errors
 from diffseg_lightning.utils.errors import ConfigError, DiffSegError
+from diffseg_lightning.utils.validate import check_inference, validate_config
 
 log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
@@ -95,10 +96,12 @@ def write_pair(
 def synthesize(cfg: DictConfig) -> dict[str, Any]:
     """Generate ``cfg.n`` pairs from ``cfg.ckpt_path`` into ``cfg.output_dir``; returns the record written
     to ``synthesis.json``."""
+    validate_config(cfg, sampling=False)  # the whole config, before anything is read or written
     L.seed_everything(cfg.seed, workers=True)
     if int(cfg.n) < 1:
         raise DiffSegError(f"n must be >= 1, got {cfg.n}")
     checkpoint = load_checkpoint(cfg.ckpt_path)
+    check_inference(cfg, checkpoint["diffseg_config"])  # the sampler against the trained kernel
     target = checkpoint["diffseg_config"]["model"].get("_target_", "")
     if not target.endswith("NucleiAugmentationModule"):
         raise DiffSegError(

@@ -20,10 +20,12 @@ from diffseg_lightning.entry import (
 )
 from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.utils import CONFIG_DIR, run_cli, user_errors
+from diffseg_lightning.utils.validate import validate_config
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit and (optionally) test; returns the trainer's final metrics."""
+    validate_config(cfg)  # the whole config, before anything is read, built or written
     L.seed_everything(cfg.seed, workers=True)
     if cfg.sampler.get("parallel", "data") == "sample":
         raise ConfigError(

@@ -71,6 +71,10 @@ class SegmentationDataModule(L.LightningDataModule):
         withhold: item keys removed from every TRAINING batch (e.g. ``[mask, masks, instances]`` for weakly
             supervised methods, which must never see a mask in training); removed per item before
             collation, after ``labels`` was derived. Validation, test and predict batches keep everything.
+        **dataset_keys: the dataset-level keys of the data config (``root``, ``size``, ``year``, ...), which the
+            split factories read through interpolations (``${data.size}``); unused here. A key that nothing
+            reads is refused before the run starts (:func:`~diffseg_lightning.utils.validate.data_keys`),
+            so a typo (``data.bacth_size``) cannot pass silently.
 
     After :meth:`setup`, ``reports`` holds each checked split's :class:`SplitReport`.
     """
@@ -93,7 +97,7 @@ class SegmentationDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         labels: str | None = None,
         withhold: list[str] | None = None,
-        **_: Any,  # dataset-level keys (size, root, ...) live beside these in the data config
+        **dataset_keys: Any,
     ) -> None:
         super().__init__()
         if normalize not in NORMALIZATIONS:
