@@ -79,7 +79,7 @@ class LastCheckpoint(ModelCheckpoint):
     Under DDP every process stops at the same step. Every checkpoint of the trainer (``best.ckpt`` too) is
     written atomically (:class:`AtomicCheckpointIO`). Resuming with ``ckpt_path=.../last.ckpt`` continues at
     the global step it holds, with the weights, EMA, optimiser, RNG and data order of an uninterrupted run
-    (:mod:`diffseg_lightning.data.resumable`). Nothing is written under ``fast_dev_run``.
+    (:mod:`diffseg_lightning.data.resumable`). ``fast_dev_run`` writes it too (best.ckpt it does not).
 
     Args:
         dirpath: the folder of ``last.ckpt``.
@@ -115,22 +115,22 @@ class LastCheckpoint(ModelCheckpoint):
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # every_n_train_steps
         if self._stop_requested(trainer):
-            if self._last_global_step_saved != trainer.global_step:
+            if self._may_save(trainer) and self._last_global_step_saved != trainer.global_step:
                 self._save_last(trainer)
             self._stop(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # after on_validation_epoch_end, where WeightAveraging swapped the EMA weights back out
-        if self._may_save(trainer):
-            self._save_last(trainer)
-            if self._stop_requested(trainer):
-                self._stop(trainer)
+        self._save_and_maybe_stop(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save_and_maybe_stop(trainer)
+
+    def _save_and_maybe_stop(self, trainer: L.Trainer) -> None:
         if self._may_save(trainer):
             self._save_last(trainer)
-            if self._stop_requested(trainer):
-                self._stop(trainer)
+        if trainer.state.fn == TrainerFn.FITTING and self._stop_requested(trainer):
+            self._stop(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # ModelCheckpoint would write last.ckpt here if it never had; WeightAveraging.on_train_end has just
@@ -147,10 +147,11 @@ class LastCheckpoint(ModelCheckpoint):
 
     @staticmethod
     def _may_save(trainer: L.Trainer) -> bool:
-        """ModelCheckpoint's rules (not under fast_dev_run, only while fitting, not in the sanity check),
-        without its "already saved at this global step": the loop state after a validation or at the end of
-        an epoch is later than at the step's end, at the same global step."""
-        return not (trainer.fast_dev_run or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking)
+        """While fitting, outside the sanity check. Unlike ModelCheckpoint's rules: also under fast_dev_run (as
+        before, when ModelCheckpoint's on_train_end wrote last.ckpt there), so a smoke run leaves a checkpoint
+        to predict with; and without "already saved at this global step": the loop state after a validation
+        or at the end of an epoch is later than at the end of the step, at the same global step."""
+        return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
 
     def _save_last(self, trainer: L.Trainer) -> None:
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
