@@ -243,15 +243,15 @@ def test_resuming_with_another_prediction_target_is_refused(straight, tmp_path, 
     assert f"resume with {override.split('=')[0]}=" in str(err.value)
 
 
-def test_resuming_with_changed_sampling_and_optimiser_settings_is_allowed(straight, tmp_path):
-    """The sampler and the learning rate do not change what the network predicts (the run has finished its
-    2 epochs, so it restores and stops at once)."""
+def test_resuming_with_changed_sampling_optimiser_and_loss_settings_is_allowed(straight, tmp_path):
+    """The sampler, the learning rate and a loss weight do not change what the network predicts; a loss weight
+    is named in a warning (the run has finished its 2 epochs, so it restores and stops at once)."""
     ckpt = straight / "checkpoints" / "last.ckpt"
-    train(
-        compose_config(
-            "train", [*RUN, "noise.eta=0.5", "model.optimizer.lr=0.001", f"ckpt_path={ckpt}"], tmp_path
-        )
-    )
+    changed = ["noise.eta=0.5", "model.optimizer.lr=0.001", "noise.vlb_weight=0.5"]
+    with pytest.warns(
+        UserWarning, match=r"changed loss settings: noise\.vlb_weight=1\.0 in the checkpoint, 0\.5 now$"
+    ):
+        train(compose_config("train", [*RUN, *changed, f"ckpt_path={ckpt}"], tmp_path))
 
 
 def test_a_checkpoint_that_does_not_fit_its_own_config_names_the_parameter(straight, tmp_path):
