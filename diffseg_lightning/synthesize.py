@@ -96,7 +96,7 @@ def write_pair(
 def synthesize(cfg: DictConfig) -> dict[str, Any]:
     """Generate ``cfg.n`` pairs from ``cfg.ckpt_path`` into ``cfg.output_dir``; returns the record written
     to ``synthesis.json``."""
-    validate_config(cfg, sampling=False)  # the whole config, before anything is read or written
+    validate_config(cfg, sampling=False, unused=("data",))  # before anything is read or written
     L.seed_everything(cfg.seed, workers=True)
     if int(cfg.n) < 1:
         raise DiffSegError(f"n must be >= 1, got {cfg.n}")

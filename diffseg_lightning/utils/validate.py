@@ -29,7 +29,7 @@ import tempfile
 import types
 import typing
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path, PurePath
 from typing import Any, Literal, Union
 
@@ -53,7 +53,7 @@ _MAPPINGS = (dict, collections.abc.Mapping, collections.abc.MutableMapping)
 _DATA_REFERENCE = re.compile(r"(?<![\w.])data((?:\.[A-Za-z_]\w*)+)")
 
 
-def validate_config(cfg: DictConfig, sampling: bool = True) -> None:
+def validate_config(cfg: DictConfig, sampling: bool = True, unused: Collection[str] = ()) -> None:
     """Check ``cfg`` as a whole (see the module docstring); raise on the first class of problem found.
 
     Args:
@@ -62,23 +62,27 @@ def validate_config(cfg: DictConfig, sampling: bool = True) -> None:
             kernel comes from a checkpoint (``diffseg-synthesize``); :func:`check_inference` checks the
             sampler against it once the checkpoint is read (``diffseg-eval`` and ``-predict`` have no
             ``_target_`` in ``cfg.noise``, so nothing is constructed for them here anyway).
+        unused: top-level nodes the entry point does not read (``diffseg-synthesize``: ``data``, whose
+            ``root`` may be unset), left unchecked.
 
     Raises:
         ConfigError: naming the key and what it accepts (an interpolation that cannot be resolved, too).
     """
     with _config_errors():
-        missing = missing_keys(cfg)
+        missing = [key for key in missing_keys(cfg) if key.split(".")[0].split("[")[0] not in unused]
         if missing:
             example = " ".join(f"{key}=..." for key in missing)
             raise ConfigError(
                 f"missing value for {', '.join(missing)}: give it on the command line ({example})"
             )
-        OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+        for key in cfg:
+            if key not in unused and isinstance(cfg[key], DictConfig | ListConfig):
+                OmegaConf.to_container(cfg[key], resolve=True)  # every interpolation resolves
         for key in OUTPUT_KEYS:
             folder = OmegaConf.select(cfg, key, default=None)
             if folder is not None:
                 check_writable(folder, key)
-        check_targets(cfg)
+        check_targets(cfg, unused)
         if sampling and _has_target(cfg.get("noise")) and _has_target(cfg.get("sampler")):
             check_sampling(cfg.noise, cfg.sampler)
         if _has_target(cfg.get("trainer")):
@@ -161,11 +165,13 @@ def check_writable(folder: str | os.PathLike, key: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------- keys and types
-def check_targets(cfg: DictConfig) -> None:
-    """Check the keys and value types of every node with a ``_target_`` against the target's signature."""
+def check_targets(cfg: DictConfig, unused: Collection[str] = ()) -> None:
+    """Check the keys and value types of every node with a ``_target_`` against the target's signature
+    (except under the top-level nodes ``unused``)."""
     referenced = data_references(cfg)
     for path, node in target_nodes(cfg):
-        check_node(path, node, referenced if path == "data" else None)
+        if path.split(".")[0] not in unused:
+            check_node(path, node, referenced if path == "data" else None)
 
 
 def target_nodes(node: Any, path: str = "") -> Iterator[tuple[str, DictConfig]]:
