@@ -230,13 +230,14 @@ def test_a_bug_keeps_its_traceback_and_asks_for_a_report(tmp_path, monkeypatch, 
 
 # ------------------------------------------------------------ items 9, 10, 12 at the command line (in-process)
 def test_a_failed_run_leaves_no_empty_run_directory(cli, tmp_path):
-    result = cli(
-        train_cli.main, *TINY, "debug=fast_dev_run", "+data.bacth_size=4", "paths.log_dir=logs", cwd=tmp_path
-    )
+    """Hydra made the run directory (a sweep's too) before the task; holding only Hydra's files, it goes."""
+    overrides = [*TINY, "debug=fast_dev_run", "paths.log_dir=logs"]
+    result = cli(train_cli.main, *overrides, "+data.bacth_size=4", cwd=tmp_path)
     assert "unknown setting data.bacth_size (did you mean data.batch_size?)" in one_error_line(result)
-    assert (
-        list((tmp_path / "logs" / "train" / "runs").iterdir()) == []
-    )  # Hydra made it; nothing else was in it
+    assert list((tmp_path / "logs" / "train" / "runs").iterdir()) == []
+    result = cli(train_cli.main, "-m", *overrides, "+data.bacth_size=4,5", cwd=tmp_path)
+    assert "unknown setting data.bacth_size" in one_error_line(result)
+    assert list((tmp_path / "logs" / "train" / "multiruns").iterdir()) == []
 
 
 def test_a_failed_run_keeps_a_directory_it_did_not_create(cli, tmp_path):

@@ -34,7 +34,7 @@ BUG_HINT = "this looks like a bug in DiffSeg, not in your input: please report i
 
 # What run_cli knows about the run in progress: whether its task function started (so that an error is
 # not Hydra's setup of the run) and the run directory it may remove when the run fails.
-_cli = {"active": False, "task_started": False, "run_dir": None}
+_cli = {"active": False, "task_started": False, "run_dirs": ()}
 
 
 def one_line(message: str) -> str:
@@ -71,7 +71,7 @@ def user_errors() -> Iterator[None]:
     """
     if _cli["active"]:
         _cli["task_started"] = True
-        _cli["run_dir"] = removable_run_dir()
+        _cli["run_dirs"] = removable_run_dirs()
     try:
         yield
     except Exception as err:
@@ -89,21 +89,21 @@ def run_cli(hydra_main: Callable[[], object]) -> None:
     - Errors of our checks: one line (:func:`user_errors`).
     - Anything else: its traceback, then one line asking to report it; exit code 1.
     - A failed run's directory is removed when it holds nothing but Hydra's own files
-      (:func:`removable_run_dir`).
+      (:func:`removable_run_dirs`).
 
     Hydra prints its own multi-line report unless ``HYDRA_FULL_ERROR`` is set; we set it so the exception
     reaches us. ``DIFFSEG_FULL_ERROR=1`` lets every exception through untouched.
     """
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    _cli.update(active=True, task_started=False, run_dir=None)
+    _cli.update(active=True, task_started=False, run_dirs=())
     try:
         hydra_main()
     except SystemExit as exit:
         if exit.code not in (None, 0):
-            remove_run_dir(_cli["run_dir"])
+            remove_run_dirs(_cli["run_dirs"])
         raise
     except BaseException as err:
-        remove_run_dir(_cli["run_dir"])
+        remove_run_dirs(_cli["run_dirs"])
         if os.environ.get("DIFFSEG_FULL_ERROR") or isinstance(err, KeyboardInterrupt):
             raise
         if not _cli["task_started"]:
@@ -118,7 +118,7 @@ def run_cli(hydra_main: Callable[[], object]) -> None:
         print(f"error: {type(err).__name__}: {_first_line(err)} ({hint})", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     finally:
-        _cli.update(active=False, run_dir=None)
+        _cli.update(active=False, run_dirs=())
 
 
 def _first_line(err: BaseException) -> str:
@@ -175,38 +175,41 @@ def override_hint(arguments: list[str]) -> str | None:
 
 
 # ------------------------------------------------------------------------------- a failed run's directory
-def removable_run_dir() -> Path | None:
-    """The run directory Hydra made for this job, when it is ours to remove should the run fail: named by
-    the config's pattern (``hydra.run.dir`` / ``hydra.sweep.dir`` an interpolation such as
-    ``${diffseg.run_name:}``, not given on the command line, so it is new to this run). A fixed path (a
-    user's folder, an earlier run's directory, a DDP worker's) is never removed. Called inside the task."""
+def removable_run_dirs() -> tuple[Path, ...]:
+    """The folders Hydra made for this job that are ours to remove should the run fail: the run directory
+    (in a sweep: the job's directory, then the sweep's), when it is named by the config's pattern
+    (``hydra.run.dir`` / ``hydra.sweep.dir`` an interpolation such as ``${diffseg.run_name:}``, not given
+    on the command line, so it is new to this run). A fixed path (a user's folder, an earlier run's
+    directory, a DDP worker's) is never removed. Called inside the task."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if not HydraConfig.initialized():
-        return None
+        return ()
     hydra = HydraConfig.get()
     try:
         group = "sweep" if hydra.mode == RunMode.MULTIRUN else "run"
         given = {o.split("=", 1)[0].lstrip("+~") for o in hydra.overrides.hydra}
         if not OmegaConf.is_interpolation(hydra[group], "dir") or f"hydra.{group}.dir" in given:
-            return None
-        return Path(hydra.runtime.output_dir)
+            return ()
+        job = Path(hydra.runtime.output_dir)
+        return (job, Path(hydra.sweep.dir).absolute()) if group == "sweep" else (job,)
     except OmegaConfBaseException:  # not inside a job of a Hydra app: no run directory of ours
-        return None
+        return ()
 
 
-def remove_run_dir(folder: Path | None) -> bool:
-    """Remove ``folder`` if it holds nothing but what Hydra writes before the task (``.hydra/``, the job's
-    ``.log``) and empty folders; keep it when it holds any other file. Returns whether it was removed."""
-    if folder is None or not folder.is_dir():
-        return False
-    for entry in folder.iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            if entry.name == ".hydra" or not any(p.is_file() for p in entry.rglob("*")):
-                continue
-        elif entry.is_file() and entry.suffix == ".log":
+def remove_run_dirs(folders: tuple[Path, ...]) -> None:
+    """Remove each of ``folders`` in turn while it holds nothing but what Hydra writes before the task
+    (``.hydra/``, the job's ``.log``, a sweep's ``multirun.yaml``) and empty folders; stop at the first
+    that holds any other file (a sweep's folder holding another job's results is kept)."""
+    for folder in folders:
+        if not folder.is_dir():
             continue
-        return False
-    shutil.rmtree(folder, ignore_errors=True)
-    return True
+        for entry in folder.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                if entry.name == ".hydra" or not any(p.is_file() for p in entry.rglob("*")):
+                    continue
+            elif entry.is_file() and (entry.suffix == ".log" or entry.name == "multirun.yaml"):
+                continue
+            return
+        shutil.rmtree(folder, ignore_errors=True)
