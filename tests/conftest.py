@@ -90,6 +90,15 @@ def cli(monkeypatch, capsys) -> Callable[..., CliResult]:
     return run
 
 
+@pytest.fixture(autouse=True)
+def no_leaked_global_seed():
+    """``seed_everything`` (run by in-process train / eval / predict) leaves ``PL_GLOBAL_SEED`` in the
+    environment, and the training order (``SegmentationDataModule.epoch_sampler``) reads it: remove it after
+    each test, so no test's data order depends on which tests ran before it."""
+    yield
+    os.environ.pop("PL_GLOBAL_SEED", None)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module of small-tensor tests: on a busy 2-core runner, OpenMP made

@@ -159,10 +159,13 @@ def test_signal_stops_after_the_step_with_last_ckpt_and_resume_is_exact(
     straight, tmp_path, signum, phase, step, saved, code
 ):
     stopped = tmp_path / "stopped"
+    # the handlers found before the run (SIG_IGN for SIGINT in a background job of a shell, not Python's
+    # default_int_handler), which the run must give back
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with pytest.raises(SystemExit) as exit_info:
         train(compose_config("train", [*RUN, *signal_at(step, signum, phase)], stopped))
     assert exit_info.value.code == code
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
+    assert {s: signal.getsignal(s) for s in before} == before  # handlers given back
     state = last(stopped)
     assert state["global_step"] == saved  # 5 is neither an every-2-steps write nor an epoch end
     if phase == "validation":  # stopped after validating epoch 0, before its epoch end
