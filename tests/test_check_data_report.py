@@ -151,3 +151,38 @@ def test_spans_of_item_numbers():
 
     assert spans([9, 0, 1, 2, 3, 4, 5, 11, 12]) == "0-5, 9, 11-12"
     assert spans([7]) == "7"
+
+
+def test_a_bad_image_does_not_hide_its_bad_mask(tmp_path, capsys):
+    root = tmp_path / "data"
+    write_faulty_folder(root)
+    whole = (root / "images" / "c5.png").read_bytes()
+    (root / "images" / "c5.png").write_bytes(whole[: len(whole) // 2])  # truncated image ...
+    Image.fromarray(np.full((12, 16), 7, np.uint8)).save(
+        root / "masks" / "c5.png"
+    )  # ... and mask off the rule
+    code, report, _ = run_check(["data=folder", f"data.root={root}"], tmp_path / "out", capsys)
+    found = dict(problems_of(report))
+    assert code == 1 and len(found) == 6  # the four faults of write_faulty_folder and both files of c5
+    assert found[str(root / "images" / "c5.png")].startswith("not a readable image")
+    assert found[str(root / "masks" / "c5.png")].startswith("mask values 7 are not a binary mask")
+
+
+def test_read_all_raises_every_user_error_of_a_case():
+    from diffseg_lightning.exceptions import CaseProblems, read_all
+
+    def fail(message):
+        def read():
+            raise DiffSegError(message)
+
+        return read
+
+    assert read_all(lambda: 1, lambda: 2) == (1, 2)
+    with pytest.raises(DiffSegError) as one:
+        read_all(lambda: 1, fail("a.png: broken"))
+    assert not isinstance(one.value, CaseProblems) and str(one.value) == "a.png: broken"
+    with pytest.raises(CaseProblems) as both:
+        read_all(fail("a.png: broken"), fail("b.png: values 7"))
+    assert both.value.messages == ["a.png: broken", "b.png: values 7"]
+    with pytest.raises(ZeroDivisionError):  # not a user error: propagates with its traceback
+        read_all(lambda: 1 / 0, fail("b.png: values 7"))

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from diffseg_lightning.data.base import split_message
+from diffseg_lightning.exceptions import CaseProblems
 from diffseg_lightning.utils.errors import DiffSegError
 
 # What a bad case raises while its files are read (loaders wrap library errors in DiffSegError, naming the
@@ -136,9 +137,11 @@ def check_dataset(
         try:
             item = dataset[index]
         except READ_ERRORS as err:
-            message = first_line(err)
-            where, reason = split_message(message, f"{split} item {index}")
-            report.add_problem(where, reason, index, key=message)
+            messages = err.messages if isinstance(err, CaseProblems) else [first_line(err)]
+            for message in messages:
+                message = " ".join(message.split())
+                where, reason = split_message(message, f"{split} item {index}")
+                report.add_problem(where, reason, index, key=message)
             continue
         image = item["image"]
         if isinstance(image, torch.Tensor) and not torch.isfinite(image).all():

@@ -23,6 +23,7 @@ from diffseg_lightning.data.masks import (
     unreadable,
 )
 from diffseg_lightning.data.splits import check_fractions, seeded_split
+from diffseg_lightning.exceptions import read_all
 from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
@@ -482,11 +483,17 @@ class PairedFolder(CaseDataset):
 
     def __getitem__(self, index: int) -> dict:
         image_path, mask_path = self.pairs[index]
-        image = torch.from_numpy(check_channels(read_image(image_path), self.channels, image_path))
-        values, lossy = read_mask_file(mask_path)
-        self.note_labels(values)
-        check_same_size(mask_path, values.shape[:2], image_path, image.shape)
-        foreground = mask_foreground(values, self.foreground, mask_path, lossy)
+
+        def read_mask() -> np.ndarray:
+            values, lossy = read_mask_file(mask_path)
+            self.note_labels(values)
+            return mask_foreground(values, self.foreground, mask_path, lossy)
+
+        image, foreground = read_all(  # a bad image does not hide a bad mask from the check
+            lambda: torch.from_numpy(check_channels(read_image(image_path), self.channels, image_path)),
+            read_mask,
+        )
+        check_same_size(mask_path, foreground.shape[:2], image_path, image.shape)
         mask = torch.from_numpy(foreground.astype(np.float32))[None]
         return {
             "image": resize(image, self.size, "bilinear"),
