@@ -202,12 +202,18 @@ def read_label_map(path: Path) -> np.ndarray:
             mode = img.mode
     except (UnidentifiedImageError, OSError) as err:
         raise unreadable(path, err) from None
+    return grey_channel(array, path, f"expected a grey or palette label image, found colour ({mode})")
+
+
+def grey_channel(array: np.ndarray, path: Path, colour_error: str) -> np.ndarray:
+    """(H, W) as it is, or the first channel of (H, W, C) grey stored as colour (its first three channels
+    equal); true colour raises ``DiffSegError`` ``<path>: <colour_error>``."""
     if array.ndim == 3:
         colour = array[..., :3]
         if not (
             np.array_equal(colour[..., 0], colour[..., 1]) and np.array_equal(colour[..., 0], colour[..., 2])
         ):
-            raise DiffSegError(f"{path}: expected a grey or palette label image, found colour ({mode})")
+            raise DiffSegError(f"{path}: {colour_error}")
         array = colour[..., 0]
     return array
 
@@ -231,13 +237,7 @@ def read_grey(path: Path) -> np.ndarray:
             array = np.asarray(img)
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise unreadable(path, err) from None
-    if array.ndim == 3:
-        colour = array[..., :3]
-        if not (
-            np.array_equal(colour[..., 0], colour[..., 1]) and np.array_equal(colour[..., 0], colour[..., 2])
-        ):
-            raise DiffSegError(f"{path}: expected a grey label image, found colour")
-        array = colour[..., 0]
+    array = grey_channel(array, path, "expected a grey label image, found colour")
     if array.dtype != np.uint8:
         raise DiffSegError(f"{path}: expected an 8-bit grey label image, found {array.dtype}")
     return array
