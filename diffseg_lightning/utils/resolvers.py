@@ -1,4 +1,4 @@
-"""OmegaConf resolvers used by the configs in ``conf/``."""
+"""OmegaConf resolvers used by the configs in ``diffseg_lightning/conf/``, and where those configs live."""
 
 from __future__ import annotations
 
@@ -6,13 +6,16 @@ import netrc
 import os
 import secrets
 from datetime import datetime
+from importlib import resources
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from diffseg_lightning.exceptions import ConfigError
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+#: The Hydra configs ship inside the package (``diffseg_lightning/conf``; the repository's top-level ``conf``
+#: is a link to it), so an installed wheel finds them from any directory.
+CONFIG_DIR = str(Path(str(resources.files("diffseg_lightning") / "conf")).resolve())
 
 
 def wandb_offline() -> bool:
