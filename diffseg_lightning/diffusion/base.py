@@ -1,6 +1,19 @@
-"""What every noise kernel shares: the timestep bookkeeping of the kernel contract (``DESIGN.md``)."""
+"""The two contracts of the diffusion layer: the noise kernel (a noise process) and the denoiser.
+
+A noise kernel is the noise process only: the forward marginal ``q(x_t | x_0)``, the training loss, the
+prediction of ``x_0`` from a network output, and the posterior ``q(x_{t_prev} | x_t, x_0)`` between any two
+kept steps. How a chain is walked backwards is a solver's job (``diffusion/solvers``); the loop that walks it
+is ``diffusion/reverse.py``. See ``docs/architecture.md``.
+
+Conventions: timesteps are LongTensors ``(B,)`` with values in ``[0, T)``; ``t_prev = -1`` is the clean
+mask (``abar = 1``). Masks are float tensors ``(B, C, H, W)`` (any trailing spatial dims) in kernel space,
+float32 unless said otherwise. Kernels have no parameters.
+"""
 
 from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -8,14 +21,37 @@ from torch import Tensor, nn
 from diffseg_lightning.diffusion.schedules import SCHEDULES
 from diffseg_lightning.exceptions import ConfigError
 
+if TYPE_CHECKING:
+    from diffseg_lightning.diffusion.solvers.base import Solver
 
-class NoiseKernel(nn.Module):
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """The denoiser contract: every mask-diffusion network (``nets/``) implements these two methods.
+
+    ``encode_condition`` runs once per image batch; its result is reused at every step and, repeated
+    (``inference.sampler.repeat_condition``), for every sample, so image features are not recomputed.
+    """
+
+    def encode_condition(self, image: Tensor) -> Any:
+        """The image's condition: a tensor, or a tuple / list / dict of batch-first tensors, from
+        ``image`` ``(B, C_img, H, W)``."""
+        ...
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
+        """The output for noisy masks ``x_t`` ``(B, C, H, W)`` at timesteps ``t`` (LongTensor ``(B,)``) given
+        ``cond``: ``(B, kernel.model_output_channels(C), H, W)``."""
+        ...
+
+
+class NoiseKernel(nn.Module, ABC):
     """Base of the noise kernels: validated ``num_train_timesteps`` and schedule, the strided inference
-    grid, uniform training timesteps, and per-sample timestep helpers.
+    grid, uniform training timesteps, per-sample timestep helpers, and the abstract noise process.
 
-    An ``nn.Module`` only so that a subclass's (non-persistent) schedule buffers follow ``.to(device)``;
-    it has no parameters. Subclasses register ``alphas_cumprod`` (T,) and implement ``q_sample``,
-    ``loss``, ``step``, ``sample_prior``, ``encode_mask`` and ``decode_mask``.
+    An ``nn.Module`` only so that a subclass's (non-persistent) float32 schedule buffers follow
+    ``.to(device)``; it has no parameters. Subclasses register ``alphas_cumprod`` (T,), implement the
+    abstract methods below, and name their default solver (``default_solver``, and the ``sampler=`` config
+    group that selects it, ``default_solver_group``).
 
     Args:
         num_train_timesteps: T.
@@ -23,6 +59,8 @@ class NoiseKernel(nn.Module):
     """
 
     alphas_cumprod: Tensor
+    #: The ``sampler=<group>`` that selects this kernel's default solver (named in error messages).
+    default_solver_group: ClassVar[str]
 
     def __init__(self, num_train_timesteps: int, schedule: str) -> None:
         super().__init__()
@@ -37,10 +75,54 @@ class NoiseKernel(nn.Module):
         self.num_train_timesteps: int = num_train_timesteps
         self.schedule: str = schedule
 
-    @property
-    def update_rule(self) -> str:
-        """The name of the reverse update ``step`` uses, reported in ``summary.json`` (``sampler.update``)."""
-        return "posterior"
+    # ------------------------------------------------------------------ the noise process (abstract)
+    @abstractmethod
+    def model_output_channels(self, mask_channels: int) -> int:
+        """Channels the denoiser must output for ``mask_channels`` mask channels."""
+
+    @abstractmethod
+    def encode_mask(self, mask01: Tensor) -> Tensor:
+        """Map a ``{0, 1}`` mask ``(B, C, H, W)`` to kernel space ``x0`` (float)."""
+
+    @abstractmethod
+    def decode_mask(self, x: Tensor) -> Tensor:
+        """Map kernel space ``(B, C, H, W)`` to a foreground probability in ``[0, 1]``."""
+
+    @abstractmethod
+    def sample_prior(
+        self,
+        shape: tuple[int, ...] | torch.Size,
+        device: torch.device | str | None,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """Draw ``x_T`` of ``shape`` from the prior (the chain's start)."""
+
+    @abstractmethod
+    def q_sample(
+        self,
+        x0: Tensor,
+        t: Tensor | int,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Draw ``x_t ~ q(x_t | x_0)`` for ``x0`` ``(B, C, H, W)`` and ``t`` (B,); ``noise`` fixes the draw."""
+
+    @abstractmethod
+    def loss(self, model_output: Tensor, x0: Tensor, x_t: Tensor, t: Tensor) -> dict[str, Tensor]:
+        """Training loss terms, 0-dim tensors; ``"loss"`` is what to minimise."""
+
+    @abstractmethod
+    def predict_x0(self, model_output: Tensor, x_t: Tensor, t: Tensor | int) -> Tensor:
+        """The ``x_0`` the network output implies at ``(x_t, t)``, in kernel space, shape of ``x_t``."""
+
+    @abstractmethod
+    def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor | int, t_prev: Tensor | int) -> Any:
+        """The posterior ``q(x_{t_prev} | x_t, x_0)`` for any ``-1 <= t_prev < t`` (its parameters)."""
+
+    @abstractmethod
+    def default_solver(self) -> Solver:
+        """The solver ``sampler=default`` uses for this kernel."""
 
     def _batch_t(self, t: Tensor | int, batch: int, name: str = "t") -> Tensor:
         """Timesteps as a LongTensor ``(B,)`` on the buffers' device (a 0-dim or int is broadcast)."""

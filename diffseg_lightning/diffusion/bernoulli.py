@@ -210,6 +210,11 @@ class BernoulliKernel(NoiseKernel):
         for name, value in tables.items():
             self.register_buffer(name, value.to(torch.float32), persistent=False)
 
+    default_solver_group = "bernoulli"
+
+    def default_solver(self):  # TEMPORARY bridge until the solvers land (issue 19, solver helper)
+        raise NotImplementedError
+
     def extra_repr(self) -> str:
         return (
             f"T={self.num_train_timesteps}, schedule={self.schedule!r}, objective={self.objective!r}, "

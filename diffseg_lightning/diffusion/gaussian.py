@@ -226,6 +226,14 @@ class GaussianKernel(NoiseKernel):
         """``sampling`` (``"ddim"``, ``"ddpm"`` or ``"dpmpp_2m"``)."""
         return self.sampling
 
+    default_solver_group = "ddim"
+
+    def default_solver(self):  # TEMPORARY bridge until the solvers land (issue 19, solver helper)
+        raise NotImplementedError
+
+    def predict_x0(self, model_output: Tensor, x_t: Tensor, t: Tensor | int) -> Tensor:  # TEMPORARY bridge
+        return self.predict_x0_eps(model_output, x_t, t, clip=False)[0]
+
     def extra_repr(self) -> str:
         return (
             f"T={self.num_train_timesteps}, schedule={self.schedule!r}, objective={self.objective!r}, "

@@ -1,0 +1,72 @@
+"""The solver contract: one reverse update of a noise kernel's chain, from the noise level of ``t`` to that of
+``t_prev``. A solver owns every sampling choice (``eta``, ``clip_x0``, a multistep memory); the kernel owns the
+noise process (``diffusion/base.py``). See ``docs/architecture.md``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from diffseg_lightning.diffusion.base import NoiseKernel
+from diffseg_lightning.exceptions import ConfigError
+
+
+class Solver(ABC):
+    """A reverse update for one kind of noise kernel.
+
+    Subclasses set ``name`` (what ``summary.json`` reports as ``sampler.update``) and ``kernel_type`` (the
+    kernel class they fit), and implement :attr:`is_deterministic` and :meth:`step`. A solver keeps no state
+    between calls: a multistep update keeps its memory in the per-chain ``state`` dict that
+    :func:`~diffseg_lightning.diffusion.reverse.reverse` creates empty for each chain and passes to every step.
+    """
+
+    name: ClassVar[str]
+    kernel_type: ClassVar[type[NoiseKernel]]
+
+    @property
+    @abstractmethod
+    def is_deterministic(self) -> bool:
+        """True when :meth:`step` draws no random numbers (the chain is a function of its prior draw)."""
+
+    def check_kernel(self, kernel: NoiseKernel) -> None:
+        """Raise a :class:`ConfigError` naming both when this solver cannot sample ``kernel``'s chain."""
+        if not isinstance(kernel, self.kernel_type):
+            raise ConfigError(
+                f"solver {self.name!r} ({type(self).__name__}) samples a {self.kernel_type.__name__}, but the "
+                f"noise kernel is a {type(kernel).__name__}; choose a solver for it with "
+                f"sampler={kernel.default_solver_group} (or sampler=default, the kernel's default solver)"
+            )
+
+    def settings(self) -> dict[str, Any]:
+        """The solver's settings for ``summary.json``: at least ``update`` (the name) and ``deterministic``."""
+        return {"update": self.name, "deterministic": self.is_deterministic}
+
+    @abstractmethod
+    def step(
+        self,
+        kernel: NoiseKernel,
+        model_output: Tensor,
+        t: Tensor,
+        t_prev: Tensor,
+        x_t: Tensor,
+        generator: torch.Generator | None = None,
+        state: dict[str, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """One reverse step ``x_t -> x_{t_prev}``.
+
+        Args:
+            kernel: the noise process (an instance of ``kernel_type``).
+            model_output: the denoiser's output for ``(x_t, t)``, float32, ``(B, C_out, ...)``.
+            t: LongTensor ``(B,)``, the current timesteps.
+            t_prev: LongTensor ``(B,)``, ``-1 <= t_prev < t``; ``-1`` is the final step (the clean mask).
+            x_t: the current sample ``(B, C, ...)``, float32.
+            generator: random generator for the step's draws (on ``x_t``'s device).
+            state: the chain's memory for multistep solvers, updated in place; ``None``: first-order steps.
+
+        Returns:
+            ``(x_prev, x0_pred)``, each of the shape of ``x_t``.
+        """
