@@ -41,14 +41,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from diffseg_lightning.entry import build_module
 from diffseg_lightning.inference.sampler import DiffusionSampler
-from diffseg_lightning.methods.mask_diffusion import count_macs
-from diffseg_lightning.utils import CONFIG_DIR
+from diffseg_lightning.utils.compose import compose_config
+from diffseg_lightning.utils.speed import count_macs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL_SAMPLES = (1, 5, 16)
@@ -226,11 +225,7 @@ def reference_step_seconds(module, kernel, image, timed_steps: int, seed: int = 
 
 # ------------------------------------------------------------------------------------------ the bench
 def compose_bench(model: str, noise: str, size: int, overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[f"model={model}", f"noise={noise}", f"data.size={size}", *overrides],
-        )
+    return compose_config("train", [f"model={model}", f"noise={noise}", f"data.size={size}", *overrides])
 
 
 def measure(

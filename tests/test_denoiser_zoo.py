@@ -112,7 +112,7 @@ def test_runs_with_the_bernoulli_kernel_too(model, tmp_path):
 
 
 def test_macs_count_matches_a_hand_count():
-    from diffseg_lightning.methods.mask_diffusion import count_macs
+    from diffseg_lightning.utils.speed import count_macs
 
     conv = torch.nn.Conv2d(3, 8, 3, padding=1)
     linear = torch.nn.Linear(16, 4)

@@ -13,7 +13,7 @@ from torch import nn
 
 from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.inference.sampler import DiffusionSampler, describe_samples
-from diffseg_lightning.methods.mask_diffusion import SegmentationMethod
+from diffseg_lightning.methods.base import SegmentationMethod
 from diffseg_lightning.nets.darl import one_hot_mask
 
 __all__ = ["DARLModule", "darl_discriminator_losses", "darl_generator_losses", "lsgan_loss", "to_unit_range"]

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from diffseg_lightning.features.extractor import DiffusionFeatureExtractor
 from diffseg_lightning.inference.sampler import DiffusionSampler, describe_samples
-from diffseg_lightning.methods.mask_diffusion import SegmentationMethod
+from diffseg_lightning.methods.base import SegmentationMethod
 from diffseg_lightning.methods.segmentation import DiceBCELoss
 from diffseg_lightning.nets.dkm import group_by_block
 from diffseg_lightning.utils.errors import ConfigError, DiffSegError

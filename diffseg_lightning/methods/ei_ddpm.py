@@ -20,7 +20,7 @@ from diffseg_lightning.inference.evidence import (
 )
 from diffseg_lightning.inference.fusion import Fusion
 from diffseg_lightning.inference.sampler import DiffusionSampler, describe_samples
-from diffseg_lightning.methods.mask_diffusion import SegmentationMethod
+from diffseg_lightning.methods.base import SegmentationMethod
 from diffseg_lightning.metrics.segmentation import segmentation_metrics
 from diffseg_lightning.nets.ei_ddpm import ParallelDenoisers
 

@@ -18,7 +18,7 @@ from torchmetrics.functional.classification import binary_auroc
 
 from diffseg_lightning.features import DiffusionFeatureExtractor, FeatureCache, dataset_identity
 from diffseg_lightning.inference.sampler import DiffusionSampler, describe_samples
-from diffseg_lightning.methods.mask_diffusion import SegmentationMethod
+from diffseg_lightning.methods.base import SegmentationMethod
 from diffseg_lightning.metrics.fairness import subgroup_report
 from diffseg_lightning.nets.pixel_mlp import PixelMLPEnsemble
 from diffseg_lightning.utils.errors import ConfigError, DiffSegError

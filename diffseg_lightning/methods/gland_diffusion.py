@@ -28,7 +28,7 @@ from diffseg_lightning.inference.boxes import (
     random_boxes,
 )
 from diffseg_lightning.inference.sampler import DiffusionSampler, case_generators, describe_samples
-from diffseg_lightning.methods.mask_diffusion import SegmentationMethod
+from diffseg_lightning.methods.base import SegmentationMethod
 from diffseg_lightning.methods.segmentation import SegmentationModule
 from diffseg_lightning.metrics.instances import glas_f1, hungarian_match, object_dice, object_hausdorff
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.inference.sampler import DiffusionSampler
-from diffseg_lightning.methods.mask_diffusion import SegmentationMethod
+from diffseg_lightning.methods.base import SegmentationMethod
 from diffseg_lightning.methods.weak_cdm import min_max_normalize, saliency_outputs
 
 

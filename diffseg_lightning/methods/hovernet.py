@@ -14,7 +14,7 @@ from torch import nn
 from diffseg_lightning.data.hover import hover_maps, instances_from_hover
 from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.inference.sampler import DiffusionSampler, describe_samples
-from diffseg_lightning.methods.mask_diffusion import SegmentationMethod
+from diffseg_lightning.methods.base import SegmentationMethod
 from diffseg_lightning.metrics.instances import (
     aggregated_jaccard_index,
     f1_at_iou,

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from diffseg_lightning.exceptions import ConfigError, DiffSegError
-from diffseg_lightning.methods.mask_diffusion import SegmentationMethod
+from diffseg_lightning.methods.base import SegmentationMethod
 
 __all__ = ["ImageDiffusionModule"]
 

@@ -15,8 +15,6 @@ from torch import nn
 
 from diffseg_lightning.inference.sampler import DiffusionSampler
 from diffseg_lightning.methods.base import SegmentationMethod
-from diffseg_lightning.utils.schedules import warmup_cosine  # noqa: F401  (re-export until importers move)
-from diffseg_lightning.utils.speed import compile_in_place, count_macs  # noqa: F401  (same)
 
 
 class MaskDiffusionModule(SegmentationMethod):

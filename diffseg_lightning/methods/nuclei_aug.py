@@ -23,7 +23,7 @@ from diffseg_lightning.data.hover import (
 )
 from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.inference.sampler import DiffusionSampler
-from diffseg_lightning.methods.mask_diffusion import SegmentationMethod
+from diffseg_lightning.methods.base import SegmentationMethod
 
 STAGES = ("both", "structure", "image")
 #: The timesteps (fractions of T) at which validation and test score the held-out denoising error.

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.inference.sampler import DiffusionSampler, describe_samples
-from diffseg_lightning.methods.mask_diffusion import SegmentationMethod
+from diffseg_lightning.methods.base import SegmentationMethod
 from diffseg_lightning.metrics.instances import hungarian_match
 from diffseg_lightning.nets.odise import ODISENet
 

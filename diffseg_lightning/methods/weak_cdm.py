@@ -18,7 +18,7 @@ from torch import nn
 
 from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.inference.sampler import DiffusionSampler, case_generators, describe_samples
-from diffseg_lightning.methods.mask_diffusion import SegmentationMethod
+from diffseg_lightning.methods.base import SegmentationMethod
 
 
 def min_max_normalize(saliency: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
