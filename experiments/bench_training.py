@@ -34,11 +34,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from diffseg_lightning.entry import build_module
-from diffseg_lightning.utils import CONFIG_DIR
+from diffseg_lightning.utils.compose import compose_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -67,10 +66,7 @@ class StepTimer(L.Callback):
 
 
 def compose_run(model: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(
-            "train", overrides=[f"model={model}", f"noise={NOISE.get(model, 'gaussian')}", *overrides]
-        )
+    return compose_config("train", [f"model={model}", f"noise={NOISE.get(model, 'gaussian')}", *overrides])
 
 
 def data_overrides(args: argparse.Namespace, workers: int, cache_dir: str | None) -> list[str]:

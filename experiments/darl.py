@@ -27,14 +27,13 @@ from skimage.filters import frangi
 from skimage.morphology import disk
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
-from conftest import compose_config  # noqa: E402
+sys.path.insert(0, str(REPO))
 
 from diffseg_lightning.data.datamodule import zscore_per_channel  # noqa: E402
 from diffseg_lightning.data.drive import DRIVE  # noqa: E402
 from diffseg_lightning.entry import load_checkpoint, module_from_checkpoint  # noqa: E402
 from diffseg_lightning.train import train  # noqa: E402
+from diffseg_lightning.utils.compose import compose_config  # noqa: E402
 
 
 def fov_scores(prediction: np.ndarray, reference: np.ndarray, fov: np.ndarray) -> dict[str, float]:

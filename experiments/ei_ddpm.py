@@ -31,13 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from diffseg_lightning.entry import build_module
 from diffseg_lightning.metrics.segmentation import segmentation_metrics
 from diffseg_lightning.train import train
-from diffseg_lightning.utils import CONFIG_DIR
+from diffseg_lightning.utils.compose import compose_config
 
 REGIONS = ("WT", "TC", "ET")
 REPO = Path(__file__).resolve().parents[1]
@@ -155,8 +154,7 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         out_dir = (REPO / args.runs_dir / name).resolve()
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose("train", overrides=[*overrides, f"paths.output_dir={out_dir}"])
+        cfg = compose_config("train", overrides, out_dir)
         last = out_dir / "checkpoints" / "last.ckpt"
         if not (args.reuse and last.is_file()):
             train(cfg)

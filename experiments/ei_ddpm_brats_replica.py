@@ -50,12 +50,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
 
 from diffseg_lightning.data.synthetic_multimodal import MODALITIES, SyntheticMultiModal
 from diffseg_lightning.entry import build_module
 from diffseg_lightning.train import train
-from diffseg_lightning.utils import CONFIG_DIR
+from diffseg_lightning.utils.compose import compose_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ei_ddpm import result_tables, score  # noqa: E402  (experiments/ei_ddpm.py: the synthetic comparison)
@@ -213,8 +212,7 @@ def main() -> None:
         out_dir = work / name
         if out_dir.exists():
             shutil.rmtree(out_dir)
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose("train", overrides=[*overrides, f"paths.output_dir={out_dir}"])
+        cfg = compose_config("train", overrides, out_dir)
         t0 = time.perf_counter()
         train(cfg)
         train_seconds = time.perf_counter() - t0

@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
 from diffseg_lightning.train import train
-from diffseg_lightning.utils import CONFIG_DIR
+from diffseg_lightning.utils.compose import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "experiments" / "runs" / "fedd"
@@ -57,8 +56,7 @@ def run(name: str, overrides: list[str], reuse: bool = False) -> dict:
         print(f"[fedd] {name}: reused", flush=True)
         return json.loads((out / "result.json").read_text())
     shutil.rmtree(out, ignore_errors=True)
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, *COMMON, f"paths.output_dir={out}"])
+    cfg = compose_config("train", [*overrides, *COMMON], out)
     start = time.perf_counter()
     train(cfg)
     seconds = time.perf_counter() - start

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -31,7 +30,7 @@ sys.path.insert(0, str(REPO))
 from diffseg_lightning.data.monuseg import MoNuSeg  # noqa: E402
 from diffseg_lightning.synthesize import synthesize, write_pair  # noqa: E402
 from diffseg_lightning.train import train  # noqa: E402
-from diffseg_lightning.utils import CONFIG_DIR  # noqa: E402
+from diffseg_lightning.utils.compose import compose_config  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "monuseg" / "MoNuSegTestData"
 TILE = 64
@@ -70,8 +69,7 @@ COMMON = [
 
 
 def compose_run(name: str, overrides: list[str], output_dir: Path):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(name, overrides=[*overrides, f"paths.output_dir={output_dir}"])
+    return compose_config(name, overrides, output_dir)
 
 
 def write_tiles(root: Path) -> dict[str, int]:

@@ -19,13 +19,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
 from diffseg_lightning.entry import load_checkpoint, module_from_checkpoint
 from diffseg_lightning.train import train
-from diffseg_lightning.utils import CONFIG_DIR
+from diffseg_lightning.utils.compose import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -97,8 +96,7 @@ def write_markdown(record: dict) -> str:
 
 def compose_run(overrides: list[str], output_dir: Path):
     GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-        return compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
+    return compose_config("train", overrides, output_dir)
 
 
 def test_without_clip(ckpt: Path, cfg) -> dict:

@@ -26,14 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from diffseg_lightning.entry import build_module, load_checkpoint
 from diffseg_lightning.methods.weak_cdm import min_max_normalize, saliency_outputs
 from diffseg_lightning.metrics.report import case_metrics
 from diffseg_lightning.train import train
-from diffseg_lightning.utils import CONFIG_DIR
+from diffseg_lightning.utils.compose import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = [
@@ -48,8 +47,7 @@ COMMON = [
 
 
 def compose_run(overrides: list[str], out: Path):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("train", overrides=[*overrides, f"paths.output_dir={out}"])
+    return compose_config("train", overrides, out)
 
 
 def run(overrides: list[str], out: Path) -> tuple[dict, float, object]:

@@ -1,4 +1,7 @@
-"""Shared fixtures: Hydra compose helpers and a tiny trained checkpoint."""
+"""Shared fixtures: the tiny-run overrides, CLI runners and a tiny trained checkpoint.
+
+``compose_config`` is :func:`diffseg_lightning.utils.compose.compose_config`, re-exported for the tests.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +15,8 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 
-from diffseg_lightning.utils import CONFIG_DIR
+from diffseg_lightning.utils.compose import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DIFFSEG_SHARED_DATA", REPO.parent / "shared" / "data"))  # the real subsets
@@ -37,12 +38,6 @@ TINY_MODEL = [
     "~callbacks.progress_bar",
 ]
 TINY = [*TINY_MODEL, "data.num_train=32", "data.num_val=8", "data.num_test=8"]  # for data=synthetic
-
-
-def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictConfig:
-    """Compose a primary config as the CLI would, with the run directory fixed to ``output_dir``."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(name, overrides=[*overrides, f"paths.output_dir={output_dir}"])
 
 
 def run_cli(script: str, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
