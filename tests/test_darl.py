@@ -22,12 +22,8 @@ from diffseg_lightning.data.synthetic_angio import SyntheticAngiography
 from diffseg_lightning.data.vessels import UnpairedVessels, vessel_background, vessel_tree
 from diffseg_lightning.data.xcad import XCAD
 from diffseg_lightning.entry import build_module
-from diffseg_lightning.methods.darl import (
-    darl_discriminator_losses,
-    darl_generator_losses,
-    lsgan_loss,
-    to_unit_range,
-)
+from diffseg_lightning.losses import lsgan_loss
+from diffseg_lightning.methods.darl import darl_discriminator_losses, darl_generator_losses, to_unit_range
 from diffseg_lightning.nets.darl import DARLGenerator, SwitchableSPADE, one_hot_mask
 from diffseg_lightning.predict import predict
 from diffseg_lightning.train import train

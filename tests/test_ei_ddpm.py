@@ -23,13 +23,11 @@ from diffseg_lightning.inference.evidence import (
     contour_function,
     dempster,
     dempster_opinions,
-    dirichlet_kl_uniform,
     dirichlet_opinion,
     discounted_plausibility,
-    evidential_loss,
     opinion_to_mass,
-    soft_dice_loss,
 )
+from diffseg_lightning.losses import dirichlet_kl_uniform, evidential_loss, soft_dice_loss
 from diffseg_lightning.nets.ei_ddpm import ParallelDenoisers
 from diffseg_lightning.nets.medsegdiff import MedSegDiffUNet
 

@@ -9,7 +9,6 @@ from diffseg_lightning.inference.evidence import (
     dempster_opinions,
     dirichlet_opinion,
     discounted_plausibility,
-    evidential_loss,
 )
 from diffseg_lightning.inference.fusion import (
     Fusion,
@@ -40,7 +39,6 @@ __all__ = [
     "describe_samples",
     "dirichlet_opinion",
     "discounted_plausibility",
-    "evidential_loss",
     "evolution_fusion",
     "final_step_log_variance",
     "fuse_samples",

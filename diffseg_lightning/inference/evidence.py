@@ -19,6 +19,9 @@ builds on:
   fused, normalised plausibility is ``prod_s pl'_s(omega_k) / sum_l prod_s pl'_s(omega_l)``
   (:func:`discounted_plausibility`), the segmentation output of Huang et al.'s discounted Dice loss.
 
+The training losses of the EIL (the evidential loss and its Dirichlet KL term) and the discounted Dice loss
+are in :mod:`diffseg_lightning.losses`.
+
 Mass functions over a frame of K classes are tensors with a subset axis of length ``2**K``; subset ``A``
 is the bitmask ``sum_{k in A} 2**k`` (index 0 is the empty set, ``2**K - 1`` is Omega). The general rules
 (:func:`dempster`, :func:`contextual_discount`) work through the commonality ``q(A) = sum_{B ⊇ A} m(B)``
@@ -73,68 +76,6 @@ def dirichlet_opinion(evidence: Tensor, dim: int = 1, check: bool = True) -> dic
         "uncertainty": k / strength,
         "probability": alpha / strength,
     }
-
-
-def dirichlet_kl_uniform(alpha: Tensor, dim: int = 1) -> Tensor:
-    """``KL(Dir(alpha) || Dir(1, ..., 1))``, the class axis reduced (Sensoy et al. 2018, Eq. 5 of Han et al.).
-
-    ``lnGamma(S) - lnGamma(K) - sum_k lnGamma(alpha_k) + sum_k (alpha_k - 1)(psi(alpha_k) - psi(S))``.
-    """
-    k = alpha.shape[dim]
-    strength = alpha.sum(dim, keepdim=True)
-    return (
-        torch.lgamma(strength).squeeze(dim)
-        - torch.lgamma(torch.tensor(float(k), dtype=alpha.dtype, device=alpha.device))
-        - torch.lgamma(alpha).sum(dim)
-        + ((alpha - 1.0) * (torch.digamma(alpha) - torch.digamma(strength))).sum(dim)
-    )
-
-
-def evidential_loss(alpha: Tensor, target: Tensor, annealing: float, dim: int = 1) -> dict[str, Tensor]:
-    """The EIL's evidential loss: the Bayes risk of cross-entropy plus the annealed KL regulariser.
-
-    ``L_ace = sum_k y_k (psi(S) - psi(alpha_k))`` and ``L_KL = KL(Dir(alpha_tilde) || Dir(1))`` with
-    ``alpha_tilde = y + (1 - y) * alpha`` (the evidence of the true class removed), weighted by the
-    annealing coefficient ``lambda_t = min(1, t / T_anneal)`` (Sensoy et al., NeurIPS 2018; Han et al.,
-    ICLR 2021, Eq. 4-6), averaged over every other axis.
-
-    Args:
-        alpha: Dirichlet parameters (..., K, ...) with the classes on ``dim``.
-        target: one-hot labels, same shape.
-        annealing: ``lambda_t`` in [0, 1].
-        dim: the class axis.
-
-    Returns:
-        ``loss = ace + annealing * kl``, ``ace`` and ``kl`` (scalars).
-    """
-    if alpha.shape != target.shape:
-        raise ConfigError(f"alpha {tuple(alpha.shape)} and the one-hot target {tuple(target.shape)} differ")
-    if not 0.0 <= annealing <= 1.0:
-        raise ConfigError(f"the annealing coefficient must lie in [0, 1], got {annealing}")
-    strength = alpha.sum(dim, keepdim=True)
-    ace = (target * (torch.digamma(strength) - torch.digamma(alpha))).sum(dim).mean()
-    alpha_tilde = target + (1.0 - target) * alpha
-    kl = dirichlet_kl_uniform(alpha_tilde, dim).mean()
-    return {"loss": ace + annealing * kl, "ace": ace, "kl": kl}
-
-
-def soft_dice_loss(probability: Tensor, target: Tensor, eps: float = 1e-6) -> Tensor:
-    """``1 - 2 sum_n S_n G_n / (sum_n S_n + sum_n G_n)`` per image and class, averaged.
-
-    Huang et al. 2022's discounted Dice loss is this loss with ``S`` the fused, discounted plausibility
-    (:func:`discounted_plausibility`) and ``G`` the one-hot label.
-
-    Args:
-        probability: (B, K, H, W) segmentation output ``S``.
-        target: (B, K, H, W) one-hot ``G``.
-        eps: added to the denominator (an absent class predicted absent gives a loss near 1 - 0).
-    """
-    if probability.shape != target.shape:
-        raise ConfigError(f"output {tuple(probability.shape)} and target {tuple(target.shape)} differ")
-    axes = tuple(range(2, probability.dim()))
-    inter = (probability * target).sum(axes)
-    denom = probability.sum(axes) + target.sum(axes)
-    return (1.0 - 2.0 * inter / (denom + eps)).mean()
 
 
 # ---------------------------------------------------------------------------- mass functions on 2^Omega

@@ -13,17 +13,13 @@ from torch import nn
 
 from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.inference.sampler import DiffusionSampler, describe_samples
+from diffseg_lightning.losses import lsgan_loss
 from diffseg_lightning.methods.base import SegmentationMethod
 from diffseg_lightning.nets.darl import one_hot_mask
 
-__all__ = ["DARLModule", "darl_discriminator_losses", "darl_generator_losses", "lsgan_loss", "to_unit_range"]
+__all__ = ["DARLModule", "darl_discriminator_losses", "darl_generator_losses", "to_unit_range"]
 
 TRAIN_KEYS = ("image", "background", "fake_mask")
-
-
-def lsgan_loss(prediction: torch.Tensor, real: bool) -> torch.Tensor:
-    """Least-squares GAN loss (Mao et al., ICCV 2017): ``mean((D(.) - target)^2)``, target 1 (real) or 0."""
-    return ((prediction - (1.0 if real else 0.0)) ** 2).mean()
 
 
 def darl_generator_losses(

@@ -12,14 +12,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from diffseg_lightning.exceptions import ConfigError
-from diffseg_lightning.inference.evidence import (
-    dirichlet_opinion,
-    discounted_plausibility,
-    evidential_loss,
-    soft_dice_loss,
-)
+from diffseg_lightning.inference.evidence import dirichlet_opinion, discounted_plausibility
 from diffseg_lightning.inference.fusion import Fusion
 from diffseg_lightning.inference.sampler import DiffusionSampler, describe_samples
+from diffseg_lightning.losses import evidential_loss, soft_dice_loss
 from diffseg_lightning.methods.base import SegmentationMethod
 from diffseg_lightning.metrics.segmentation import segmentation_metrics
 from diffseg_lightning.nets.ei_ddpm import ParallelDenoisers
@@ -61,12 +57,12 @@ class EIDDPMModule(SegmentationMethod):
     4. EIL: evidence ``e = softplus(output)``, ``alpha = e + 1``, ``b_k = e_k / S``, ``u = K / S``
        (:func:`~diffseg_lightning.inference.evidence.dirichlet_opinion`); per path the evidential loss
        ``L_ace + lambda_t KL`` with ``lambda_t = min(1, epoch / anneal_epochs)``
-       (:func:`~diffseg_lightning.inference.evidence.evidential_loss`).
+       (:func:`~diffseg_lightning.losses.evidential_loss`).
     5. CDO + Dempster: reliabilities ``beta = sigmoid(theta)`` (M, K), learnable, discount each path's
        masses; Dempster's rule combines the M discounted mass functions; the output is the normalised
        fused plausibility (:func:`~diffseg_lightning.inference.evidence.discounted_plausibility`),
        trained with Huang et al.'s discounted Dice loss
-       (:func:`~diffseg_lightning.inference.evidence.soft_dice_loss`).
+       (:func:`~diffseg_lightning.losses.soft_dice_loss`).
     6. Loss: ``lambda_eil * mean_m L_EIL(m) + lambda_dice * L_dice(fused) + lambda_ddpm * kernel.loss``,
        the last the kernel's x_0 loss (MSE) on the fused prediction ``2 p - 1``.
 
@@ -370,7 +366,7 @@ class EIDDPMModule(SegmentationMethod):
         return rows
 
     def inference_settings(self) -> dict[str, Any]:
-        return {**self.sampler.settings(), "update": self.kernel.update_rule}
+        return self.sampler.settings(self.kernel)
 
     # --------------------------------------------------------------------------- reliability
     def reliability_table(self) -> dict[str, dict[str, float]]:

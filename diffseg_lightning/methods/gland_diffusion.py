@@ -3,7 +3,7 @@ connected-components baseline, both scored with the GlaS challenge's object-leve
 
 :class:`GlandDiffusionModule` trains :class:`~diffseg_lightning.nets.gland_diffusion.GlandDiffusionNet` with
 DiffusionDet's box diffusion on our :class:`~diffseg_lightning.diffusion.GaussianKernel`;
-:class:`UNetInstanceModule` is MONAI's U-Net (:class:`~diffseg_lightning.methods.SegmentationModule`) whose
+:class:`UNetInstanceModule` is MONAI's U-Net (:class:`~diffseg_lightning.methods.UNetSegmentationModule`) whose
 foreground is split into instances by connected components. Both add object F1 (the GlaS detection rule),
 object Dice and object Hausdorff to every ``summary.json`` row through :meth:`case_rows`.
 """
@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 from torch import Tensor, nn
 
@@ -28,8 +27,9 @@ from diffseg_lightning.inference.boxes import (
     random_boxes,
 )
 from diffseg_lightning.inference.sampler import DiffusionSampler, case_generators, describe_samples
+from diffseg_lightning.losses import sigmoid_focal_loss, squared_dice_loss
 from diffseg_lightning.methods.base import SegmentationMethod
-from diffseg_lightning.methods.segmentation import SegmentationModule
+from diffseg_lightning.methods.segmentation import UNetSegmentationModule
 from diffseg_lightning.metrics.instances import glas_f1, hungarian_match, object_dice, object_hausdorff
 
 __all__ = [
@@ -121,20 +121,6 @@ def matching_cost(
     return class_weight * cost_class + l1_weight * cost_l1 + giou_weight * cost_giou
 
 
-def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
-    """Elementwise focal loss (Lin et al., ICCV 2017, Eq. 5) on sigmoid logits; summed by the caller."""
-    p = logits.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p_t = p * targets + (1 - p) * (1 - targets)
-    return (alpha * targets + (1 - alpha) * (1 - targets)) * ce * (1 - p_t) ** gamma
-
-
-def dice_loss(probability: Tensor, target: Tensor, eps: float = 1e-5) -> Tensor:
-    """CondInst's Dice loss per instance: ``1 - 2 sum(p g) / (sum(p^2) + sum(g^2) + eps)``; (K, H, W) -> (K,)."""
-    p, g = probability.flatten(1), target.flatten(1)
-    return 1 - 2 * (p * g).sum(1) / ((p * p).sum(1) + (g * g).sum(1) + eps)
-
-
 # ----------------------------------------------------------------------------------------------- the method
 class GlandDiffusionModule(InstanceScoring, SegmentationMethod):
     """Instance-aware diffusion model for gland segmentation (Sun, Huang & Zheng, MICCAI 2023).
@@ -153,7 +139,8 @@ class GlandDiffusionModule(InstanceScoring, SegmentationMethod):
     are DiffusionDet's: focal class loss over all proposals (weight 2), L1 on normalised xyxy boxes (5) and
     GIoU (2) on matched ones, each summed and divided by the number of reference objects in the batch, on
     every stage (deep supervision); plus CondInst's Dice loss of the matched instances' masks (weight 1) on the
-    last stage.
+    last stage (:func:`~diffseg_lightning.losses.sigmoid_focal_loss`,
+    :func:`~diffseg_lightning.losses.squared_dice_loss`).
 
     Inference (``sample``): ``x_T ~ N(0, I)`` of shape (B, N, 4) from per-case generators (seed, case id);
     at each of the kernel's strided timesteps ``T-1 = t_K > ... > t_0``, the decoder predicts boxes (the
@@ -374,7 +361,7 @@ class GlandDiffusionModule(InstanceScoring, SegmentationMethod):
         boxes = torch.gather(out["boxes"][-1], 1, index[..., None].expand(-1, -1, 4)).detach()
         filters = torch.gather(out["filters"], 1, index[..., None].expand(-1, -1, out["filters"].shape[-1]))
         prob = self.net.masks(cond, boxes, filters).float().sigmoid()
-        return dice_loss(prob[valid], gt_masks[valid]).mean()
+        return squared_dice_loss(prob[valid], gt_masks[valid]).mean()
 
     # ----------------------------------------------------------------------------------- inference
     @torch.no_grad()
@@ -469,17 +456,17 @@ class GlandDiffusionModule(InstanceScoring, SegmentationMethod):
 
 
 # ------------------------------------------------------------------------------------------- the baseline
-class UNetInstanceModule(InstanceScoring, SegmentationModule):
+class UNetInstanceModule(InstanceScoring, UNetSegmentationModule):
     """The U-Net + connected components baseline for gland instances.
 
-    :class:`~diffseg_lightning.methods.SegmentationModule` (MONAI's U-Net, Dice + BCE; same training,
+    :class:`~diffseg_lightning.methods.UNetSegmentationModule` (MONAI's U-Net, Dice + BCE; same training,
     arguments and ``summary.json``), whose thresholded foreground is split into instances by connected
     components (``scipy.ndimage.label``, ``connectivity`` 1 = 4-neighbourhood, 2 = 8-neighbourhood), then
     scored like :class:`GlandDiffusionModule` (:class:`InstanceScoring`). ``sample`` adds ``instances``
     (B, H, W) int64.
 
     Args:
-        connectivity: 1 or 2 (see above); other arguments are :class:`SegmentationModule`'s.
+        connectivity: 1 or 2 (see above); other arguments are :class:`UNetSegmentationModule`'s.
     """
 
     def __init__(self, *args: Any, connectivity: int = 1, **kwargs: Any) -> None:

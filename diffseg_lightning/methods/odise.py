@@ -3,7 +3,8 @@
 Xu, Liu, Vahdat, Byeon, Wang & De Mello, "Open-Vocabulary Panoptic Segmentation with Text-to-Image
 Diffusion Models", CVPR 2023. The networks are in :mod:`diffseg_lightning.nets.odise`; this module holds the
 training (Hungarian matching, mask and class losses), the test-time fusion of the diffusion and CLIP class
-scores, the panoptic merge, and the panoptic metrics (PQ per class, seen / unseen, and mIoU).
+scores, the panoptic merge, and the panoptic evaluation (PQ per class, seen / unseen, and mIoU, from the counts
+of :mod:`diffseg_lightning.metrics.instances`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,15 @@ from torch import Tensor
 
 from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.inference.sampler import DiffusionSampler, describe_samples
+from diffseg_lightning.losses import smoothed_dice_loss
 from diffseg_lightning.methods.base import SegmentationMethod
-from diffseg_lightning.metrics.instances import hungarian_match
+from diffseg_lightning.metrics.instances import (
+    hungarian_match,
+    mean_iou,
+    panoptic_counts,
+    panoptic_quality_from_counts,
+    semantic_counts,
+)
 from diffseg_lightning.nets.odise import ODISENet
 
 
@@ -97,12 +105,6 @@ def matching_cost(
     return weight_class * cost_class + weight_mask * cost_mask + weight_dice * cost_dice
 
 
-def dice_loss(mask_logits: Tensor, targets: Tensor) -> Tensor:
-    """Per-mask ``1 - (2 sum s t + 1) / (sum s + sum t + 1)`` (Mask2Former's), (M, P) -> (M,)."""
-    s = mask_logits.sigmoid()
-    return 1 - (2 * (s * targets).sum(-1) + 1) / (s.sum(-1) + targets.sum(-1) + 1)
-
-
 # ----------------------------------------------------------------------------------- panoptic merge
 def panoptic_merge(
     class_prob: Tensor, mask_prob: Tensor, object_threshold: float = 0.8, overlap_threshold: float = 0.8
@@ -139,80 +141,6 @@ def panoptic_merge(
     segments = (final * ids[:, None, None]).sum(0)
     classes = (final * ((cls + 1) * valid)[:, None, None]).sum(0)
     return segments, classes
-
-
-# ------------------------------------------------------------------------------------- metrics
-def panoptic_counts(
-    pred_segments: np.ndarray,
-    pred_classes: np.ndarray,
-    gt_segments: np.ndarray,
-    gt_classes: np.ndarray,
-    num_classes: int,
-) -> np.ndarray:
-    """Per-category PQ counts of one image (Kirillov et al., CVPR 2019): (K, 4) = TP, FP, FN, sum of TP IoUs.
-
-    A predicted and a reference segment match when they have the same category and IoU > 0.5 (unique
-    because segments do not overlap). Segment maps: (H, W) ints, 0 void; class maps: 0 void, k + 1 for k.
-    """
-    counts = np.zeros((num_classes, 4), dtype=np.float64)
-    p_ids, p_inv = np.unique(pred_segments, return_inverse=True)
-    g_ids, g_inv = np.unique(gt_segments, return_inverse=True)
-    p_inv, g_inv = p_inv.reshape(-1), g_inv.reshape(-1)
-    joint = np.bincount(p_inv * g_ids.size + g_inv, minlength=p_ids.size * g_ids.size).reshape(
-        p_ids.size, g_ids.size
-    )
-    p_area, g_area = joint.sum(1), joint.sum(0)
-    p_cls = np.zeros(p_ids.size, np.int64)
-    g_cls = np.zeros(g_ids.size, np.int64)
-    p_cls[p_inv] = pred_classes.reshape(-1)
-    g_cls[g_inv] = gt_classes.reshape(-1)
-    p_real, g_real = p_ids != 0, g_ids != 0
-    iou = joint / np.maximum(p_area[:, None] + g_area[None] - joint, 1)
-    match = (iou > 0.5) & (p_cls[:, None] == g_cls[None]) & p_real[:, None] & g_real[None]
-    pi, gi = np.nonzero(match)
-    np.add.at(counts[:, 0], p_cls[pi] - 1, 1)
-    np.add.at(counts[:, 3], p_cls[pi] - 1, iou[pi, gi])
-    matched_p, matched_g = match.any(1), match.any(0)
-    np.add.at(counts[:, 1], p_cls[p_real & ~matched_p] - 1, 1)
-    np.add.at(counts[:, 2], g_cls[g_real & ~matched_g] - 1, 1)
-    return counts
-
-
-def panoptic_quality_from_counts(counts: np.ndarray, select: np.ndarray | None = None) -> dict[str, float]:
-    """PQ, SQ, RQ averaged over the categories (``select`` bool (K,)) that have TP + FP + FN > 0 (panopticapi).
-
-    Per category ``PQ = sum IoU_TP / (TP + FP / 2 + FN / 2)``, ``SQ = sum IoU_TP / TP`` (0 without TP),
-    ``RQ = TP / (TP + FP / 2 + FN / 2)``. NaN when no selected category occurs.
-    """
-    tp, fp, fn, iou = counts.T
-    present = tp + fp + fn > 0
-    if select is not None:
-        present &= select
-    if not present.any():
-        return {"pq": float("nan"), "sq": float("nan"), "rq": float("nan")}
-    denom = tp + 0.5 * fp + 0.5 * fn
-    pq = np.where(present, iou / np.maximum(denom, 1e-12), 0.0)
-    sq = np.where(present & (tp > 0), iou / np.maximum(tp, 1), 0.0)
-    rq = np.where(present, tp / np.maximum(denom, 1e-12), 0.0)
-    n = present.sum()
-    return {"pq": float(pq.sum() / n), "sq": float(sq.sum() / n), "rq": float(rq.sum() / n)}
-
-
-def semantic_counts(pred_classes: np.ndarray, gt_classes: np.ndarray, num_classes: int) -> np.ndarray:
-    """(K, 2) per-category intersection and union of the semantic maps (0 = background, k + 1 = category k)."""
-    p, g = pred_classes.reshape(-1), gt_classes.reshape(-1)
-    pred_area = np.bincount(p, minlength=num_classes + 1)[1:]
-    gt_area = np.bincount(g, minlength=num_classes + 1)[1:]
-    inter = np.bincount(p[p == g], minlength=num_classes + 1)[1:]
-    return np.stack([inter, pred_area + gt_area - inter], axis=1).astype(np.float64)
-
-
-def mean_iou(counts: np.ndarray, select: np.ndarray | None = None) -> float:
-    """Mean over categories with a non-empty union (and ``select``) of intersection / union; NaN if none."""
-    present = counts[:, 1] > 0
-    if select is not None:
-        present &= select
-    return float((counts[present, 0] / counts[present, 1]).mean()) if present.any() else float("nan")
 
 
 # ------------------------------------------------------------------------------------------ module
@@ -407,7 +335,7 @@ class ODISEModule(SegmentationMethod):
                     .mean(-1)
                     .sum()
                 )
-                dice = dice + dice_loss(masks[b, rows], flat[cols]).sum()
+                dice = dice + smoothed_dice_loss(masks[b, rows], flat[cols]).sum()
             weight = torch.ones(k + 1, device=logits.device)
             weight[-1] = self.no_object_weight
             totals["ce"] = totals["ce"] + F.cross_entropy(
@@ -538,14 +466,8 @@ class ODISEModule(SegmentationMethod):
 
 __all__ = [
     "ODISEModule",
-    "dice_loss",
     "fuse_class_probabilities",
-    "hungarian_match",
     "matching_cost",
-    "mean_iou",
     "open_vocabulary_probabilities",
-    "panoptic_counts",
     "panoptic_merge",
-    "panoptic_quality_from_counts",
-    "semantic_counts",
 ]

@@ -1,5 +1,6 @@
 """Instance (object-level) metrics for label maps: object Dice and Hausdorff, GlaS F1, F1 at an IoU, AJI, PQ,
-and the Hungarian matching of predictions to targets used by the set-prediction losses.
+the Hungarian matching of predictions to targets used by the set-prediction losses, and the multi-category
+panoptic counts (PQ per category, mean IoU of the semantic view) of ODISE's evaluation.
 
 Inputs are instance label maps of one case, (H, W) (any number of dimensions works) of integers:
 0 is background and every other value is one object. Labels need not be consecutive, and an object is
@@ -418,3 +419,79 @@ def panoptic_quality(pred: LabelMap, gt: LabelMap, threshold: float = 0.5) -> di
     sq = float(pair.iou()[rows, cols].sum() / tp) if tp else 0.0
     dq = tp / (tp + 0.5 * fp + 0.5 * fn)
     return {"dq": dq, "sq": sq, "pq": sq * dq}
+
+
+# -------------------------------------------------------------------------------- panoptic (K categories)
+# Segment maps with a category per segment (ODISE's evaluation): per-image counts, summed over a data set,
+# then PQ / SQ / RQ and the mean IoU of the semantic view. One category reproduces :func:`panoptic_quality`.
+def panoptic_counts(
+    pred_segments: np.ndarray,
+    pred_classes: np.ndarray,
+    gt_segments: np.ndarray,
+    gt_classes: np.ndarray,
+    num_classes: int,
+) -> np.ndarray:
+    """Per-category PQ counts of one image (Kirillov et al., CVPR 2019): (K, 4) = TP, FP, FN, sum of TP IoUs.
+
+    A predicted and a reference segment match when they have the same category and IoU > 0.5 (unique
+    because segments do not overlap). Segment maps: (H, W) ints, 0 void; class maps: 0 void, k + 1 for k.
+    """
+    counts = np.zeros((num_classes, 4), dtype=np.float64)
+    p_ids, p_inv = np.unique(pred_segments, return_inverse=True)
+    g_ids, g_inv = np.unique(gt_segments, return_inverse=True)
+    p_inv, g_inv = p_inv.reshape(-1), g_inv.reshape(-1)
+    joint = np.bincount(p_inv * g_ids.size + g_inv, minlength=p_ids.size * g_ids.size).reshape(
+        p_ids.size, g_ids.size
+    )
+    p_area, g_area = joint.sum(1), joint.sum(0)
+    p_cls = np.zeros(p_ids.size, np.int64)
+    g_cls = np.zeros(g_ids.size, np.int64)
+    p_cls[p_inv] = pred_classes.reshape(-1)
+    g_cls[g_inv] = gt_classes.reshape(-1)
+    p_real, g_real = p_ids != 0, g_ids != 0
+    iou = joint / np.maximum(p_area[:, None] + g_area[None] - joint, 1)
+    match = (iou > 0.5) & (p_cls[:, None] == g_cls[None]) & p_real[:, None] & g_real[None]
+    pi, gi = np.nonzero(match)
+    np.add.at(counts[:, 0], p_cls[pi] - 1, 1)
+    np.add.at(counts[:, 3], p_cls[pi] - 1, iou[pi, gi])
+    matched_p, matched_g = match.any(1), match.any(0)
+    np.add.at(counts[:, 1], p_cls[p_real & ~matched_p] - 1, 1)
+    np.add.at(counts[:, 2], g_cls[g_real & ~matched_g] - 1, 1)
+    return counts
+
+
+def panoptic_quality_from_counts(counts: np.ndarray, select: np.ndarray | None = None) -> dict[str, float]:
+    """PQ, SQ, RQ averaged over the categories (``select`` bool (K,)) that have TP + FP + FN > 0 (panopticapi).
+
+    Per category ``PQ = sum IoU_TP / (TP + FP / 2 + FN / 2)``, ``SQ = sum IoU_TP / TP`` (0 without TP),
+    ``RQ = TP / (TP + FP / 2 + FN / 2)``. NaN when no selected category occurs.
+    """
+    tp, fp, fn, iou = counts.T
+    present = tp + fp + fn > 0
+    if select is not None:
+        present &= select
+    if not present.any():
+        return {"pq": float("nan"), "sq": float("nan"), "rq": float("nan")}
+    denom = tp + 0.5 * fp + 0.5 * fn
+    pq = np.where(present, iou / np.maximum(denom, 1e-12), 0.0)
+    sq = np.where(present & (tp > 0), iou / np.maximum(tp, 1), 0.0)
+    rq = np.where(present, tp / np.maximum(denom, 1e-12), 0.0)
+    n = present.sum()
+    return {"pq": float(pq.sum() / n), "sq": float(sq.sum() / n), "rq": float(rq.sum() / n)}
+
+
+def semantic_counts(pred_classes: np.ndarray, gt_classes: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K, 2) per-category intersection and union of the semantic maps (0 = background, k + 1 = category k)."""
+    p, g = pred_classes.reshape(-1), gt_classes.reshape(-1)
+    pred_area = np.bincount(p, minlength=num_classes + 1)[1:]
+    gt_area = np.bincount(g, minlength=num_classes + 1)[1:]
+    inter = np.bincount(p[p == g], minlength=num_classes + 1)[1:]
+    return np.stack([inter, pred_area + gt_area - inter], axis=1).astype(np.float64)
+
+
+def mean_iou(counts: np.ndarray, select: np.ndarray | None = None) -> float:
+    """Mean over categories with a non-empty union (and ``select``) of intersection / union; NaN if none."""
+    present = counts[:, 1] > 0
+    if select is not None:
+        present &= select
+    return float((counts[present, 0] / counts[present, 1]).mean()) if present.any() else float("nan")
