@@ -244,9 +244,13 @@ class _OneStepPosterior(BernoulliKernel):
     """The MONAI / diffusers-before-#2076 trap: strided steps with the one-step posterior (alpha_t, abar_{t-1})."""
 
     def step(self, model_output, t, t_prev, x_t, generator=None):
-        t = self._batch_t(t, x_t.shape[0])
+        t = self.batch_timesteps(t, x_t.shape[0])
         return super().step(
-            model_output, t, torch.where(self._batch_t(t_prev, x_t.shape[0]) < 0, -1, t - 1), x_t, generator
+            model_output,
+            t,
+            torch.where(self.batch_timesteps(t_prev, x_t.shape[0]) < 0, -1, t - 1),
+            x_t,
+            generator,
         )
 
 

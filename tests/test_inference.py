@@ -8,7 +8,7 @@ import torch
 from scipy.stats import entropy as scipy_entropy
 from torch import nn
 
-from diffseg_lightning.diffusion import GaussianKernel
+from diffseg_lightning.diffusion import DPMSolverPP2M, GaussianKernel
 from diffseg_lightning.inference import (
     DiffusionSampler,
     fuse_samples,
@@ -111,31 +111,32 @@ def test_case_results_do_not_depend_on_batch_composition():
     assert not torch.allclose(other_seed["samples"][0], alone["samples"][0])
 
 
-class _HistorySpy(GaussianKernel):
-    """Records the ``history`` object that each ``step`` receives."""
+class _StateSpy(DPMSolverPP2M):
+    """Records the per-chain ``state`` object that each ``step`` receives."""
 
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(self) -> None:
+        super().__init__()
         self.seen: list[int] = []
 
-    def step(self, model_output, t, t_prev, x_t, generator=None, history=None):
-        assert history is not None
-        self.seen.append(id(history))
-        return super().step(model_output, t, t_prev, x_t, generator=generator, history=history)
+    def step(self, kernel, model_output, t, t_prev, x_t, generator=None, state=None):
+        assert state is not None
+        self.seen.append(id(state))
+        return super().step(kernel, model_output, t, t_prev, x_t, generator=generator, state=state)
 
 
 def test_sampler_threads_one_history_per_chain_for_dpmpp_2m():
-    """The sampler passes one fresh history dict to every step of a chain (DPM-Solver++(2M) is multistep)."""
+    """The sampler passes one fresh state dict to every step of a chain (DPM-Solver++(2M) is multistep)."""
     torch.manual_seed(0)
-    kernel, net = (
-        _HistorySpy(num_train_timesteps=50, objective="x0", sampling="dpmpp_2m"),
+    kernel, net, spy = (
+        GaussianKernel(num_train_timesteps=50, objective="x0"),
         ImageDependentDenoiser(),
+        _StateSpy(),
     )
     images = torch.randn(2, 1, 8, 8)
-    sampler = DiffusionSampler(num_steps=5, num_samples=3, seed=7)
+    sampler = DiffusionSampler(num_steps=5, num_samples=3, seed=7, solver=spy)
     first = sampler.sample(net, kernel, images, 1)
-    assert len(kernel.seen) == 5 and len(set(kernel.seen)) == 1
-    # the same chain by hand, with and without the history: the sampler used it
+    assert len(spy.seen) == 5 and len(set(spy.seen)) == 1
+    # the same chain by hand, with and without the state: the sampler used it
     x = torch.stack(
         [
             kernel.sample_prior(
@@ -147,22 +148,22 @@ def test_sampler_threads_one_history_per_chain_for_dpmpp_2m():
     cond = images.repeat_interleave(3, 0)
     ts = kernel.inference_timesteps(5).tolist()
     results = []
-    for history in ({}, None):
+    for state in ({}, None):
         xi = x
         for i, t in enumerate(ts):
             tb = torch.full((6,), t)
             tp = torch.full((6,), ts[i + 1] if i + 1 < len(ts) else -1)
             with torch.no_grad():
-                xi, _ = GaussianKernel.step(kernel, net(xi, tb, cond), tb, tp, xi, history=history)
+                xi, _ = DPMSolverPP2M().step(kernel, net(xi, tb, cond), tb, tp, xi, state=state)
         results.append(kernel.decode_mask(xi).reshape(2, 3, 1, 8, 8))
     torch.testing.assert_close(first["samples"], results[0])
     assert not torch.allclose(results[0], results[1])
 
 
 def test_dpmpp_2m_sampler_recovers_the_oracle_mask():
-    kernel = GaussianKernel(num_train_timesteps=100, objective="x0", sampling="dpmpp_2m")
+    kernel = GaussianKernel(num_train_timesteps=100, objective="x0")
     masks = (torch.rand(3, 1, 16, 16) > 0.5).float()
-    out = DiffusionSampler(num_steps=7, num_samples=4).sample(
+    out = DiffusionSampler(num_steps=7, num_samples=4, solver=DPMSolverPP2M()).sample(
         OracleDenoiser(), kernel, masks, mask_channels=1
     )
     assert torch.equal(out["mask"], masks)

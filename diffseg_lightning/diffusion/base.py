@@ -124,8 +124,12 @@ class NoiseKernel(nn.Module, ABC):
     def default_solver(self) -> Solver:
         """The solver ``sampler=default`` uses for this kernel."""
 
-    def _batch_t(self, t: Tensor | int, batch: int, name: str = "t") -> Tensor:
-        """Timesteps as a LongTensor ``(B,)`` on the buffers' device (a 0-dim or int is broadcast)."""
+    def batch_timesteps(self, t: Tensor | int, batch: int, name: str = "t") -> Tensor:
+        """Timesteps as a LongTensor ``(batch,)`` on the buffers' device (an int or a 0-dim tensor is broadcast).
+
+        Raises:
+            ConfigError: ``t`` is neither 0-dim nor of shape ``(batch,)`` (``name`` names it).
+        """
         t = torch.as_tensor(t, dtype=torch.long, device=self.alphas_cumprod.device)
         if t.ndim == 0:
             return t.expand(batch)

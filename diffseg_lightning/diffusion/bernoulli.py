@@ -39,7 +39,7 @@ clean mask (``abar_{-1} = 1``). Masks live in ``{0, 1}`` (``encode_mask`` is the
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +49,13 @@ from diffseg_lightning.diffusion.base import NoiseKernel
 from diffseg_lightning.diffusion.schedules import make_beta_schedule
 from diffseg_lightning.exceptions import ConfigError
 
+if TYPE_CHECKING:
+    from diffseg_lightning.diffusion.solvers.base import Solver
+
 __all__ = [
     "BERNOULLI_OBJECTIVES",
     "BernoulliKernel",
+    "Strided",
     "bernoulli_kl",
     "bernoulli_posterior",
 ]
@@ -66,8 +70,8 @@ BERNOULLI_OBJECTIVES: tuple[str, ...] = ("eps", "eps_kl", "eps_bce", "x0")
 PROB_EPS: float = 1e-7
 
 
-class _Strided(NamedTuple):
-    """Coefficients of a (strided) step ``t -> s``, each ``(B, 1, ..., 1)``."""
+class Strided(NamedTuple):
+    """Coefficients of a (strided) step ``t -> s`` (:meth:`BernoulliKernel.strided`), each float32 ``(B, 1, ..., 1)``."""
 
     alpha: Tensor  # alpha_{t|s} = abar_t / abar_s
     half_one_minus_alpha: Tensor  # (1 - alpha_{t|s}) / 2
@@ -210,10 +214,14 @@ class BernoulliKernel(NoiseKernel):
         for name, value in tables.items():
             self.register_buffer(name, value.to(torch.float32), persistent=False)
 
+    #: ``sampler=bernoulli``: the posterior step, the only solver of this kernel.
     default_solver_group = "bernoulli"
 
-    def default_solver(self):  # TEMPORARY bridge until the solvers land (issue 19, solver helper)
-        raise NotImplementedError
+    def default_solver(self) -> Solver:
+        """The solver ``sampler=default`` uses: :class:`~diffseg_lightning.diffusion.solvers.BernoulliPosterior`."""
+        from diffseg_lightning.diffusion.solvers import BernoulliPosterior  # the solvers import this module
+
+        return BernoulliPosterior(binarize_final=self.binarize_final)
 
     def extra_repr(self) -> str:
         return (
@@ -241,10 +249,18 @@ class BernoulliKernel(NoiseKernel):
                 f"per mask channel, the shape of x_t {tuple(x_t.shape)}"
             )
 
-    def _strided(self, t: Tensor, t_prev: Tensor, ndim: int) -> _Strided:
-        """Coefficients of ``t -> t_prev`` (both ``(B,)``; ``t_prev = -1`` is the clean mask).
+    def strided(self, t: Tensor, t_prev: Tensor, ndim: int) -> Strided:
+        """Coefficients of the strided step ``t -> t_prev``: ``alpha_{t|s} = abar_t / abar_s`` and ``abar_s``.
 
         Computed from ``log abar`` with ``expm1`` for the small complements ``1 - alpha``.
+
+        Args:
+            t: LongTensor ``(B,)`` in ``[0, T)`` (see :meth:`batch_timesteps`).
+            t_prev: LongTensor ``(B,)``, ``-1 <= t_prev < t``; ``-1`` is the clean mask.
+            ndim: dimensions of the sample the coefficients multiply (4 for ``(B, C, H, W)``).
+
+        Returns:
+            :class:`Strided`, every field float32 ``(B, 1, ..., 1)`` with ``ndim`` dims.
         """
         final = (t_prev < 0).to(self.log_alphas_cumprod.dtype)
         la_t = self.log_alphas_cumprod.index_select(0, t)
@@ -257,10 +273,10 @@ class BernoulliKernel(NoiseKernel):
             final,
         ]
         table = torch.stack(fields, 1).reshape(t.shape[0], len(fields), *([1] * (ndim - 1)))
-        return _Strided(*table.unbind(1))
+        return Strided(*table.unbind(1))
 
-    def predict_x0(self, model_output: Tensor, x_t: Tensor) -> Tensor:
-        """Predicted foreground probability of ``y_0`` from the network's logits.
+    def predict_x0(self, model_output: Tensor, x_t: Tensor, t: Tensor | int | None = None) -> Tensor:
+        """Predicted foreground probability of ``y_0`` from the network's logits (``t`` is not needed).
 
         ``eps`` objectives: ``eps_hat = sigmoid(output)`` and ``x0_hat = |y_t - eps_hat|``, written
         ``y_t + (1 - 2 y_t) eps_hat`` (equal for ``y_t`` in ``{0, 1}``, and smooth); this is
@@ -270,6 +286,7 @@ class BernoulliKernel(NoiseKernel):
         Args:
             model_output: logits ``(B, C, H, W)``.
             x_t: ``y_t`` in ``{0, 1}``, ``(B, C, H, W)``.
+            t: unused (the calibration does not depend on the noise level).
 
         Returns:
             ``x0_hat`` in ``[0, 1]``, ``(B, C, H, W)``.
@@ -302,7 +319,7 @@ class BernoulliKernel(NoiseKernel):
         Returns:
             Probabilities of the shape of ``x0``.
         """
-        t = self._batch_t(t, x0.shape[0])
+        t = self.batch_timesteps(t, x0.shape[0])
         la = self._gather(self.log_alphas_cumprod, t, x0.ndim)
         return torch.exp(la) * x0 - 0.5 * torch.expm1(la)
 
@@ -327,7 +344,7 @@ class BernoulliKernel(NoiseKernel):
         Raises:
             ValueError: ``noise`` has another shape than ``x0``.
         """
-        t = self._batch_t(t, x0.shape[0])
+        t = self.batch_timesteps(t, x0.shape[0])
         if noise is None:
             flip = -0.5 * torch.expm1(self._gather(self.log_alphas_cumprod, t, x0.ndim))
             u = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
@@ -354,7 +371,7 @@ class BernoulliKernel(NoiseKernel):
             Probabilities ``(B, C, H, W)``.
         """
         b = x_t.shape[0]
-        c = self._strided(self._batch_t(t, b), self._batch_t(t_prev, b, "t_prev"), x_t.ndim)
+        c = self.strided(self.batch_timesteps(t, b), self.batch_timesteps(t_prev, b, "t_prev"), x_t.ndim)
         return bernoulli_posterior(
             x_t, x0, c.alpha, c.abar_prev, c.half_one_minus_alpha, c.half_one_minus_abar_prev
         )
@@ -378,8 +395,8 @@ class BernoulliKernel(NoiseKernel):
         """
         x0_hat = self.predict_x0(model_output, x_t)
         b, nd = x_t.shape[0], x_t.ndim
-        tb = self._batch_t(t, b)
-        c = self._strided(tb, tb - 1, nd)
+        tb = self.batch_timesteps(t, b)
+        c = self.strided(tb, tb - 1, nd)
         coefs = (c.alpha, c.abar_prev, c.half_one_minus_alpha, c.half_one_minus_abar_prev)
         true_p = bernoulli_posterior(x_t, x0, *coefs)
         model_p = bernoulli_posterior(x_t, x0_hat, *coefs)
@@ -420,7 +437,7 @@ class BernoulliKernel(NoiseKernel):
             terms["loss"] = terms["kl"] + self.lambda_bce * terms["bce"]
         return terms
 
-    # ------------------------------------------------------------------ sampling
+    # ------------------------------------------------------------------ sampling (deprecated)
     def step(
         self,
         model_output: Tensor,
@@ -430,37 +447,7 @@ class BernoulliKernel(NoiseKernel):
         generator: torch.Generator | None = None,
         history: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """One strided reverse step from the noise level of ``t`` to that of ``t_prev``.
-
-        ``x0_pred = predict_x0(model_output, x_t)`` (the calibrated foreground probability of
-        ``y_0``) and ``x_prev ~ B(theta_post(y_t, x0_pred))`` with ``alpha_{t|t_prev} =
-        abar_t / abar_{t_prev}`` and ``abar_{t_prev}``. On the final step (``t_prev = -1``)
-        ``x_prev = x0_pred`` (the probability), or a draw of ``B(x0_pred)`` with
-        ``binarize_final``. One uniform draw per element, always (no host synchronisation;
-        per-sample choices use ``torch.where``). The caller guarantees ``-1 <= t_prev < t``.
-
-        Args:
-            model_output: logits ``(B, C, H, W)``.
-            t: LongTensor ``(B,)``; a 0-dim tensor or int is broadcast.
-            t_prev: LongTensor ``(B,)`` (or 0-dim / int); ``-1`` for the final step.
-            x_t: current sample in ``{0, 1}``, ``(B, C, H, W)``.
-            generator: random generator for the step's draw (on ``x_t``'s device).
-            history: the kernel contract's per-chain memory for multistep samplers; unused here
-                (every step of this kernel is one-step).
-
-        Returns:
-            ``(x_prev, x0_pred)``, each ``(B, C, H, W)``; ``x0_pred`` in ``[0, 1]``.
-        """
-        b = x_t.shape[0]
-        c = self._strided(self._batch_t(t, b), self._batch_t(t_prev, b, "t_prev"), x_t.ndim)
-        x0_pred = self.predict_x0(model_output, x_t)
-        theta = bernoulli_posterior(
-            x_t, x0_pred, c.alpha, c.abar_prev, c.half_one_minus_alpha, c.half_one_minus_abar_prev
+        """Deprecated: ``self.default_solver().step(self, ...)`` (the solvers in ``diffusion/solvers`` walk chains)."""
+        return self.default_solver().step(
+            self, model_output, t, t_prev, x_t, generator=generator, state=history
         )
-        u = torch.rand(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-        final = c.final > 0.5
-        if self.binarize_final:
-            x_prev = (u < torch.where(final, x0_pred, theta)).to(x_t.dtype)
-        else:
-            x_prev = torch.where(final, x0_pred, (u < theta).to(x_t.dtype))
-        return x_prev, x0_pred

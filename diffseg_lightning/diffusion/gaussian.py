@@ -30,7 +30,7 @@ Masks live in kernel space ``[-1, 1]`` (``encode_mask``: ``x0 = 2 m - 1``).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
@@ -39,10 +39,14 @@ from diffseg_lightning.diffusion.base import NoiseKernel
 from diffseg_lightning.diffusion.schedules import make_beta_schedule
 from diffseg_lightning.exceptions import ConfigError
 
+if TYPE_CHECKING:
+    from diffseg_lightning.diffusion.solvers.base import Solver
+
 __all__ = [
     "OBJECTIVES",
     "SAMPLERS",
     "GaussianKernel",
+    "Respaced",
     "discretized_gaussian_log_likelihood",
     "normal_kl",
 ]
@@ -55,8 +59,9 @@ SAMPLERS: tuple[str, ...] = ("ddim", "ddpm", "dpmpp_2m")
 _LOG2 = math.log(2.0)
 
 
-class _Respaced(NamedTuple):
-    """Per-sample coefficients of a strided step ``t -> t_prev``, each ``(B, 1, ..., 1)``."""
+class Respaced(NamedTuple):
+    """Per-sample coefficients of a strided step ``t -> t_prev`` (:meth:`GaussianKernel.respaced`), each
+    float32 ``(B, 1, ..., 1)``; ``abar`` is ``abar_t``, ``abar_prev`` is ``abar_{t_prev}`` (1 for ``t_prev = -1``)."""
 
     sqrt_abar: Tensor
     sqrt_one_minus_abar: Tensor
@@ -67,10 +72,6 @@ class _Respaced(NamedTuple):
     var: Tensor  # posterior ("fixed small") variance of the respaced chain
     beta: Tensor  # respaced beta, 1 - abar_t / abar_prev
     valid: Tensor  # 1.0 where t_prev >= 0, 0.0 on the final step
-
-
-# floor for log-variances whose variance is exactly 0 (the final step, t_prev = -1)
-_TINY_VAR = 1e-20
 
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
@@ -223,15 +224,30 @@ class GaussianKernel(NoiseKernel):
 
     @property
     def update_rule(self) -> str:
-        """``sampling`` (``"ddim"``, ``"ddpm"`` or ``"dpmpp_2m"``)."""
+        """Deprecated: the name of :meth:`default_solver` (``"ddim"``, ``"ddpm"`` or ``"dpmpp_2m"``)."""
         return self.sampling
 
+    #: ``sampler=ddim``: DDIM with eta = 0 and clipping, the default solver.
     default_solver_group = "ddim"
 
-    def default_solver(self):  # TEMPORARY bridge until the solvers land (issue 19, solver helper)
-        raise NotImplementedError
+    def default_solver(self) -> Solver:
+        """The solver ``sampler=default`` uses: :class:`~diffseg_lightning.diffusion.solvers.DDIM` with
+        ``eta = 0`` and ``clip_x0`` (the deterministic DDIM of Song et al. 2021)."""
+        from diffseg_lightning.diffusion.solvers import (
+            DDIM,
+            DDPM,
+            DPMSolverPP2M,
+        )  # the solvers import this module
 
-    def predict_x0(self, model_output: Tensor, x_t: Tensor, t: Tensor | int) -> Tensor:  # TEMPORARY bridge
+        if self.sampling == "ddpm":
+            return DDPM(clip_x0=self.clip_x0)
+        if self.sampling == "dpmpp_2m":
+            return DPMSolverPP2M(clip_x0=self.clip_x0)
+        return DDIM(eta=self.eta, clip_x0=self.clip_x0)
+
+    def predict_x0(self, model_output: Tensor, x_t: Tensor, t: Tensor | int) -> Tensor:
+        """The ``x0`` the network output implies at ``(x_t, t)`` (not clipped), ``(B, C, H, W)``: the first
+        result of :meth:`predict_x0_eps` with ``clip=False``."""
         return self.predict_x0_eps(model_output, x_t, t, clip=False)[0]
 
     def extra_repr(self) -> str:
@@ -304,7 +320,7 @@ class GaussianKernel(NoiseKernel):
             ``x0_pred`` and ``eps_pred``, each ``(B, C, H, W)``, and ``v`` (or ``None``).
         """
         out, v = self.split_output(model_output, x_t)
-        t = self._batch_t(t, x_t.shape[0])
+        t = self.batch_timesteps(t, x_t.shape[0])
         sa = self._gather(self.sqrt_alphas_cumprod, t, x_t.ndim)
         s1 = self._gather(self.sqrt_one_minus_alphas_cumprod, t, x_t.ndim)
         x0, eps = self._x0_eps(out, x_t, sa, s1, self.clip_x0 if clip is None else clip)
@@ -351,7 +367,7 @@ class GaussianKernel(NoiseKernel):
         Returns:
             ``x_t`` of the shape of ``x0``.
         """
-        t = self._batch_t(t, x0.shape[0])
+        t = self.batch_timesteps(t, x0.shape[0])
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         sa = self._gather(self.sqrt_alphas_cumprod, t, x0.ndim)
@@ -380,7 +396,7 @@ class GaussianKernel(NoiseKernel):
             ``(B,)`` vlb terms in bits per dimension.
         """
         x0_pred, _, v = self.predict_x0_eps(model_output, x_t, t, clip=False)
-        t = self._batch_t(t, x_t.shape[0])
+        t = self.batch_timesteps(t, x_t.shape[0])
         nd = x_t.ndim
         c1 = self._gather(self.posterior_mean_coef1, t, nd)
         c2 = self._gather(self.posterior_mean_coef2, t, nd)
@@ -416,7 +432,7 @@ class GaussianKernel(NoiseKernel):
             ``{"loss", "mse"}`` and ``"vlb"`` with learned variance; 0-dim tensors.
         """
         out, v = self.split_output(model_output, x_t)
-        tb = self._batch_t(t, x_t.shape[0])
+        tb = self.batch_timesteps(t, x_t.shape[0])
         if self.objective == "epsilon":
             sa = self._gather(self.sqrt_alphas_cumprod, tb, x_t.ndim)
             s1 = self._gather(self.sqrt_one_minus_alphas_cumprod, tb, x_t.ndim)
@@ -434,7 +450,7 @@ class GaussianKernel(NoiseKernel):
         terms["loss"] = mse + self.vlb_weight * vlb
         return terms
 
-    # ------------------------------------------------------------------ sampling
+    # ------------------------------------------------------------------ the strided chain
     def q_posterior(
         self, x0: Tensor, x_t: Tensor, t: Tensor | int, t_prev: Tensor | int
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -456,16 +472,24 @@ class GaussianKernel(NoiseKernel):
             ``(mean, variance, beta)``: mean ``(B, C, H, W)``, variance and respaced beta ``(B, 1, 1, 1)``.
         """
         b = x_t.shape[0]
-        c = self._respaced(self._batch_t(t, b), self._batch_t(t_prev, b, "t_prev"), x_t.ndim)
+        c = self.respaced(self.batch_timesteps(t, b), self.batch_timesteps(t_prev, b, "t_prev"), x_t.ndim)
         return c.coef_x0 * x0 + c.coef_xt * x_t, c.var, c.beta
 
-    def _respaced(self, t: Tensor, t_prev: Tensor, ndim: int) -> _Respaced:
-        """Coefficients of the strided step ``t -> t_prev`` (both ``(B,)``), each shaped ``(B, 1, ..., 1)``.
+    def respaced(self, t: Tensor, t_prev: Tensor, ndim: int) -> Respaced:
+        """Coefficients of the strided step ``t -> t_prev`` of the respaced chain (Nichol & Dhariwal 2021, Sec. 4).
 
         Computed on ``(B,)`` vectors from ``log abar`` (ratios with ``expm1`` for accuracy). For
         ``t_prev = -1``, ``log abar_prev = 0`` makes the coefficients exactly those of
         ``x_prev = x0`` (``coef_x0 = 1``, ``coef_xt = 0``, ``var = 0``, ``sqrt_abar_prev = 1``),
         so no full-size ``where`` is needed.
+
+        Args:
+            t: LongTensor ``(B,)`` in ``[0, T)`` (see :meth:`batch_timesteps`).
+            t_prev: LongTensor ``(B,)``, ``-1 <= t_prev < t``.
+            ndim: dimensions of the sample the coefficients multiply (4 for ``(B, C, H, W)``).
+
+        Returns:
+            :class:`Respaced`, every field float32 ``(B, 1, ..., 1)`` with ``ndim`` dims.
         """
         valid = (t_prev >= 0).to(self.log_alphas_cumprod.dtype)
         la_t = self.log_alphas_cumprod.index_select(0, t)
@@ -489,49 +513,18 @@ class GaussianKernel(NoiseKernel):
             valid,
         ]
         table = torch.stack(fields, 1).reshape(t.shape[0], len(fields), *([1] * (ndim - 1)))
-        return _Respaced(*table.unbind(1))
+        return Respaced(*table.unbind(1))
 
-    def _log_snr(self, t: Tensor) -> Tensor:
-        """Half log-SNR ``lambda_t = log(alpha_t / sigma_t)`` for timesteps ``t`` (B,); ``+inf`` at ``t = -1``."""
+    def log_alphas_cumprod_at(self, t: Tensor) -> Tensor:
+        """``log abar_t`` for timesteps ``t`` (LongTensor ``(B,)``), float32 ``(B,)``; 0 at ``t = -1`` (``abar = 1``)."""
         valid = (t >= 0).to(self.log_alphas_cumprod.dtype)
-        la = self.log_alphas_cumprod.index_select(0, t.clamp(min=0)) * valid  # log abar, 0 at t = -1
+        return self.log_alphas_cumprod.index_select(0, t.clamp(min=0)) * valid
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        """Half log-SNR ``lambda_t = log(alpha_t / sigma_t)``, ``alpha_t = sqrt(abar_t)``, ``sigma_t = sqrt(1 - abar_t)``
+        (Lu et al. 2022, Sec. 2), for timesteps ``t`` (LongTensor ``(B,)``): float32 ``(B,)``, ``+inf`` at ``t = -1``."""
+        la = self.log_alphas_cumprod_at(t)
         return 0.5 * (la - torch.log(-torch.expm1(la)))
-
-    def _dpmpp_2m(
-        self,
-        x0: Tensor,
-        x_t: Tensor,
-        t: Tensor | int,
-        t_prev: Tensor | int,
-        history: dict[str, Tensor] | None,
-    ) -> Tensor:
-        """The DPM-Solver++(2M) update of ``step`` (Lu et al. 2022, Alg. 2); updates ``history`` in place.
-
-        Coefficients are computed on ``(B,)`` vectors: ``alpha_prev (1 - e^{-h})`` as
-        ``-alpha_prev expm1(-h)`` and ``sigma_prev / sigma_t`` from ``log abar`` with ``expm1``. On the
-        final step ``lambda_prev = +inf`` gives exactly ``x_prev = x0_pred`` (coefficients 1 and 0, and
-        the second-order correction is switched off with ``torch.where``).
-        """
-        b, nd = x_t.shape[0], x_t.ndim
-        t = self._batch_t(t, b)
-        t_prev = self._batch_t(t_prev, b, "t_prev")
-        valid = t_prev >= 0
-        la_t = self.log_alphas_cumprod.index_select(0, t)
-        la_p = self.log_alphas_cumprod.index_select(0, t_prev.clamp(min=0)) * valid.to(la_t.dtype)
-        lam_t = self._log_snr(t)
-        h = self._log_snr(t_prev) - lam_t  # +inf on the final step
-        coef_x0 = -torch.exp(0.5 * la_p) * torch.expm1(-h)  # alpha_prev (1 - e^{-h}); 1 on the final step
-        coef_xt = torch.exp(0.5 * (torch.log(-torch.expm1(la_p)) - torch.log(-torch.expm1(la_t))))
-        d = x0
-        if history is not None and "x0_pred" in history:
-            h_last = lam_t - history["lambda"]
-            # 1 / (2 r) = h / (2 h_last); 0 on the final step, which returns x0_pred
-            half_inv_r = torch.where(valid, h / (2.0 * h_last), torch.zeros_like(h))
-            d = x0 + self._bcast(half_inv_r, nd) * (x0 - history["x0_pred"])
-        if history is not None:
-            history["x0_pred"] = x0
-            history["lambda"] = lam_t
-        return self._bcast(coef_xt, nd) * x_t + self._bcast(coef_x0, nd) * d
 
     def step(
         self,
@@ -542,69 +535,7 @@ class GaussianKernel(NoiseKernel):
         generator: torch.Generator | None = None,
         history: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """One strided reverse step from the noise level of ``t`` to that of ``t_prev``.
-
-        ``"ddpm"``: a draw from ``q(x_{t_prev} | x_t, x0_pred)`` (``q_posterior``), with the
-        fixed small variance or, with learned variance, ``exp(v' log beta + (1 - v') log var)``,
-        ``v' = (v + 1) / 2``, where ``beta`` and ``var`` are the respaced ones (Nichol & Dhariwal
-        2021, Eq. 15 and Sec. 4). ``"ddim"`` (Song et al. 2021, Eq. 12 and 16):
-        ``x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z`` with
-        ``sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)``; DDIM
-        ignores a learned variance, and with ``eta = 0`` draws nothing. ``x0_pred`` and ``eps``
-        come from ``predict_x0_eps`` (clamped and re-derived when ``clip_x0``). ``t_prev = -1``
-        is the final step: ``x_prev = x0_pred``, no noise. No host synchronisation: per-sample
-        choices use ``torch.where``. The caller guarantees ``-1 <= t_prev < t``.
-
-        ``"dpmpp_2m"`` (DPM-Solver++(2M), Lu et al. 2022, Alg. 2), deterministic, with
-        ``alpha = sqrt(abar)``, ``sigma = sqrt(1 - abar)``, ``lambda = log(alpha / sigma)`` and
-        ``h = lambda_prev - lambda_t``: ``x_prev = (sigma_prev / sigma_t) x_t - alpha_prev (e^{-h} - 1) D``
-        with ``D = x0_pred`` on a first step (no ``history``, or an empty one) and otherwise, with
-        ``r = h_last / h``, ``D = (1 + 1/(2r)) x0_pred - 1/(2r) x0_pred_last``, where ``x0_pred_last``
-        and ``h_last = lambda_t - lambda_last`` come from the previous step of the same chain. The
-        final step (``t_prev = -1``) returns ``x0_pred``. It ignores ``eta`` and a learned variance
-        (like DDIM); a first-order step equals DDIM with ``eta = 0``.
-
-        The step itself keeps no state: a multistep update reads the previous step's
-        ``x0_pred`` and ``lambda`` from ``history``, a dict that the caller creates empty for each
-        chain and passes to every step of it, and writes this step's into it (keys
-        ``"x0_pred"`` and ``"lambda"``). The other samplers neither read nor write it.
-
-        Args:
-            model_output: ``(B, C, H, W)``, or ``(B, 2C, H, W)`` with learned variance.
-            t: LongTensor ``(B,)``; a 0-dim tensor or int is broadcast.
-            t_prev: LongTensor ``(B,)`` (or 0-dim / int); ``-1`` for the final step.
-            x_t: current sample ``(B, C, H, W)``.
-            generator: random generator for the step's noise (on ``x_t``'s device).
-            history: per-chain memory of a multistep sampler (``"dpmpp_2m"``), updated in place;
-                ``None`` gives first-order steps. Ignored by ``"ddim"`` and ``"ddpm"``.
-
-        Returns:
-            ``(x_prev, x0_pred)``, each ``(B, C, H, W)``.
-        """
-        b = x_t.shape[0]
-        c = self._respaced(self._batch_t(t, b), self._batch_t(t_prev, b, "t_prev"), x_t.ndim)
-        out, v = self.split_output(model_output, x_t)
-        x0, eps = self._x0_eps(out, x_t, c.sqrt_abar, c.sqrt_one_minus_abar, self.clip_x0)
-        if self.sampling == "dpmpp_2m":
-            return self._dpmpp_2m(x0, x_t, t, t_prev, history), x0
-        if self.sampling == "ddim":
-            x_prev = c.sqrt_abar_prev * x0
-            if self.eta > 0.0:
-                sigma2 = self.eta**2 * c.var  # eta^2 (1 - abar_prev)/(1 - abar_t) (1 - abar_t/abar_prev)
-                x_prev = x_prev + (c.one_minus_abar_prev - sigma2).clamp(min=0.0).sqrt() * eps
-                noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-                x_prev = x_prev + sigma2.sqrt() * noise
-            else:
-                x_prev = x_prev + c.one_minus_abar_prev.sqrt() * eps
-        else:
-            x_prev = c.coef_x0 * x0 + c.coef_xt * x_t
-            noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-            if v is None:
-                x_prev = x_prev + c.var.sqrt() * noise
-            else:
-                log_small = torch.log(c.var.clamp(min=_TINY_VAR))
-                # 0.5 log var_model = 0.5 log var + 0.5 v' (log beta - log var), v' = (v + 1) / 2
-                half_gap = 0.25 * (torch.log(c.beta) - log_small)
-                std = torch.exp((v + 1.0) * half_gap + 0.5 * log_small)
-                x_prev = x_prev + (std * c.valid) * noise
-        return x_prev, x0
+        """Deprecated: ``self.default_solver().step(self, ...)`` (the solvers in ``diffusion/solvers`` walk chains)."""
+        return self.default_solver().step(
+            self, model_output, t, t_prev, x_t, generator=generator, state=history
+        )

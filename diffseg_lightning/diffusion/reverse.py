@@ -20,7 +20,8 @@ Denoise = Callable[[Tensor, Tensor], Tensor]
 
 
 class StepRecord(NamedTuple):
-    """What :func:`reverse` passes to ``on_step`` after each step ``index`` (``t -> t_prev``, both ``(B,)``)."""
+    """What :func:`reverse` passes to ``on_step`` after each step ``index`` (``t -> t_prev``, both ``(B,)``):
+    the float32 ``model_output`` at ``(x_t, t)``, the step's result ``x_prev`` and ``x0_pred``, and ``x_t``."""
 
     index: int
     t: Tensor
@@ -28,6 +29,7 @@ class StepRecord(NamedTuple):
     model_output: Tensor
     x_prev: Tensor
     x0_pred: Tensor
+    x_t: Tensor
 
 
 def reverse(
@@ -70,7 +72,7 @@ def reverse(
         output = denoise(x, t_batch).float()
         x_prev, x0 = solver.step(kernel, output, t_batch, t_prev_batch, x, generator=generator, state=state)
         if on_step is not None:
-            replaced = on_step(StepRecord(i, t_batch, t_prev_batch, output, x_prev, x0))
+            replaced = on_step(StepRecord(i, t_batch, t_prev_batch, output, x_prev, x0, x))
             if replaced is not None:
                 x_prev = replaced
         x = x_prev

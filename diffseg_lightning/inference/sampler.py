@@ -1,4 +1,5 @@
-"""Batched multi-sample reverse diffusion for any kernel that follows the kernel contract."""
+"""Batched multi-sample reverse diffusion for any noise kernel and solver (``diffusion/base.py``,
+``diffusion/solvers``): the S samples of every image, fused, with their uncertainty maps."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
+from diffseg_lightning.diffusion.base import Denoiser, NoiseKernel
+from diffseg_lightning.diffusion.reverse import StepRecord, reverse
+from diffseg_lightning.diffusion.solvers.base import Solver
 from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.inference.fusion import (
     Fusion,
@@ -81,17 +84,19 @@ class DiffusionSampler:
     """Draw S masks per image in one batched pass per step, fuse them and map their uncertainty.
 
     The S samples of the B images run through the network as one (B*S) batch at every step; the
-    denoiser's ``encode_condition`` runs once per image and is reused across steps and samples.
+    denoiser's ``encode_condition`` runs once per image and is reused across steps and samples. The chain is
+    walked by :func:`~diffseg_lightning.diffusion.reverse.reverse` with :meth:`resolve_solver`'s solver.
 
     Reproducibility: the prior noise of each case comes from its own generator seeded with
-    ``(seed, case id)``, so deterministic samplers (DDIM with eta = 0) give the same mask for a case
-    whatever the batch or process it lands in. Stochastic steps draw from one generator per batch.
+    ``(seed, case id)``, so deterministic solvers (DDIM with eta = 0, DPM-Solver++(2M)) give the same mask for
+    a case whatever the batch or process it lands in. Stochastic steps draw from one generator per batch
+    (the first case's).
 
     ``fusion="evolution"`` (MB-Diff, Wang et al., MICCAI 2023; see
     :func:`~diffseg_lightning.inference.fusion.evolution_fusion`) needs a kernel with a learned variance
     (``noise=gaussian noise.learn_variance=true``; anything else is refused with a ``ValueError`` before
-    sampling starts). The mean ``mu_i`` of each sample's final step is the ``x0_pred`` that the kernel's
-    last ``step`` returns, and its log-variance ``Sigma_i`` is read from the same network output
+    sampling starts). The mean ``mu_i`` of each sample's final step is the ``x0_pred`` that the solver's
+    last step returns, and its log-variance ``Sigma_i`` is read from the same network output
     (:func:`~diffseg_lightning.inference.fusion.final_step_log_variance`): no extra network pass. The
     ``z_i`` of ``y_i = mu_i + exp(Sigma_i / 2) z_i`` come from the per-case generators, drawn right after
     the prior, so they too do not depend on the batch or the process. The returned ``samples`` are the
@@ -106,14 +111,16 @@ class DiffusionSampler:
         parallel: under DDP, ``data`` splits the images across processes (the distributed sampler
             does it); ``sample`` gives every process all images and splits their S samples instead,
             gathering them before fusion (needs ``trainer.use_distributed_sampler=false``, which
-            ``diffseg-eval`` sets). Both give the same result as one process for deterministic samplers.
+            ``diffseg-eval`` sets). Both give the same result as one process for deterministic solvers.
         tau: the evolution fusion's voting threshold on ``sum_i y_i`` over the S decoded evolutions, in
             [0, S]; ``None`` (default) gives ``threshold * S``, i.e. ``S / 2`` (a majority) at threshold 0.5.
             Ignored by the other fusions.
         max_batch: the most rows (images x samples) one network pass may take: each step's (B*S) batch
             is split into chunks of at most ``max_batch`` rows, run one after the other, and their outputs
-            concatenated before the kernel's step, which still runs on the whole batch (so the samples,
+            concatenated before the solver's step, which still runs on the whole batch (so the samples,
             random draws included, are the same whatever the chunking). ``None`` (default): one pass.
+        solver: the reverse update (``sampler=ddim|ddpm|dpmpp_2m|bernoulli``); ``None`` (``sampler=default``):
+            the kernel's :meth:`~diffseg_lightning.diffusion.base.NoiseKernel.default_solver`.
     """
 
     num_steps: int = 25
@@ -124,6 +131,7 @@ class DiffusionSampler:
     parallel: str = "data"
     tau: float | None = None
     max_batch: int | None = None
+    solver: Solver | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch is not None and (
@@ -149,9 +157,30 @@ class DiffusionSampler:
             )
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"sampler.threshold must lie in [0, 1], got {self.threshold}")
+        if self.solver is not None and not isinstance(self.solver, Solver):
+            raise ConfigError(
+                f"sampler.solver must be null (the kernel's default) or a solver "
+                f"(sampler=ddim|ddpm|dpmpp_2m|bernoulli), got {type(self.solver).__name__}"
+            )
 
-    def settings(self) -> dict[str, Any]:
-        """The settings, as written to ``summary.json``."""
+    def resolve_solver(self, kernel: NoiseKernel) -> Solver:
+        """The solver that walks ``kernel``'s chain: :attr:`solver`, or the kernel's default when it is None.
+
+        Raises:
+            ConfigError: the solver does not fit the kernel (it names both and the ``sampler=`` to use).
+        """
+        solver = kernel.default_solver() if self.solver is None else self.solver
+        solver.check_kernel(kernel)
+        return solver
+
+    def settings(self, kernel: NoiseKernel | None = None) -> dict[str, Any]:
+        """The settings, as written to ``summary.json``'s ``sampler`` block.
+
+        The solver's (:meth:`resolve_solver` with ``kernel``, else :attr:`solver`) ``update`` (its name) and
+        ``deterministic``, and its options (e.g. ``{"eta": 0.0, "clip_x0": true}``) under ``solver``; all
+        three null without a kernel when :attr:`solver` is None. The keys are the same in every case.
+        """
+        solver = self.resolve_solver(kernel) if kernel is not None else self.solver
         return {
             "num_steps": self.num_steps,
             "num_samples": self.num_samples,
@@ -161,6 +190,9 @@ class DiffusionSampler:
             "parallel": self.parallel,
             "tau": self.tau,
             "max_batch": self.max_batch,
+            "update": solver.name if solver is not None else None,
+            "deterministic": solver.is_deterministic if solver is not None else None,
+            "solver": solver.options() if solver is not None else None,
         }
 
     def _sample_shard(self) -> tuple[int, int]:
@@ -169,7 +201,7 @@ class DiffusionSampler:
             return dist.get_rank(), dist.get_world_size()
         return 0, 1
 
-    def _denoise(self, denoiser: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+    def _denoise(self, denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         """The network's output for the (N, ...) batch ``x``, in passes of at most ``max_batch`` rows."""
         n = x.shape[0]
         if self.max_batch is None or n <= self.max_batch:
@@ -185,43 +217,11 @@ class DiffusionSampler:
             ]
         )
 
-    def _reverse(
-        self,
-        denoiser: nn.Module,
-        kernel: Any,
-        image: torch.Tensor,
-        x: torch.Tensor,
-        repeats: int,
-        generator: torch.Generator,
-        final_log_variance: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Run the strided reverse process from ``x`` (B*repeats, C, H, W); returns the final x_0.
-
-        With ``final_log_variance``, returns ``(x0, log_variance)``: also the learned log-variance of the
-        final step (:func:`final_step_log_variance`), from the output the step already computed.
-        """
-        cond = repeat_condition(denoiser.encode_condition(image), repeats)
-        timesteps = kernel.inference_timesteps(self.num_steps).tolist()
-        x0 = x
-        log_variance = None
-        history: dict[str, torch.Tensor] = {}  # per-chain memory of multistep kernels (kernel contract)
-        for i, t in enumerate(timesteps):
-            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-            t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            t_prev_batch = torch.full((x.shape[0],), t_prev, device=x.device, dtype=torch.long)
-            output = self._denoise(denoiser, x, t_batch, cond)
-            if final_log_variance and t_prev < 0:
-                log_variance = final_step_log_variance(kernel, output, x, t_batch)
-            x, x0 = kernel.step(output, t_batch, t_prev_batch, x, generator=generator, history=history)
-        if final_log_variance:
-            return x0, log_variance
-        return x0
-
     @torch.no_grad()
     def sample(
         self,
-        denoiser: nn.Module,
-        kernel: Any,
+        denoiser: Denoiser,
+        kernel: NoiseKernel,
         image: torch.Tensor,
         mask_channels: int,
         case_ids: torch.Tensor | None = None,
@@ -229,8 +229,8 @@ class DiffusionSampler:
         """Sample, fuse and measure uncertainty.
 
         Args:
-            denoiser: ``forward(x_t, t, cond)`` with ``cond = encode_condition(image)``.
-            kernel: a noise kernel (see ``shared/DESIGN.md``).
+            denoiser: the network (:class:`~diffseg_lightning.diffusion.base.Denoiser`).
+            kernel: the noise process (:class:`~diffseg_lightning.diffusion.base.NoiseKernel`).
             image: (B, C_img, H, W).
             mask_channels: C, channels of the mask.
             case_ids: (B,) integer ids for the per-case generators; defaults to 0..B-1.
@@ -241,8 +241,10 @@ class DiffusionSampler:
             ``fusion="evolution"`` also ``evolution_uncertainty`` (B, C, H, W).
 
         Raises:
-            ValueError: ``fusion="evolution"`` with a kernel that has no learned variance.
+            ValueError: ``fusion="evolution"`` with a kernel that has no learned variance; a solver that does
+                not fit the kernel.
         """
+        solver = self.resolve_solver(kernel)
         evolution = Fusion.parse(self.fusion) is Fusion.EVOLUTION
         if evolution:
             check_learned_variance(kernel)
@@ -261,11 +263,24 @@ class DiffusionSampler:
         rank, world = self._sample_shard()
         per_rank = -(-s // world)
         mine = torch.arange(rank * per_rank, (rank + 1) * per_rank, device=device).clamp(max=s - 1)
-        x = prior[:, mine].flatten(0, 1)
-        result = self._reverse(
-            denoiser, kernel, image, x, len(mine), generators[0], final_log_variance=evolution
+        cond = repeat_condition(denoiser.encode_condition(image), len(mine))
+        timesteps = kernel.inference_timesteps(self.num_steps)
+        final: list[torch.Tensor] = []  # the last step's learned log-variance (evolution fusion)
+
+        def keep_final_log_variance(step: StepRecord) -> None:
+            if step.index == len(timesteps) - 1:
+                final.append(final_step_log_variance(kernel, step.model_output, step.x_t, step.t))
+
+        x0 = reverse(
+            kernel,
+            solver,
+            lambda x_t, t: self._denoise(denoiser, x_t, t, cond),
+            prior[:, mine].flatten(0, 1),
+            timesteps,
+            generator=generators[0],
+            on_step=keep_final_log_variance if evolution else None,
         )
-        parts = list(result) if evolution else [result]  # x0 (and the final log-variance)
+        parts = [x0, *final]  # x0 (and the final log-variance)
         parts = [p.reshape(b, len(mine), mask_channels, h, w) for p in parts]
         if world > 1:
             gathered = []

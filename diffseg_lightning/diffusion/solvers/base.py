@@ -41,9 +41,16 @@ class Solver(ABC):
                 f"sampler={kernel.default_solver_group} (or sampler=default, the kernel's default solver)"
             )
 
+    def options(self) -> dict[str, Any]:
+        """The solver's own options (its constructor's arguments, e.g. ``eta`` and ``clip_x0``); ``{}`` by default."""
+        return {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.options().items())})"
+
     def settings(self) -> dict[str, Any]:
-        """The solver's settings for ``summary.json``: at least ``update`` (the name) and ``deterministic``."""
-        return {"update": self.name, "deterministic": self.is_deterministic}
+        """The solver's settings: ``update`` (the name), ``deterministic`` and its :meth:`options`."""
+        return {"update": self.name, "deterministic": self.is_deterministic, **self.options()}
 
     @abstractmethod
     def step(
