@@ -45,8 +45,11 @@ def write_summary(path: Path, results: dict, extra: dict | None = None) -> None:
     tmp.replace(path)
 
 
-class SummaryWriter(L.Callback):
-    """Writes ``<output_dir>/summary.json`` from the test results, on rank 0 after every process finished."""
+class SummaryJsonWriter(L.Callback):
+    """Writes ``<output_dir>/summary.json`` from the test results, on rank 0 after every process finished.
+
+    (Not TensorBoard's ``SummaryWriter``: this one writes the evaluation protocol's JSON file.)
+    """
 
     def __init__(self, output_dir: str, filename: str = "summary.json", split: str = "test") -> None:
         self.path = Path(output_dir) / filename

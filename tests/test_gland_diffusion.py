@@ -18,7 +18,7 @@ from torch import nn
 
 from diffseg_lightning.diffusion.gaussian import GaussianKernel
 from diffseg_lightning.exceptions import DiffSegError
-from diffseg_lightning.inference.boxes import (
+from diffseg_lightning.utils.boxes import (
     apply_deltas,
     batched_nms,
     box_cxcywh_to_xyxy,

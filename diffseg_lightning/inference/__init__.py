@@ -1,7 +1,6 @@
 """Multi-sample inference: batched sampling, fusion of the S samples (mean, vote, STAPLE, MB-Diff's evolution
 fusion), uncertainty maps."""
 
-from diffseg_lightning.inference.boxes import batched_nms, box_iou, generalized_box_iou
 from diffseg_lightning.inference.evidence import (
     TotalConflictError,
     contextual_discount,
@@ -30,8 +29,6 @@ __all__ = [
     "DiffusionSampler",
     "Fusion",
     "TotalConflictError",
-    "batched_nms",
-    "box_iou",
     "check_learned_variance",
     "contextual_discount",
     "dempster",
@@ -42,7 +39,6 @@ __all__ = [
     "evolution_fusion",
     "final_step_log_variance",
     "fuse_samples",
-    "generalized_box_iou",
     "mutual_information",
     "predictive_entropy",
     "repeat_condition",

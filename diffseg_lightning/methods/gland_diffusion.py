@@ -19,7 +19,7 @@ from scipy import ndimage
 from torch import Tensor, nn
 
 from diffseg_lightning.exceptions import ConfigError
-from diffseg_lightning.inference.boxes import (
+from diffseg_lightning.utils.boxes import (
     batched_nms,
     box_cxcywh_to_xyxy,
     box_xyxy_to_cxcywh,

@@ -28,7 +28,7 @@ from monai.networks.nets.resnet import ResNet
 from torch import Tensor, nn
 
 from diffseg_lightning.exceptions import ConfigError, DiffSegError
-from diffseg_lightning.inference.boxes import apply_deltas, box_area
+from diffseg_lightning.utils.boxes import apply_deltas, box_area
 
 __all__ = [
     "DynamicMaskHead",

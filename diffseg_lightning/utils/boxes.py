@@ -1,7 +1,9 @@
 """Axis-aligned box utilities and a batched non-maximum suppression, in plain torch.
 
 Written here because torchvision (whose ``torchvision.ops`` holds the usual versions) is not installed beside
-the pinned torch. Boxes are ``(..., 4)`` tensors, either ``xyxy`` (x1, y1, x2, y2) or ``cxcywh`` (centre x,
+the pinned torch. Plain geometry with no layer of its own, so it sits at the bottom (``utils``): the DiffusionDet
+head in ``nets/`` refines boxes with :func:`apply_deltas`, the method in ``methods/`` matches them with
+:func:`generalized_box_iou`, and prediction keeps them with :func:`batched_nms`. Boxes are ``(..., 4)`` tensors, either ``xyxy`` (x1, y1, x2, y2) or ``cxcywh`` (centre x,
 centre y, width, height), in any consistent unit (pixels or fractions of the image side).
 
 References:
