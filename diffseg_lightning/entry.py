@@ -1,28 +1,69 @@
-"""What the three entry points share: building a run's parts from configs, and reading checkpoints."""
+"""What the three entry points share: building a run's parts from configs, and reading checkpoints
+(:func:`load_checkpoint`, the project's one checkpoint reader, lives in :mod:`diffseg_lightning.utils.checkpoints`).
+"""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
-from hydra.errors import HydraException
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from diffseg_lightning.inference.sampler import DiffusionSampler
+from diffseg_lightning.utils.checkpoints import RENAMED_TARGETS as RENAMED_TARGETS  # re-exported
+from diffseg_lightning.utils.checkpoints import LoadedCheckpoint as LoadedCheckpoint
+from diffseg_lightning.utils.checkpoints import load_checkpoint as load_checkpoint
 from diffseg_lightning.utils.errors import DiffSegError
 
 
-def build_module(model_cfg: DictConfig, noise_cfg: DictConfig, sampler_cfg: DictConfig) -> L.LightningModule:
+def accepted_parameters(cls: type) -> set[str]:
+    """The keyword arguments ``cls(...)`` accepts: the named parameters of its ``__init__``, followed up the
+    MRO through an ``__init__`` that forwards ``**kwargs`` (e.g. ``UNetInstanceModule``)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        parameters = inspect.signature(init).parameters.values()
+        names.update(p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return names
+
+
+def build_module(
+    model_cfg: DictConfig,
+    noise_cfg: DictConfig | None,
+    sampler_cfg: DictConfig | DiffusionSampler | None,
+    **overrides: Any,
+) -> L.LightningModule:
     """Instantiate the LightningModule with its kernel and inference recipe (all from Hydra configs).
 
-    The kernel and sampler are passed to the partial module, not merged into its config, so Hydra
-    does not turn them back into config nodes.
+    ``kernel=`` (built from ``noise_cfg``) and ``sampler=`` (built from ``sampler_cfg``, or given built) are
+    passed only to a method whose ``__init__`` takes them (:func:`accepted_parameters`): the U-Net baseline
+    takes no kernel, the image DDPM no sampler. They are passed to the partial module, not merged into its
+    config, so Hydra does not turn them back into config nodes.
+
+    Args:
+        model_cfg: the ``model`` node (a ``_target_`` method class and its arguments).
+        noise_cfg: the ``noise`` node; not built when the method takes no kernel.
+        sampler_cfg: the ``sampler`` node, or a built :class:`DiffusionSampler`; not used when the method
+            takes no sampler.
+        **overrides: constructor arguments that replace the config's (objects allowed).
     """
     module_factory = instantiate(model_cfg, _partial_=True)
-    return module_factory(kernel=instantiate(noise_cfg), sampler=instantiate(sampler_cfg))
+    accepted = accepted_parameters(module_factory.func)
+    kwargs: dict[str, Any] = {}
+    if "kernel" in accepted:
+        kwargs["kernel"] = instantiate(noise_cfg) if noise_cfg is not None else None
+    if "sampler" in accepted:
+        built = sampler_cfg is None or isinstance(sampler_cfg, DiffusionSampler)
+        kwargs["sampler"] = sampler_cfg if built else instantiate(sampler_cfg)
+    return module_factory(**kwargs, **overrides)
 
 
 def build_all(group: DictConfig | None) -> list[Any]:
@@ -30,41 +71,6 @@ def build_all(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
     return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
-
-
-class LoadedCheckpoint(dict):
-    """A checkpoint's content (a plain dict) and the ``path`` it was read from, for messages that name it."""
-
-    path: Path
-
-
-def load_checkpoint(path: str | Path, predict: bool = False) -> LoadedCheckpoint:
-    """Read a DiffSeg checkpoint, with a one-line error when it is missing, unreadable or not ours, or, with
-    ``predict``, when its method cannot predict masks (a class attribute ``cannot_predict`` gives the reason)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DiffSegError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises many types for a damaged file
-        raise DiffSegError(
-            f"checkpoint {path} is not a readable checkpoint ({type(err).__name__}: {err})"
-        ) from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise DiffSegError(f"checkpoint {path} has no state_dict: not a Lightning checkpoint")
-    if "diffseg_config" not in checkpoint:
-        raise DiffSegError(f"checkpoint {path} has no diffseg_config: it was not written by diffseg-train")
-    if predict:
-        target = str((checkpoint["diffseg_config"].get("model") or {}).get("_target_", ""))
-        try:
-            reason = getattr(get_class(target), "cannot_predict", None)
-        except (HydraException, ImportError, ValueError):
-            reason = None  # an unknown method fails with its own message when it is built
-        if reason:
-            raise DiffSegError(f"checkpoint {path} cannot be used by diffseg-predict: {reason}")
-    loaded = LoadedCheckpoint(checkpoint)
-    loaded.path = path
-    return loaded
 
 
 #: Kernel settings that only change how a trained model is sampled; ``noise.<key>=...`` on the command line
@@ -115,13 +121,17 @@ def inference_noise_config(trained: DictConfig, overrides: DictConfig | dict | N
 
 
 def module_from_checkpoint(
-    checkpoint: dict[str, Any], sampler_cfg: DictConfig, noise_overrides: DictConfig | dict | None = None
+    checkpoint: dict[str, Any],
+    sampler_cfg: DictConfig | DiffusionSampler | None,
+    noise_overrides: DictConfig | dict | None = None,
+    **model_overrides: Any,
 ) -> L.LightningModule:
     """Rebuild the trained module from the config stored in its checkpoint, with a new sampler and,
-    optionally, new kernel sampling settings (:func:`inference_noise_config`)."""
+    optionally, new kernel sampling settings (:func:`inference_noise_config`); ``model_overrides`` replace
+    constructor arguments of the stored ``model`` config (:func:`build_module`)."""
     run_cfg = OmegaConf.create(checkpoint["diffseg_config"])
     noise_cfg = inference_noise_config(run_cfg.noise, noise_overrides)
-    module = build_module(run_cfg.model, noise_cfg, sampler_cfg)
+    module = build_module(run_cfg.model, noise_cfg, sampler_cfg, **model_overrides)
     check_weights(module, checkpoint, "the model its own config builds (written by another version?)")
     module.load_state_dict(checkpoint["state_dict"])
     module.run_config = checkpoint["diffseg_config"]

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
-from diffseg_lightning.callbacks import SummaryWriter
+from diffseg_lightning.callbacks import SummaryJsonWriter
 from diffseg_lightning.entry import build_all, load_checkpoint, module_from_checkpoint, save_config
 from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.utils import CONFIG_DIR, DiffSegError, run_cli, user_errors
@@ -45,7 +45,7 @@ def evaluate(cfg: DictConfig) -> dict:
         cfg.trainer,
         # sample-parallel: every process sees every image and draws its share of the S samples
         use_distributed_sampler=cfg.sampler.get("parallel", "data") != "sample",
-        callbacks=[SummaryWriter(cfg.paths.output_dir, split=cfg.split)],
+        callbacks=[SummaryJsonWriter(cfg.paths.output_dir, split=cfg.split)],
         logger=build_all(cfg.get("logger")) or False,
     )
     trainer.test(module, datamodule=datamodule)

@@ -26,7 +26,7 @@ def rescore(run: Path, threshold: float, out: Path) -> None:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from diffseg_lightning.callbacks import SummaryWriter
+    from diffseg_lightning.callbacks import SummaryJsonWriter
     from diffseg_lightning.entry import load_checkpoint, module_from_checkpoint
 
     checkpoint = load_checkpoint(run / "checkpoints" / "last.ckpt")
@@ -38,7 +38,7 @@ def rescore(run: Path, threshold: float, out: Path) -> None:
         accelerator="cpu",
         logger=False,
         enable_progress_bar=False,
-        callbacks=[SummaryWriter(str(out), split="test")],
+        callbacks=[SummaryJsonWriter(str(out), split="test")],
     )
     trainer.test(module, datamodule=instantiate(OmegaConf.create(config["data"])))
 

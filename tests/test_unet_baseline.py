@@ -13,13 +13,14 @@ import torch
 from conftest import compose_config
 from monai.losses import DiceCELoss, DiceLoss
 from monai.networks.nets import UNet
+from omegaconf import OmegaConf
 from PIL import Image
 
-from diffseg_lightning.entry import build_module
+from diffseg_lightning.entry import accepted_parameters, build_module
 from diffseg_lightning.evaluate import evaluate
 from diffseg_lightning.inference import DiffusionSampler
 from diffseg_lightning.inference.uncertainty import binary_entropy
-from diffseg_lightning.methods import DiceBCELoss, SegmentationModule
+from diffseg_lightning.methods import DiceBCELoss, UNetSegmentationModule
 from diffseg_lightning.predict import predict
 from diffseg_lightning.train import train
 
@@ -45,10 +46,10 @@ RUN = [
 ]
 
 
-def tiny_module(mask_channels: int = 1, threshold: float = 0.5) -> SegmentationModule:
+def tiny_module(mask_channels: int = 1, threshold: float = 0.5) -> UNetSegmentationModule:
     torch.manual_seed(0)
     net = UNet(2, 1, mask_channels, channels=(4, 8), strides=(2,), num_res_units=1)
-    return SegmentationModule(
+    return UNetSegmentationModule(
         net,
         optimizer=torch.optim.AdamW,
         mask_channels=mask_channels,
@@ -128,13 +129,19 @@ def test_loss_terms_multi_class_and_channel_mismatch():
         module.loss_terms(logits, target[:, :1])
 
 
-def test_kernel_is_accepted_and_ignored(tmp_path):
-    """build_module passes kernel= and sampler= to every module; the checkpoint holds only the network."""
+def test_no_kernel_is_built_or_taken(tmp_path):
+    """build_module passes kernel= only to a method that takes one (not the U-Net, which takes the sampler);
+    the checkpoint holds only the network."""
     cfg = compose_config("train", ["model=unet", "noise=bernoulli", "sampler.threshold=0.4"], tmp_path)
     module = build_module(cfg.model, cfg.noise, cfg.sampler)
-    assert isinstance(module, SegmentationModule)
+    assert isinstance(module, UNetSegmentationModule)
     assert all(key.startswith("net.") for key in module.state_dict())
     assert not hasattr(module, "kernel") and module.threshold == 0.4
+    accepted = accepted_parameters(UNetSegmentationModule)
+    assert "sampler" in accepted and "kernel" not in accepted
+    # the noise group is not even built: a target that does not exist is never imported
+    unbuildable = OmegaConf.create({"_target_": "no_such_package.Kernel"})
+    assert build_module(cfg.model, unbuildable, cfg.sampler).threshold == 0.4
     assert sum(p.numel() for p in module.parameters()) == 6_494_716  # the default U-Net, 1 -> 1 channel
 
 

@@ -12,7 +12,7 @@ from diffseg_lightning.methods.image_ddpm import ImageDiffusionModule
 from diffseg_lightning.methods.mask_diffusion import MaskDiffusionModule
 from diffseg_lightning.methods.nuclei_aug import NucleiAugmentationModule, classifier_free_guidance
 from diffseg_lightning.methods.odise import ODISEModule
-from diffseg_lightning.methods.segmentation import DiceBCELoss, SegmentationModule
+from diffseg_lightning.methods.segmentation import DiceBCELoss, UNetSegmentationModule
 from diffseg_lightning.methods.weak_cdm import WeakCDMModule
 
 # ``diffseg_lightning.methods.warmup_cosine``: the name configs (and the configs stored in checkpoints) use
@@ -32,8 +32,8 @@ __all__ = [
     "NucleiAugmentationModule",
     "ODISEModule",
     "SegmentationMethod",
-    "SegmentationModule",
     "UNetInstanceModule",
+    "UNetSegmentationModule",
     "WeakCDMModule",
     "classifier_free_guidance",
     "warmup_cosine",

@@ -32,7 +32,7 @@ class SegmentationMethod(L.LightningModule):
     then scores validation and test batches with
     :func:`~diffseg_lightning.metrics.report.case_metrics`, gathers the per-case rows across processes,
     deduplicates them by case index (the distributed sampler pads), keeps them in ``self.results[stage]``
-    in the ``summary.json`` layout (read by :class:`~diffseg_lightning.callbacks.SummaryWriter`), keeps
+    in the ``summary.json`` layout (read by :class:`~diffseg_lightning.callbacks.SummaryJsonWriter`), keeps
     the first validation batch in ``self.panel`` (read by
     :class:`~diffseg_lightning.callbacks.ImagePanelLogger`) and stores the resolved config
     (``self.run_config``) and the RNG states in checkpoints.

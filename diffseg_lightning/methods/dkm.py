@@ -358,7 +358,7 @@ class DKMModule(SegmentationMethod):
         return describe_samples(probability.unsqueeze(1), "mean", self.threshold)
 
     def inference_settings(self) -> dict[str, Any]:
-        """One network pass (see :class:`~diffseg_lightning.methods.SegmentationModule`), plus the features read."""
+        """One network pass (see :class:`~diffseg_lightning.methods.UNetSegmentationModule`), plus the features read."""
         return self.single_pass_settings(
             feature_blocks=list(self.features.blocks),
             feature_timesteps=list(self.features.timesteps),

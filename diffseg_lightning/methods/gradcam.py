@@ -38,7 +38,7 @@ class GradCAMModule(SegmentationMethod):
     throw-away copy of the classifier (the trained network never carries hooks into training or
     checkpoints). Grad-CAM needs gradients, so :meth:`sample` leaves inference mode for the backward pass.
 
-    What it takes from the Hydra groups: ``kernel`` is accepted and ignored; of ``sampler`` only
+    What it takes from the Hydra groups: no kernel (the ``noise`` group is not built); of ``sampler`` only
     ``parallel`` applies (``summary.json`` reports ``num_steps = 1``, ``num_samples = 1``,
     ``threshold = "otsu"``).
 
@@ -49,7 +49,6 @@ class GradCAMModule(SegmentationMethod):
         lesion_class: the class whose score is explained.
         largest_component: keep the largest connected component of each mask.
         scheduler, mask_channels, spacing, compile, channels_last: as in :class:`SegmentationMethod`.
-        kernel: ignored.
         sampler: only ``parallel`` is used.
 
     Shapes:
@@ -66,13 +65,11 @@ class GradCAMModule(SegmentationMethod):
         scheduler: Callable[..., Any] | None = None,
         mask_channels: int = 1,
         spacing: Sequence[float] | None = None,
-        kernel: Any = None,
         sampler: DiffusionSampler | None = None,
         compile: bool = False,
         channels_last: bool = False,
     ) -> None:
         super().__init__(optimizer, scheduler, mask_channels, spacing, compile, channels_last)
-        del kernel  # no diffusion (documented above)
         if mask_channels != 1:
             raise ConfigError(
                 f"GradCAMModule gives one map per image: mask_channels must be 1, got {mask_channels}"

@@ -44,7 +44,7 @@ class HoVerNetModule(SegmentationMethod):
     Inference: ``probability`` = softmax NP channel 1 (B, 1, H, W), ``mask`` = probability > threshold;
     ``instances`` (B, H, W) from the Hover-Net post-processing
     (:func:`~diffseg_lightning.data.hover.instances_from_hover`, MONAI's defaults). One deterministic pass
-    (``num_samples = 1``, as :class:`~diffseg_lightning.methods.segmentation.SegmentationModule`).
+    (``num_samples = 1``, as :class:`~diffseg_lightning.methods.segmentation.UNetSegmentationModule`).
 
     Metrics (:meth:`case_rows`): every metric of the protocol on the semantic mask (Dice, IoU, HD95, ...),
     plus, where the batch carries reference ``instances``, AJI, PQ / DQ / SQ (IoU > 0.5 matching), object
@@ -58,8 +58,7 @@ class HoVerNetModule(SegmentationMethod):
         loss: ``loss(prediction_dict, target_dict)`` -> scalar; None gives ``HoVerNetLoss()``.
         mask_channels: must be 1 (nuclei vs background).
         spacing: pixel spacing for HD95, or None.
-        kernel: ignored (a discriminative network).
-        sampler: only ``threshold`` is used.
+        sampler: only ``threshold`` and ``parallel`` are used (there is no kernel: the ``noise`` group is not built).
         post_processing: keyword options of :func:`instances_from_hover` (e.g. ``min_object_size``).
         compile, channels_last: as every method.
     """
@@ -72,14 +71,12 @@ class HoVerNetModule(SegmentationMethod):
         loss: nn.Module | None = None,
         mask_channels: int = 1,
         spacing: Sequence[float] | None = None,
-        kernel: Any = None,
         sampler: DiffusionSampler | None = None,
         post_processing: dict[str, float] | None = None,
         compile: bool = False,
         channels_last: bool = False,
     ) -> None:
         super().__init__(optimizer, scheduler, mask_channels, spacing, compile, channels_last)
-        del kernel  # a discriminative network has no noise kernel
         if mask_channels != 1:
             raise ConfigError(
                 f"HoVerNetModule segments nuclei vs background: mask_channels must be 1, got {mask_channels}"

@@ -96,4 +96,4 @@ class MaskDiffusionModule(SegmentationMethod):
 
     def inference_settings(self) -> dict[str, Any]:
         """The sampler's settings (:meth:`DiffusionSampler.settings`) and the kernel's reverse ``update``."""
-        return {**self.sampler.settings(), "update": self.kernel.update_rule}
+        return self.sampler.settings(self.kernel)

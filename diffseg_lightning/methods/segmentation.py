@@ -81,7 +81,7 @@ def _stride_product(net: nn.Module) -> tuple[int, int]:
     return factor_h, factor_w
 
 
-class SegmentationModule(SegmentationMethod):
+class UNetSegmentationModule(SegmentationMethod):
     """Non-diffusion baseline: a segmentation network trained with Dice + BCE, one deterministic prediction.
 
     The default network (``conf/model/unet.yaml``) is MONAI's :class:`monai.networks.nets.UNet`
@@ -104,10 +104,10 @@ class SegmentationModule(SegmentationMethod):
     sample (GED with S = 1, no ``ged_4`` / ``ged_16``; diversity NaN).
 
     What it takes from the Hydra groups every method gets (``entry.build_module`` passes ``kernel=`` and
-    ``sampler=`` to every module):
+    ``sampler=`` only to a method that takes them):
 
-    - ``kernel``: accepted and ignored (not stored: no kernel buffers in the checkpoint). The run's
-      ``config.yaml`` still lists the ``noise`` group, which has no effect on this method.
+    - ``noise``: not built, and not taken (no kernel buffers in the checkpoint). The run's ``config.yaml``
+      still lists the ``noise`` group, which has no effect on this method.
     - ``sampler``: only ``threshold`` (default 0.5) and ``parallel`` apply. ``num_steps``,
       ``num_samples``, ``fusion`` and ``seed`` do not: the ``sampler`` block of ``summary.json`` reports
       what was really done, ``num_steps = 1`` (one network pass), ``num_samples = 1``,
@@ -126,7 +126,6 @@ class SegmentationModule(SegmentationMethod):
         spacing: pixel spacing for HD95, or None for pixels.
         loss: ``loss(logits, target)`` -> a dict with ``loss`` (and terms to log) or a scalar tensor;
             None gives :class:`DiceBCELoss` with its defaults.
-        kernel: ignored (see above).
         sampler: the inference recipe; only its ``threshold`` and ``parallel`` are used. None gives
             threshold 0.5.
         compile: ``torch.compile`` the U-Net (``self.net``; see :class:`SegmentationMethod`).
@@ -141,13 +140,11 @@ class SegmentationModule(SegmentationMethod):
         mask_channels: int = 1,
         spacing: Sequence[float] | None = None,
         loss: nn.Module | None = None,
-        kernel: Any = None,
         sampler: DiffusionSampler | None = None,
         compile: bool = False,
         channels_last: bool = False,
     ) -> None:
         super().__init__(optimizer, scheduler, mask_channels, spacing, compile, channels_last)
-        del kernel  # a deterministic network has no noise kernel (documented above)
         self.net = net
         self.loss = loss if loss is not None else DiceBCELoss()
         self.use_sampler(sampler)
@@ -208,4 +205,4 @@ class SegmentationModule(SegmentationMethod):
         return self.single_pass_settings()
 
 
-__all__ = ["DiceBCELoss", "SegmentationModule"]
+__all__ = ["DiceBCELoss", "UNetSegmentationModule"]

@@ -172,7 +172,7 @@ class DKMSegNet(nn.Module):
         sequence of four (B, dm_channels[i], h_i, w_i) maps or None -> logits (B, out_channels, H, W).
     """
 
-    strides = (2, 2, 2, 2)  # read by SegmentationModule's input-size check
+    strides = (2, 2, 2, 2)  # read by UNetSegmentationModule's input-size check
 
     def __init__(
         self,
