@@ -20,8 +20,10 @@ from lightning.pytorch.callbacks import BasePredictionWriter, WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
-from diffseg_lightning.data.folder import file_stem, is_nifti, read_image, read_nifti_item
 from diffseg_lightning.exceptions import ConfigError
+from diffseg_lightning.io.files import file_stem, is_nifti
+from diffseg_lightning.io.images import read_image
+from diffseg_lightning.io.volumes import read_nifti_item
 
 log = logging.getLogger(__name__)
 

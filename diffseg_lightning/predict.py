@@ -6,7 +6,7 @@ image gives ``<stem>_mask.png``, ``<stem>_prob.png``, ``<stem>_uncertainty.png``
 ``<stem>_uncertainty.nii.gz`` with its affine and spacing, plus an overlay PNG. A NIfTI volume
 (H, W, D) is predicted slice by slice along its last axis (each axial slice is one item) and written
 back as one volume; a last axis as long as the model's channel count is read as channels instead
-(see :func:`~diffseg_lightning.data.folder.nifti_layout`).
+(see :func:`~diffseg_lightning.io.volumes.nifti_layout`).
 
 Files that cannot be read or have the wrong channel count are skipped: one warning line each and a
 final ``skipped N file(s): ...`` line; the others are written, and outputs that an earlier run left in
@@ -36,8 +36,9 @@ from omegaconf import DictConfig
 
 from diffseg_lightning.callbacks import MaskWriter, output_names
 from diffseg_lightning.data import ImageFolder, SegmentationDataModule
-from diffseg_lightning.data.folder import describe_skipped, file_stem, nothing_usable
+from diffseg_lightning.data.folder import describe_skipped, nothing_usable
 from diffseg_lightning.entry import load_checkpoint, module_from_checkpoint
+from diffseg_lightning.io.files import file_stem
 from diffseg_lightning.utils import CONFIG_DIR, run_cli, user_errors
 from diffseg_lightning.utils.validate import check_inference, validate_config
 

@@ -12,10 +12,11 @@ from conftest import compose_config
 from hydra.utils import instantiate
 from PIL import Image
 
-from diffseg_lightning.data.folder import read_image, resize
 from diffseg_lightning.data.isic import ISIC, ISIC_LAYOUT, read_jpeg
 from diffseg_lightning.data.masks import present_values
 from diffseg_lightning.data.splits import kfold, split_by_fractions
+from diffseg_lightning.data.transforms import resize
+from diffseg_lightning.io.images import read_image
 from diffseg_lightning.utils.errors import DiffSegError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,9 +11,9 @@ from conftest import compose_config
 from hydra.utils import instantiate
 from PIL import Image
 
-from diffseg_lightning.data.folder import resize
 from diffseg_lightning.data.ph2 import PH2, read_ph2_table, table_cells
 from diffseg_lightning.data.splits import kfold, split_by_fractions
+from diffseg_lightning.data.transforms import resize
 from diffseg_lightning.utils.errors import DiffSegError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

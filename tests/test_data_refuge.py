@@ -12,8 +12,8 @@ from conftest import compose_config
 from hydra.utils import instantiate
 from PIL import Image
 
-from diffseg_lightning.data.folder import read_grey, read_image
 from diffseg_lightning.data.refuge import REFUGE, UNKNOWN_LABEL, read_table
+from diffseg_lightning.io.images import read_grey, read_image
 from diffseg_lightning.utils.errors import DiffSegError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

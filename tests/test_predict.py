@@ -14,7 +14,9 @@ from conftest import compose_config
 from PIL import Image
 
 from diffseg_lightning.callbacks import MaskWriter, atomic_write, output_names, overlay_image
-from diffseg_lightning.data.folder import ImageFolder, file_stem, nifti_layout
+from diffseg_lightning.data.folder import ImageFolder
+from diffseg_lightning.io.files import file_stem
+from diffseg_lightning.io.volumes import nifti_layout
 from diffseg_lightning.predict import predict, remove_stale_outputs
 from diffseg_lightning.utils.errors import DiffSegError
 

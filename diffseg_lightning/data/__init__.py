@@ -7,7 +7,7 @@ from diffseg_lightning.data.chaos import CHAOS
 from diffseg_lightning.data.check import SplitReport, check_dataset
 from diffseg_lightning.data.datamodule import SegmentationDataModule, zscore_per_channel
 from diffseg_lightning.data.drive import DRIVE
-from diffseg_lightning.data.folder import ImageFolder, PairedFolder, read_image
+from diffseg_lightning.data.folder import ImageFolder, PairedFolder
 from diffseg_lightning.data.glas import GlaS
 from diffseg_lightning.data.groups import GroupsFromCSV
 from diffseg_lightning.data.hover import hover_maps, instances_from_structure, structure_from_instances
@@ -69,7 +69,6 @@ __all__ = [
     "hover_maps",
     "instances_from_structure",
     "kmeans_subset",
-    "read_image",
     "split_by_fractions",
     "structure_from_instances",
     "vessel_tree",

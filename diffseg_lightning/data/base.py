@@ -7,11 +7,16 @@ used (an image without its mask, an unreadable header) with :meth:`CaseDataset.b
 ``diffseg-check-data`` reports. Problems found only when a case's pixels are read (a truncated file,
 unexpected label values) raise from ``__getitem__``; the DataModule's check pass
 (:func:`~diffseg_lightning.data.check.check_dataset`) catches those per item under the same policy.
+
+Also shared: finding the dataset folder under the root the user gave (:func:`locate_root`), and the checks of
+what was read against the config (:func:`check_channels`) and of an image against its mask
+(:func:`check_same_size`). Reading the files is :mod:`diffseg_lightning.io`'s.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +39,50 @@ def split_message(err: BaseException | str, default: str | Path = "") -> tuple[s
     if sep and head and os.path.lexists(head.partition("#")[0]):
         return head, reason
     return str(default), message
+
+
+def locate_root(root: str | Path, folder: str, marker: str) -> Path:
+    """The dataset folder: ``root/folder`` when it exists, else ``root`` itself when it holds ``marker``.
+
+    Args:
+        root: the folder the user gave (the one holding ``folder``, or ``folder`` itself).
+        folder: the dataset's own folder name, e.g. ``Kvasir-SEG``.
+        marker: a file or folder inside ``folder`` that identifies it, e.g. ``images``.
+
+    Raises:
+        DiffSegError: naming ``root`` and the layout expected when neither matches.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DiffSegError(f"data root {root} does not exist or is not a folder")
+    if (root / folder / marker).exists():
+        return root / folder
+    if (root / marker).exists():
+        return root
+    if (root / folder).is_dir():  # the dataset folder, incomplete: the loader names the missing file
+        return root / folder
+    raise DiffSegError(
+        f"data root {root}: expected {root / folder / marker} (or data.root pointing at the {folder} folder "
+        f"itself, holding {marker})"
+    )
+
+
+def check_channels(image: np.ndarray, channels: int | None, path: Path) -> np.ndarray:
+    """Raise, naming the file, when an image's channel count is not the configured one."""
+    if channels is not None and image.shape[0] != channels:
+        raise DiffSegError(f"{path}: image has {image.shape[0]} channel(s) but the config expects {channels}")
+    return image
+
+
+def check_same_size(
+    mask_path: Path, mask_shape: Sequence[int], image_path: Path, image_shape: Sequence[int]
+) -> None:
+    """Raise, naming the mask, when its (H, W) differs from the image's."""
+    if tuple(mask_shape[-2:]) != tuple(image_shape[-2:]):
+        raise DiffSegError(
+            f"{mask_path}: mask size {tuple(mask_shape[-2:])} (H, W) differs from the size "
+            f"{tuple(image_shape[-2:])} of its image {image_path.name}"
+        )
 
 
 def check_policy(on_bad_case: str) -> str:

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from diffseg_lightning.data.base import CaseDataset, split_message
-from diffseg_lightning.data.folder import as_size, resize
-from diffseg_lightning.data.nifti import check_same_grid, read_nifti_data
 from diffseg_lightning.data.splits import check_fold, check_fractions, check_split, seeded_split
+from diffseg_lightning.data.transforms import as_size, resize
+from diffseg_lightning.io.files import NIFTI_SUFFIXES
+from diffseg_lightning.io.volumes import check_same_grid, read_nifti_data
 from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 NAMINGS = ("auto", "2021", "2023")
@@ -47,7 +48,6 @@ SCHEMES = {
         "et": 3,
     },
 }
-NIFTI_ENDINGS = (".nii.gz", ".nii")
 CASE_NAME = re.compile(r"^brats", re.IGNORECASE)
 # BraTS 2023+ folder names end in a timepoint: BraTS-GLI-00000-000, -001 are one patient.
 PATIENT_NAME = re.compile(r"^(brats-[a-z]+-\d+)-\d+$", re.IGNORECASE)
@@ -95,7 +95,7 @@ def patient_id(case_name: str) -> str:
 
 
 def _find(case_dir: Path, stem: str) -> Path | None:
-    for ending in NIFTI_ENDINGS:
+    for ending in NIFTI_SUFFIXES:
         path = case_dir / f"{stem}{ending}"
         if path.is_file():
             return path
@@ -107,7 +107,7 @@ def _detect_naming(case_dir: Path, names: set[str]) -> str | None:
     counts = {}
     for year, scheme in SCHEMES.items():
         stems = {f"{case_dir.name}{scheme['sep']}{suffix}" for suffix in scheme["files"].values()}
-        counts[year] = sum(any(f"{s}{e}" in names for e in NIFTI_ENDINGS) for s in stems)
+        counts[year] = sum(any(f"{s}{e}" in names for e in NIFTI_SUFFIXES) for s in stems)
     best = max(counts, key=counts.get)
     if counts[best] == 0:
         return None
@@ -177,7 +177,7 @@ class BraTS(CaseDataset):
 
     Alignment: the slices are taken as stored, so every file of a case must lie on one voxel grid: the
     headers of the modalities and the seg are checked at init (shape, orientation codes, voxel spacing and
-    affine, to 1e-3 of a voxel: :func:`~diffseg_lightning.data.nifti.check_same_grid`), and a case whose
+    affine, to 1e-3 of a voxel: :func:`~diffseg_lightning.io.volumes.check_same_grid`), and a case whose
     seg is stored flipped or at another spacing is a bad case naming both files. Reading and checking the five headers
     takes 3 ms per case on a full-size replica (measured), 4 s for the 1251 cases.
 

@@ -32,8 +32,12 @@ import torch
 from torch.utils.data import Dataset
 
 from diffseg_lightning.data import base as base_module
-from diffseg_lightning.data import folder as folder_module
+from diffseg_lightning.data import masks as masks_module
+from diffseg_lightning.data import transforms as transforms_module
 from diffseg_lightning.data.check import SplitReport, as_row
+from diffseg_lightning.io import files as files_module
+from diffseg_lightning.io import images as images_module
+from diffseg_lightning.io import volumes as volumes_module
 from diffseg_lightning.utils.errors import DiffSegError
 
 CACHE_VERSION = 1
@@ -64,9 +68,11 @@ def names_a_path(key: str, value: Any) -> bool:
 
 
 def source_digest(func: Any) -> str:
-    """A hash of the code that makes the items: the loader's module and the shared data helpers, so that a
-    fixed or changed loader never reads items an older version cached."""
-    modules = {inspect.getmodule(func), folder_module, base_module}
+    """A hash of the code that makes the items: the loader's module, the shared data helpers (bad cases,
+    resizing, the mask-value rule) and the file readers of :mod:`diffseg_lightning.io`, so that a fixed or
+    changed loader never reads items an older version cached."""
+    shared = (base_module, masks_module, transforms_module, files_module, images_module, volumes_module)
+    modules = {inspect.getmodule(func), *shared}
     digest = hashlib.sha1()
     for path in sorted(str(inspect.getsourcefile(m)) for m in modules if m is not None):
         digest.update(Path(path).read_bytes())

@@ -10,9 +10,10 @@ import numpy as np
 import pydicom
 import torch
 
-from diffseg_lightning.data.base import CaseDataset
-from diffseg_lightning.data.folder import as_size, check_channels, check_same_size, read_grey, resize
+from diffseg_lightning.data.base import CaseDataset, check_channels, check_same_size
 from diffseg_lightning.data.splits import check_fractions, check_split, seeded_split
+from diffseg_lightning.data.transforms import as_size, resize
+from diffseg_lightning.io.images import read_grey
 from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 # The sequence folders of one MR patient: (DICOM folder, ground-truth folder), relative to MR/<id>/.

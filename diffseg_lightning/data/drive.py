@@ -10,18 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffseg_lightning.data.base import CaseDataset
-from diffseg_lightning.data.folder import (
-    as_size,
-    check_channels,
-    check_same_size,
-    locate_root,
-    read_image,
-    read_label_map,
-    resize,
-)
+from diffseg_lightning.data.base import CaseDataset, check_channels, check_same_size, locate_root
 from diffseg_lightning.data.masks import mask_foreground
 from diffseg_lightning.data.splits import check_split, train_val_split
+from diffseg_lightning.data.transforms import as_size, resize
+from diffseg_lightning.io.images import read_image, read_label_map
 from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 DRIVE_SPLITS = ("train", "val", "test")
@@ -33,7 +26,7 @@ def read_binary_mask(path: Path) -> np.ndarray:
 
     Grey GIFs (``1st_manual``, the field-of-view ``mask``) hold 0/255 and palette GIFs (``2nd_manual``) hold
     palette INDICES 0/1 whose colours are near-black / near-white: the stored values are read without
-    colour conversion (:func:`~diffseg_lightning.data.folder.read_label_map`) and must be 0/255 or 0/1; the
+    colour conversion (:func:`~diffseg_lightning.io.images.read_label_map`) and must be 0/255 or 0/1; the
     non-zero value is foreground.
 
     Raises:

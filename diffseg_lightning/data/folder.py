@@ -9,137 +9,29 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
-from diffseg_lightning.data.base import CaseDataset
-from diffseg_lightning.data.masks import (
-    Foreground,
-    broken_link,
-    check_foreground,
-    mask_foreground,
-    read_mask_file,
-    unreadable,
-)
+from diffseg_lightning.data.base import CaseDataset, check_channels, check_same_size
+from diffseg_lightning.data.masks import Foreground, check_foreground, mask_foreground
 from diffseg_lightning.data.splits import check_fractions, seeded_split
+from diffseg_lightning.data.transforms import as_size, resize
 from diffseg_lightning.exceptions import read_all
+from diffseg_lightning.io.files import (
+    IMAGE_SUFFIXES,
+    NIFTI_SUFFIXES,
+    broken_link,
+    file_stem,
+    is_nifti,
+    list_images,
+    same_stems,
+)
+from diffseg_lightning.io.images import CONVERTED_MODES, channels_first, read_image, read_mask_file
+from diffseg_lightning.io.volumes import nifti_layout, read_nifti_item
 from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 PREDICT_SUFFIXES = IMAGE_SUFFIXES + NIFTI_SUFFIXES
-CONVERTED_MODES = ("P", "CMYK", "YCbCr")  # read as RGB
 SPLITS = ("train", "val", "test")
-
-
-def read_image(path: Path) -> np.ndarray:
-    """Read a 2D image file as float32 (C, H, W), with a clear error naming the file when it cannot be read."""
-    try:
-        with Image.open(path) as img:
-            array = np.asarray(img.convert("RGB") if img.mode in CONVERTED_MODES else img)
-    except (UnidentifiedImageError, OSError) as err:
-        raise unreadable(path, err) from None
-    return channels_first(array.astype(np.float32))
-
-
-def check_channels(image: np.ndarray, channels: int | None, path: Path) -> np.ndarray:
-    """Raise, naming the file, when an image's channel count is not the configured one."""
-    if channels is not None and image.shape[0] != channels:
-        raise DiffSegError(f"{path}: image has {image.shape[0]} channel(s) but the config expects {channels}")
-    return image
-
-
-def resize(image: torch.Tensor, size: Sequence[int] | None, mode: str) -> torch.Tensor:
-    """Resize (C, H, W) to ``size`` (bilinear for images, nearest for masks); None keeps the size.
-
-    Bilinear resizing is antialiased (a triangle filter as wide as the scale factor when shrinking, like
-    PIL's and OpenCV's INTER_AREA-like resampling): without it, shrinking a 2000 px image to 128 px samples
-    4 of every 16 pixels and aliases fine texture (17-39 grey levels off on ISIC-like texture, measured
-    against an area average). Nearest keeps label values exact.
-    """
-    if size is None or tuple(image.shape[-2:]) == tuple(size):
-        return image
-    kwargs = {"align_corners": False, "antialias": True} if mode == "bilinear" else {}
-    return F.interpolate(image[None], size=tuple(size), mode=mode, **kwargs)[0]
-
-
-def list_images(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
-    """The files of ``folder`` with one of ``suffixes`` (any case), sorted by name, broken symbolic links
-    included (so that the caller reports them: :func:`~diffseg_lightning.data.masks.broken_link`).
-
-    Raises:
-        DiffSegError: when the folder is missing or holds no such file.
-    """
-    if not folder.is_dir():
-        raise DiffSegError(f"data root {folder} does not exist or is not a folder")
-    files = sorted(
-        p
-        for p in folder.iterdir()
-        if (p.is_file() or broken_link(p)) and p.name.lower().endswith(tuple(suffixes))
-    )
-    if not files:
-        raise DiffSegError(f"{folder} holds no images ({', '.join(suffixes)})")
-    return files
-
-
-def same_stems(paths: Sequence[Path]) -> dict[Path, Path]:
-    """``{path: another path of the same stem}`` for every path of ``paths`` whose stem is not unique.
-
-    Two files of one stem (``a.png`` and ``a.jpg``) are one case stored twice: paired by stem, both would
-    take the same partner file and could land in different splits.
-    """
-    groups: dict[str, list[Path]] = {}
-    for path in paths:
-        groups.setdefault(file_stem(path), []).append(path)
-    return {p: next(q for q in group if q != p) for group in groups.values() if len(group) > 1 for p in group}
-
-
-def as_size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
-    if size is None:
-        return None
-    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-def is_nifti(path: str | Path) -> bool:
-    """True for ``.nii`` and ``.nii.gz`` files."""
-    return str(path).lower().endswith(NIFTI_SUFFIXES)
-
-
-def file_stem(path: str | Path) -> str:
-    """The name without its image suffix: ``a.png`` -> ``a``, ``b.nii.gz`` -> ``b``."""
-    name = Path(path).name
-    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
-
-
-def channels_first(array: np.ndarray) -> np.ndarray:
-    """(H, W) -> (1, H, W); (H, W, C) -> (C, H, W)."""
-    return array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
-
-
-def nifti_layout(shape: Sequence[int], channels: int | None) -> tuple[int, int]:
-    """``(slices, channels)`` of a NIfTI array shape; 0 slices means one 2D image.
-
-    (H, W): one single-channel image. (H, W, C) with C equal to the model's ``channels``: one
-    C-channel image (so (H, W, 1) is a 2D image for a one-channel model). (H, W, D) with any other D:
-    a volume of D single-channel axial slices (the last axis). (H, W, D, C): D slices of C channels.
-    """
-    shape = tuple(int(n) for n in shape)
-    if len(shape) not in (2, 3, 4) or 0 in shape:
-        raise DiffSegError(f"NIfTI of shape {shape} is not a 2D image or a 3D volume")
-    if len(shape) == 2:
-        return 0, 1
-    if len(shape) == 3:
-        return (0, shape[2]) if shape[2] == channels else (shape[2], 1)
-    return shape[2], shape[3]
-
-
-def read_nifti_item(path: Path, slice_index: int = -1) -> np.ndarray:
-    """One item of a NIfTI file as float32 (C, H, W): the whole 2D image (-1) or axial slice ``slice_index``."""
-    proxy = nib.load(path).dataobj
-    return channels_first(
-        np.asarray(proxy if slice_index < 0 else proxy[:, :, slice_index], dtype=np.float32)
-    )
 
 
 def _reason(err: Exception, path: Path) -> str:
@@ -160,106 +52,12 @@ def nothing_usable(folder: str | Path, skipped: Sequence[tuple[str | Path, str]]
     return DiffSegError(f"no usable image in {folder} ({len(skipped)} file(s) skipped): {reasons}")
 
 
-def locate_root(root: str | Path, folder: str, marker: str) -> Path:
-    """The dataset folder: ``root/folder`` when it exists, else ``root`` itself when it holds ``marker``.
-
-    Args:
-        root: the folder the user gave (the one holding ``folder``, or ``folder`` itself).
-        folder: the dataset's own folder name, e.g. ``Kvasir-SEG``.
-        marker: a file or folder inside ``folder`` that identifies it, e.g. ``images``.
-
-    Raises:
-        DiffSegError: naming ``root`` and the layout expected when neither matches.
-    """
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DiffSegError(f"data root {root} does not exist or is not a folder")
-    if (root / folder / marker).exists():
-        return root / folder
-    if (root / marker).exists():
-        return root
-    if (root / folder).is_dir():  # the dataset folder, incomplete: the loader names the missing file
-        return root / folder
-    raise DiffSegError(
-        f"data root {root}: expected {root / folder / marker} (or data.root pointing at the {folder} folder "
-        f"itself, holding {marker})"
-    )
-
-
-def read_label_map(path: Path) -> np.ndarray:
-    """A label image as stored, (H, W): grey values, or the palette INDICES of a palette ("P") image.
-
-    Unlike :func:`~diffseg_lightning.data.folder.read_image`, a palette image is not converted to RGB, so a
-    GIF whose indices are 0/1 (DRIVE's second observer) reads as 0/1, and instance ids stay ids. An RGB(A)
-    file is accepted only when its colour channels are equal (grey stored as colour).
-
-    Raises:
-        DiffSegError: naming the file when it cannot be read or holds colour.
-    """
-    try:
-        with Image.open(path) as img:
-            array = np.asarray(img)
-            mode = img.mode
-    except (UnidentifiedImageError, OSError) as err:
-        raise unreadable(path, err) from None
-    return grey_channel(array, path, f"expected a grey or palette label image, found colour ({mode})")
-
-
-def grey_channel(array: np.ndarray, path: Path, colour_error: str) -> np.ndarray:
-    """(H, W) as it is, or the first channel of (H, W, C) grey stored as colour (its first three channels
-    equal); true colour raises ``DiffSegError`` ``<path>: <colour_error>``."""
-    if array.ndim == 3:
-        colour = array[..., :3]
-        if not (
-            np.array_equal(colour[..., 0], colour[..., 1]) and np.array_equal(colour[..., 0], colour[..., 2])
-        ):
-            raise DiffSegError(f"{path}: {colour_error}")
-        array = colour[..., 0]
-    return array
-
-
-def read_grey(path: Path) -> np.ndarray:
-    """A label image's grey VALUES as uint8 (H, W), however the file stores them.
-
-    An 8-bit BMP always carries a colour table: PIL reads it as "L" when that table is the identity grey
-    ramp, but as "P" (palette INDICES) otherwise, e.g. a 3-entry table [0, 128, 255] gives indices 0, 1, 2.
-    So palette images are looked up in their palette here (unlike
-    :func:`read_label_map`, which keeps indices on purpose), "1" images
-    become 0 / 255, and RGB(A) is accepted when its colour channels are equal.
-
-    Raises:
-        DiffSegError: naming the file when it is missing, unreadable, holds colour or more than 8 bits.
-    """
-    try:
-        with Image.open(path) as img:
-            if img.mode in ("P", "PA", "1"):
-                img = img.convert("RGB")
-            array = np.asarray(img)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise unreadable(path, err) from None
-    array = grey_channel(array, path, "expected a grey label image, found colour")
-    if array.dtype != np.uint8:
-        raise DiffSegError(f"{path}: expected an 8-bit grey label image, found {array.dtype}")
-    return array
-
-
-def check_same_size(
-    mask_path: Path, mask_shape: Sequence[int], image_path: Path, image_shape: Sequence[int]
-) -> None:
-    """Raise, naming the mask, when its (H, W) differs from the image's."""
-    if tuple(mask_shape[-2:]) != tuple(image_shape[-2:]):
-        raise DiffSegError(
-            f"{mask_path}: mask size {tuple(mask_shape[-2:])} (H, W) differs from the size "
-            f"{tuple(image_shape[-2:])} of its image {image_path.name}"
-        )
-
-
 class ImageFolder(Dataset):
     """Every image in one folder, unlabelled, for ``diffseg-predict``: 2D image files and NIfTI files.
 
     2D files (png, jpg, bmp, tif, gif) are one item each. A NIfTI file (``.nii``, ``.nii.gz``) is one
     item when it holds a 2D image, and one item per axial slice (its last spatial axis) when it holds a
-    3D volume; see :func:`nifti_layout` for how its shape is read.
+    3D volume; see :func:`~diffseg_lightning.io.volumes.nifti_layout` for how its shape is read.
 
     Every file is checked when the dataset is built, from its header (and, for PNG, the chunk
     checksums), so that an unreadable file, a broken symbolic link, one with the wrong channel count, and one

@@ -12,17 +12,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from diffseg_lightning.data.base import CaseDataset
-from diffseg_lightning.data.folder import (
-    as_size,
-    check_channels,
-    check_same_size,
-    locate_root,
-    read_image,
-    read_label_map,
-    resize,
-)
+from diffseg_lightning.data.base import CaseDataset, check_channels, check_same_size, locate_root
 from diffseg_lightning.data.splits import check_split, train_val_split
+from diffseg_lightning.data.transforms import as_size, resize
+from diffseg_lightning.io.images import read_image, read_label_map
 from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 GLAS_SPLITS = ("train", "val", "test", "testA", "testB")

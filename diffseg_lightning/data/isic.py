@@ -13,17 +13,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from diffseg_lightning.data.base import CaseDataset
-from diffseg_lightning.data.folder import (
-    CONVERTED_MODES,
-    as_size,
-    channels_first,
-    check_channels,
-    check_same_size,
-    resize,
-)
-from diffseg_lightning.data.masks import mask_foreground, present_values, read_mask_file
+from diffseg_lightning.data.base import CaseDataset, check_channels, check_same_size
+from diffseg_lightning.data.masks import mask_foreground, present_values
 from diffseg_lightning.data.splits import check_split, train_val_split
+from diffseg_lightning.data.transforms import as_size, resize
+from diffseg_lightning.io.images import CONVERTED_MODES, channels_first, read_mask_file
 from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 ISIC_SPLITS = ("train", "val", "test")

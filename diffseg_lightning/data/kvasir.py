@@ -11,19 +11,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffseg_lightning.data.base import CaseDataset
-from diffseg_lightning.data.folder import (
-    as_size,
-    check_channels,
-    check_same_size,
-    list_images,
-    locate_root,
-    read_image,
-    resize,
-    same_stems,
-)
-from diffseg_lightning.data.masks import broken_link, mask_foreground, read_mask_file
+from diffseg_lightning.data.base import CaseDataset, check_channels, check_same_size, locate_root
+from diffseg_lightning.data.masks import mask_foreground
 from diffseg_lightning.data.splits import check_fractions, check_split, seeded_split
+from diffseg_lightning.data.transforms import as_size, resize
+from diffseg_lightning.io.files import broken_link, list_images, same_stems
+from diffseg_lightning.io.images import read_image, read_mask_file
 from diffseg_lightning.utils.errors import DiffSegError
 
 KVASIR_SPLITS = ("train", "val", "test")

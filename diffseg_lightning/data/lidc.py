@@ -33,16 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffseg_lightning.data.base import CaseDataset
-from diffseg_lightning.data.folder import (
-    as_size,
-    check_channels,
-    check_same_size,
-    read_image,
-    resize,
-)
-from diffseg_lightning.data.masks import mask_foreground, read_mask_file
+from diffseg_lightning.data.base import CaseDataset, check_channels, check_same_size
+from diffseg_lightning.data.masks import mask_foreground
 from diffseg_lightning.data.splits import SPLITS, check_fold, check_fractions, check_split, seeded_split
+from diffseg_lightning.data.transforms import as_size, resize
+from diffseg_lightning.io.images import read_image, read_mask_file
 from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 FORMATS = ("auto", "pickle", "png")

@@ -1,6 +1,7 @@
 """Which mask values mean foreground: the one rule every 2D loader reads its mask files with.
 
-A mask file is read as stored (:func:`read_mask_file`) and turned into foreground (:func:`mask_foreground`)
+A mask file is read as stored (:func:`~diffseg_lightning.io.images.read_mask_file`, which also says whether it is
+lossy) and turned into foreground (:func:`mask_foreground`)
 by a rule, ``data.foreground`` of the generic folder (:func:`check_foreground`); the official-layout loaders
 use ``binary``:
 
@@ -29,19 +30,16 @@ and 35-85% of 1-3 px vessels at quality 95-75, everything at quality <= 50): sto
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from diffseg_lightning.exceptions import ConfigError, DiffSegError
 
 FOREGROUND_RULES = ("binary", "nonzero")
 BINARY_ENCODINGS = ((0, 1), (0, 255))
-LOSSY_FORMATS = ("JPEG", "MPO")  # PIL's format names of lossy files
 # Measured on 0/1 masks saved by PIL at quality 30..95 (a disc, DRIVE vessels): the maximum is 0..2.
 JPEG_LOW_MAX = 3
 # Half of the 0..127 / 128..255 halves: Kvasir-SEG's real JPEG masks (300 here) hold at most 10% of their
@@ -77,23 +75,6 @@ def check_foreground(foreground: Any) -> Foreground:
     )
 
 
-def broken_link(path: Path) -> str | None:
-    """``"broken symbolic link to <target>"`` when ``path`` is a symbolic link to nothing, else None."""
-    if path.is_symlink() and not path.exists():
-        return f"broken symbolic link to {os.readlink(path)}"
-    return None
-
-
-def unreadable(path: Path, err: BaseException) -> DiffSegError:
-    """The error for a file PIL cannot open, naming it (and a broken link's target)."""
-    link = broken_link(path)
-    if link:
-        return DiffSegError(f"{path}: {link}")
-    if isinstance(err, FileNotFoundError):
-        return DiffSegError(f"{path}: file not found")
-    return DiffSegError(f"{path}: not a readable image ({err})")
-
-
 def present_values(labels: np.ndarray) -> np.ndarray:
     """The sorted distinct values of a label array: ``np.bincount`` for 8-bit and boolean arrays (one linear
     pass, no sort: 31 ms against ``np.unique``'s 50 ms on a 4000 x 3000 mask), ``np.unique`` otherwise.
@@ -105,42 +86,6 @@ def present_values(labels: np.ndarray) -> np.ndarray:
     if labels.dtype == np.uint8:
         return np.flatnonzero(np.bincount(labels.ravel(), minlength=256)).astype(np.uint8)
     return np.unique(labels)
-
-
-def read_mask_file(path: Path) -> tuple[np.ndarray, bool]:
-    """A mask file's stored values and whether its format is lossy (JPEG).
-
-    Returns:
-        ``(values, lossy)``: values (H, W) for grey files (1-bit files as 0/255), or (H, W, 3) for
-        colour (RGB, and palette images by their colours); a constant alpha channel is dropped.
-
-    Raises:
-        DiffSegError: naming the file when it is missing, a broken link, unreadable, or its alpha varies.
-    """
-    try:
-        with Image.open(path) as img:
-            lossy = img.format in LOSSY_FORMATS
-            if img.mode in ("P", "PA"):
-                img = img.convert("RGBA")
-            elif img.mode == "1":
-                img = img.convert("L")  # 0 / 255, its grey values
-            elif img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-                img = img.convert("RGB")
-            values = np.asarray(img)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise unreadable(path, err) from None
-    if values.ndim == 3:
-        if values.shape[-1] in (2, 4):
-            alpha = values[..., -1]
-            if alpha.min() != alpha.max():
-                raise DiffSegError(
-                    f"{path}: mask with varying transparency (alpha {alpha.min()}..{alpha.max()}); "
-                    "transparency cannot say what is foreground: save the mask without alpha"
-                )
-            values = values[..., :-1]
-        if values.shape[-1] == 1:
-            values = values[..., 0]
-    return values, lossy
 
 
 def shown(values: Sequence | np.ndarray) -> str:
@@ -176,7 +121,7 @@ def _colours(rgb: np.ndarray) -> str:
 def mask_foreground(
     values: np.ndarray, foreground: Foreground, path: Path, lossy: bool = False, owner: str | None = None
 ) -> np.ndarray:
-    """The foreground of a mask's stored values (:func:`read_mask_file`) under ``foreground``: bool (H, W).
+    """The foreground of a mask's stored values (:func:`~diffseg_lightning.io.images.read_mask_file`) under ``foreground``: bool (H, W).
 
     Args:
         values: (H, W) grey values or (H, W, 3) colour.

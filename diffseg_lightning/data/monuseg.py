@@ -28,9 +28,11 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from skimage.draw import polygon as fill_polygon
 
-from diffseg_lightning.data.base import CaseDataset
-from diffseg_lightning.data.folder import as_size, check_channels, read_image, resize, same_stems
+from diffseg_lightning.data.base import CaseDataset, check_channels
 from diffseg_lightning.data.splits import check_split, train_val_split
+from diffseg_lightning.data.transforms import as_size, resize
+from diffseg_lightning.io.files import same_stems
+from diffseg_lightning.io.images import read_image
 from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 TRAIN_IMAGES = "Tissue Images"

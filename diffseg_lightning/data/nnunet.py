@@ -13,9 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffseg_lightning.data.base import CaseDataset, split_message
-from diffseg_lightning.data.folder import as_size, check_same_size, read_image, read_label_map, resize
-from diffseg_lightning.data.nifti import check_same_grid, load_nifti, read_nifti_array
+from diffseg_lightning.data.base import CaseDataset, check_same_size, split_message
 from diffseg_lightning.data.splits import (
     check_fractions,
     check_split,
@@ -23,11 +21,14 @@ from diffseg_lightning.data.splits import (
     seeded_split,
     train_val_split,
 )
+from diffseg_lightning.data.transforms import as_size, resize
+from diffseg_lightning.io.files import NIFTI_SUFFIXES
+from diffseg_lightning.io.images import read_image, read_label_map
+from diffseg_lightning.io.volumes import check_same_grid, load_nifti, read_nifti_array
 from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 NNUNET_SPLITS = ("train", "val", "test", "predict")
 IMAGE_ENDINGS = (".png", ".bmp", ".tif", ".tiff")  # nnU-Net v2's NaturalImage2DIO
-NIFTI_ENDINGS = (".nii.gz", ".nii")
 EMPTY_SLICES = ("keep", "drop")
 SPECIAL_TARGETS = ("foreground", "classes")
 SPLITS_FILE = "splits_final.json"
@@ -58,7 +59,7 @@ class DatasetJson:
 
     @property
     def is_nifti(self) -> bool:
-        return self.file_ending.lower() in NIFTI_ENDINGS
+        return self.file_ending.lower() in NIFTI_SUFFIXES
 
     @property
     def foreground_labels(self) -> list[str]:
@@ -137,10 +138,10 @@ def parse_dataset_json(path: Path) -> DatasetJson:
     if not isinstance(channels, dict) or not channels:
         raise DiffSegError(f"{path}: empty or malformed channel list ('channel_names' / 'modality')")
     names = [str(channels[k]) for k in sorted(channels, key=lambda k: int(k))]
-    if file_ending.lower() not in IMAGE_ENDINGS + NIFTI_ENDINGS:
+    if file_ending.lower() not in IMAGE_ENDINGS + NIFTI_SUFFIXES:
         raise DiffSegError(
             f"{path}: file_ending {file_ending!r} is not supported; "
-            f"supported: {IMAGE_ENDINGS + NIFTI_ENDINGS}"
+            f"supported: {IMAGE_ENDINGS + NIFTI_SUFFIXES}"
         )
     values = frozenset(v for vs in labels.values() for v in vs)
     num = data.get("numTraining")
@@ -461,7 +462,7 @@ class NNUNetRaw(CaseDataset):
     ) -> tuple[int, tuple | None] | None:
         """``(slices, spacing)`` of a case (0 slices: a 2D file; spacing None for 2D formats), or None when
         it is a bad case (a missing file, or NIfTI headers whose shapes or voxel grids differ: see
-        :func:`~diffseg_lightning.data.nifti.check_same_grid`)."""
+        :func:`~diffseg_lightning.io.volumes.check_same_grid`)."""
         for k, path in enumerate(images):
             if not path.is_file():
                 name = self.info.channel_names[k] if k < len(self.info.channel_names) else f"channel {k}"

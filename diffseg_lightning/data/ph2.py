@@ -11,16 +11,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from diffseg_lightning.data.base import CaseDataset
-from diffseg_lightning.data.folder import (
-    as_size,
-    check_channels,
-    locate_root,
-    read_image,
-    resize,
-)
+from diffseg_lightning.data.base import CaseDataset, check_channels, locate_root
 from diffseg_lightning.data.isic import read_binary_lesion_mask
 from diffseg_lightning.data.splits import check_split, seeded_split
+from diffseg_lightning.data.transforms import as_size, resize
+from diffseg_lightning.io.images import read_image
 from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 PH2_SPLITS = ("train", "val", "test")

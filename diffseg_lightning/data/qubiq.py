@@ -27,9 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffseg_lightning.data.base import CaseDataset
-from diffseg_lightning.data.folder import as_size, channels_first, check_channels, resize
-from diffseg_lightning.data.nifti import check_same_grid, load_nifti, read_nifti_array
+from diffseg_lightning.data.base import CaseDataset, check_channels
 from diffseg_lightning.data.splits import (
     check_fractions,
     check_split,
@@ -37,6 +35,9 @@ from diffseg_lightning.data.splits import (
     seeded_split,
     train_val_split,
 )
+from diffseg_lightning.data.transforms import as_size, resize
+from diffseg_lightning.io.images import channels_first
+from diffseg_lightning.io.volumes import check_same_grid, load_nifti, read_nifti_array
 from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 TASKS = ("kidney", "brain-growth", "prostate", "brain-tumor", "pancreas", "pancreatic-lesion")
@@ -83,7 +84,7 @@ class QUBIQ(CaseDataset):
     Bad cases: a case folder without ``image.nii.gz`` or without rater files, with two files for one
     rater, with a rater set unlike the other cases', or whose headers do not fit (a rater shape unlike the
     image's, a rater on another voxel grid: orientation, spacing or affine, see
-    :func:`~diffseg_lightning.data.nifti.check_same_grid`; an unreadable header, a wrong channel count) is an
+    :func:`~diffseg_lightning.io.volumes.check_same_grid`; an unreadable header, a wrong channel count) is an
     error naming it. The folder checks cover
     every case of ``Training`` and ``Validation`` whatever the split, so they fail before training. Under
     ``on_bad_case="skip"`` such a case is left out of its split instead and listed in ``skipped`` (by the
@@ -332,7 +333,7 @@ class QUBIQ(CaseDataset):
     def inspect(self, image_path: Path, rater_paths: list[Path]) -> tuple[int, tuple[float, float]]:
         """(slices, spacing) from the headers (0 slices: a 2D image); checks that the raters' shapes match
         the image's, that the image and every rater lie on one voxel grid (orientation, spacing, affine:
-        :func:`~diffseg_lightning.data.nifti.check_same_grid`) and the image's channel count."""
+        :func:`~diffseg_lightning.io.volumes.check_same_grid`) and the image's channel count."""
         header = load_nifti(image_path)
         shape = tuple(int(n) for n in header.shape)
         zooms = header.header.get_zooms()

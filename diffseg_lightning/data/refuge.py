@@ -19,16 +19,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from diffseg_lightning.data.base import CaseDataset
-from diffseg_lightning.data.folder import (
-    as_size,
-    check_channels,
-    check_same_size,
-    read_grey,
-    resize,
-    same_stems,
-)
+from diffseg_lightning.data.base import CaseDataset, check_channels, check_same_size
 from diffseg_lightning.data.splits import check_split, train_val_split
+from diffseg_lightning.data.transforms import as_size, resize
+from diffseg_lightning.io.files import same_stems
+from diffseg_lightning.io.images import read_grey
 from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 TARGETS = ("cup", "disc", "both")

@@ -80,12 +80,12 @@ _VALID_CHANNELS = (1, 3, 4)
 _MIN_SIZE = 8
 _GAP = 2  # dilation (Chebyshev radius) that a new shape may not touch: >= 3 px apart
 _TRIES_PER_SHAPE = 30
-_PARTIAL_VOLUME_SIGMA = 0.6
+PARTIAL_VOLUME_SIGMA = 0.6
 _RIM_WIDTH = 2
 _STRUCT4 = ndimage.generate_binary_structure(2, 1)
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
+def check_int(name: str, value: Any, minimum: int) -> int:
     """Validates an integer option.
 
     Args:
@@ -106,7 +106,7 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
-def _check_float(name: str, value: Any, low: float, high: float = math.inf) -> float:
+def check_float(name: str, value: Any, low: float, high: float = math.inf) -> float:
     """Validates a real option in the closed interval ``[low, high]``.
 
     Args:
@@ -129,7 +129,7 @@ def _check_float(name: str, value: Any, low: float, high: float = math.inf) -> f
     return value
 
 
-def _check_size(size: Any) -> tuple[int, int]:
+def check_size(size: Any) -> tuple[int, int]:
     """Validates ``size``: an int (square) or a pair ``(H, W)``.
 
     Args:
@@ -160,7 +160,7 @@ def _check_size(size: Any) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
-def _unit_std(field: np.ndarray) -> np.ndarray:
+def unit_std(field: np.ndarray) -> np.ndarray:
     """Rescales each ``(H, W)`` plane of ``field`` to zero mean and unit standard deviation.
 
     Args:
@@ -175,7 +175,7 @@ def _unit_std(field: np.ndarray) -> np.ndarray:
     return (flat / (std[:, None] + 1e-6)).reshape(field.shape)
 
 
-def _blur_small(image: np.ndarray, sigma: float) -> np.ndarray:
+def blur_small(image: np.ndarray, sigma: float) -> np.ndarray:
     """Separable Gaussian blur of the last two axes with a short kernel; zero boundary.
 
     Shifted slices and multiply-adds instead of ``scipy.ndimage.gaussian_filter`` or a
@@ -204,7 +204,7 @@ def _blur_small(image: np.ndarray, sigma: float) -> np.ndarray:
     return out
 
 
-def _lattice_matrix(n: int, sigma: float) -> np.ndarray:
+def lattice_matrix(n: int, sigma: float) -> np.ndarray:
     """Gaussian bumps on a coarse lattice: maps lattice white noise to a smooth field.
 
     ``K_h @ Z @ K_w.T`` with ``Z`` white noise on the lattice is a smooth Gaussian random
@@ -235,7 +235,7 @@ def _lattice_matrix(n: int, sigma: float) -> np.ndarray:
 _GEMM_SINGLE_THREAD_MACS = 4 * 65536
 
 
-def _smooth_field(k_h: np.ndarray, noise: np.ndarray, k_w: np.ndarray) -> np.ndarray:
+def smooth_field(k_h: np.ndarray, noise: np.ndarray, k_w: np.ndarray) -> np.ndarray:
     """Computes ``k_h @ noise @ k_w.T`` in row blocks that each stay single-threaded.
 
     Args:
@@ -332,8 +332,8 @@ class SyntheticSegmentation(Dataset):
         split: str = "train",
     ) -> None:
         super().__init__()
-        self.num_cases = _check_int("num_cases", num_cases, 1)
-        self.size = _check_size(size)
+        self.num_cases = check_int("num_cases", num_cases, 1)
+        self.size = check_size(size)
         if (
             isinstance(channels, bool)
             or not isinstance(channels, (int, np.integer))
@@ -343,13 +343,13 @@ class SyntheticSegmentation(Dataset):
                 f"SyntheticSegmentation: channels must be one of {_VALID_CHANNELS}, got {channels!r}"
             )
         self.channels = int(channels)
-        self.num_annotators = _check_int("num_annotators", num_annotators, 1)
-        self.max_shapes = _check_int("max_shapes", max_shapes, 1)
-        self.empty_fraction = _check_float("empty_fraction", empty_fraction, 0.0, 1.0)
-        self.noise_std = _check_float("noise_std", noise_std, 0.0)
-        self.bias_field = _check_float("bias_field", bias_field, 0.0)
-        self.texture = _check_float("texture", texture, 0.0)
-        self.seed = _check_int("seed", seed, 0)
+        self.num_annotators = check_int("num_annotators", num_annotators, 1)
+        self.max_shapes = check_int("max_shapes", max_shapes, 1)
+        self.empty_fraction = check_float("empty_fraction", empty_fraction, 0.0, 1.0)
+        self.noise_std = check_float("noise_std", noise_std, 0.0)
+        self.bias_field = check_float("bias_field", bias_field, 0.0)
+        self.texture = check_float("texture", texture, 0.0)
+        self.seed = check_int("seed", seed, 0)
         if not isinstance(split, str) or split not in SPLITS:
             raise ConfigError(f"SyntheticSegmentation: split must be one of {sorted(SPLITS)}, got {split!r}")
         self.split = split
@@ -365,12 +365,12 @@ class SyntheticSegmentation(Dataset):
         self.max_shift = max(1.5, side / 32.0)
         # Precomputed linear operators (small matrices: a matmul beats scipy's filters here).
         self._tex_h, self._tex_w = (
-            _lattice_matrix(h, self.texture_sigma),
-            _lattice_matrix(w, self.texture_sigma),
+            lattice_matrix(h, self.texture_sigma),
+            lattice_matrix(w, self.texture_sigma),
         )
         self._jit_h, self._jit_w = (
-            _lattice_matrix(h, self.jitter_sigma),
-            _lattice_matrix(w, self.jitter_sigma),
+            lattice_matrix(h, self.jitter_sigma),
+            lattice_matrix(w, self.jitter_sigma),
         )
         # Annotator styles: a fixed erode (-) / dilate (+) tendency per annotator, in units
         # of the boundary uncertainty of the shape (see _draw_annotators).
@@ -572,7 +572,7 @@ class SyntheticSegmentation(Dataset):
             return np.zeros((a, h, w), dtype=bool)
         m = self.max_shift
         noise = rng.standard_normal((a, self._jit_h.shape[1], self._jit_w.shape[1]), dtype=np.float32)
-        field = _unit_std(_smooth_field(self._jit_h, noise, self._jit_w))
+        field = unit_std(smooth_field(self._jit_h, noise, self._jit_w))
         unit = self.annotator_styles[:, None, None] + rng.uniform(-0.15, 0.15, (a, 1, 1)) + 0.35 * field
         np.clip(unit, -1.0, 1.0, out=unit)
         # Signed distance and nearest shape on the mask's bounding box grown by ceil(m) + 2
@@ -628,7 +628,7 @@ class SyntheticSegmentation(Dataset):
         # Texture: smooth random fields, half of the variance shared by the channels.
         k = c + 1 if c > 1 else 1
         fields = rng.standard_normal((k, self._tex_h.shape[1], self._tex_w.shape[1]), dtype=np.float32)
-        fields = _unit_std(_smooth_field(self._tex_h, fields, self._tex_w))
+        fields = unit_std(smooth_field(self._tex_h, fields, self._tex_w))
         tex = (fields[:1] + fields[1:]) * np.float32(math.sqrt(0.5)) if c > 1 else fields
 
         # Lesion maps (per-shape density; a rim / core map for channel 3), partial-volume blur.
@@ -642,10 +642,10 @@ class SyntheticSegmentation(Dataset):
             mask = instances > 0
             rim = mask & _dilate(~mask, _RIM_WIDTH)
             rim_map = density * np.where(rim, rng.uniform(0.5, 1.2), -rng.uniform(0.1, 0.4) * mask)
-            maps = _blur_small(np.stack([density, rim_map.astype(np.float32)]), _PARTIAL_VOLUME_SIGMA)
+            maps = blur_small(np.stack([density, rim_map.astype(np.float32)]), PARTIAL_VOLUME_SIGMA)
             lesion, rim_map = maps[0], maps[1]
         else:
-            lesion = _blur_small(density, _PARTIAL_VOLUME_SIGMA)
+            lesion = blur_small(density, PARTIAL_VOLUME_SIGMA)
 
         image = 1.0 + self.texture * tex
         image[: contrast.shape[0]] += contrast * lesion
@@ -658,4 +658,4 @@ class SyntheticSegmentation(Dataset):
         poly = poly.reshape(c, h, w)
         image *= np.exp(self.bias_field * poly)
         image += self.noise_std * rng.standard_normal((c, h, w), dtype=np.float32)
-        return _unit_std(image).astype(np.float32, copy=False)
+        return unit_std(image).astype(np.float32, copy=False)

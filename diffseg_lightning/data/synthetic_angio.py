@@ -17,7 +17,7 @@ import torch
 from scipy import ndimage
 from torch.utils.data import Dataset
 
-from diffseg_lightning.data.synthetic import SPLITS, _check_int, _check_size
+from diffseg_lightning.data.synthetic import SPLITS, check_int, check_size
 from diffseg_lightning.data.vessels import vessel_tree
 from diffseg_lightning.exceptions import ConfigError
 
@@ -69,8 +69,8 @@ class SyntheticAngiography(Dataset):
         motion: int = 2,
         channels: int = 1,
     ) -> None:
-        self.num_cases = _check_int("num_cases", num_cases, 1)
-        self.size = _check_size(size)
+        self.num_cases = check_int("num_cases", num_cases, 1)
+        self.size = check_size(size)
         if split not in SPLITS:
             raise ConfigError(f"SyntheticAngiography: split must be one of {tuple(SPLITS)}, got {split!r}")
         if channels != 1:

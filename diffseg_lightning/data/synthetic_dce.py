@@ -59,12 +59,12 @@ import numpy as np
 import torch
 
 from diffseg_lightning.data.synthetic import (
-    _PARTIAL_VOLUME_SIGMA,
+    PARTIAL_VOLUME_SIGMA,
     SyntheticSegmentation,
-    _blur_small,
-    _check_float,
-    _smooth_field,
-    _unit_std,
+    blur_small,
+    check_float,
+    smooth_field,
+    unit_std,
 )
 from diffseg_lightning.exceptions import ConfigError
 
@@ -112,7 +112,7 @@ def gamma_variate(t: Any, amplitude: Any, t_peak: Any, alpha: Any) -> np.ndarray
 def _check_phase_times(times: Any) -> tuple[float, ...]:
     if isinstance(times, str) or not isinstance(times, Sequence) or len(times) < 1:
         raise ConfigError(f"SyntheticDCE: phase_times must be a non-empty list of minutes, got {times!r}")
-    out = tuple(_check_float("phase_times", v, 1e-6) for v in times)
+    out = tuple(check_float("phase_times", v, 1e-6) for v in times)
     if any(b <= a for a, b in zip(out, out[1:], strict=False)):
         raise ConfigError(f"SyntheticDCE: phase_times must increase strictly, got {list(out)}")
     return out
@@ -121,7 +121,7 @@ def _check_phase_times(times: Any) -> tuple[float, ...]:
 def _check_range(name: str, value: Any) -> tuple[float, float]:
     if isinstance(value, str) or not isinstance(value, Sequence) or len(value) != 2:
         raise ConfigError(f"SyntheticDCE: {name} must be a pair [low, high], got {value!r}")
-    low, high = (_check_float(name, v, 0.0) for v in value)
+    low, high = (check_float(name, v, 0.0) for v in value)
     if high < low:
         raise ConfigError(f"SyntheticDCE: {name} must have low <= high, got {list(value)}")
     return low, high
@@ -254,11 +254,11 @@ class SyntheticDCE(SyntheticSegmentation):
         kin = self.kinetics(rng)
         k_pre = rng.uniform(*self.pre_contrast)
         fields = rng.standard_normal((2, self._tex_h.shape[1], self._tex_w.shape[1]), dtype=np.float32)
-        tissue, parenchyma = _unit_std(_smooth_field(self._tex_h, fields, self._tex_w))
+        tissue, parenchyma = unit_std(smooth_field(self._tex_h, fields, self._tex_w))
         density = densities[instances]
         # partial volume: the density-weighted map (pre-contrast contrast, lesion amplitude) and the
         # lesion fraction L in [0, 1] (which curve a pixel follows)
-        blurred = _blur_small(np.stack([density, (instances > 0).astype(np.float32)]), _PARTIAL_VOLUME_SIGMA)
+        blurred = blur_small(np.stack([density, (instances > 0).astype(np.float32)]), PARTIAL_VOLUME_SIGMA)
         lesion_density, fraction = blurred[0], np.clip(blurred[1], 0.0, 1.0)
 
         times = np.asarray(self.phase_times)

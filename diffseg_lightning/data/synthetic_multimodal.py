@@ -38,7 +38,7 @@ import torch
 from scipy import ndimage
 from torch.utils.data import Dataset
 
-from diffseg_lightning.data.synthetic import _check_float, _check_int
+from diffseg_lightning.data.synthetic import check_float, check_int
 from diffseg_lightning.exceptions import ConfigError
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
@@ -92,8 +92,8 @@ class SyntheticMultiModal(Dataset):
         corrupt_level: float = 2.0,
         corrupt_fraction: float = 1.0,
     ) -> None:
-        self.num_cases = _check_int("num_cases", num_cases, 0)
-        self.size = _check_int("size", size, 16)
+        self.num_cases = check_int("num_cases", num_cases, 0)
+        self.size = check_int("size", size, 16)
         if split not in SPLITS:
             raise ConfigError(f"split must be one of {list(SPLITS)}, got {split!r}")
         self.modalities = tuple(str(m) for m in modalities)
@@ -111,12 +111,12 @@ class SyntheticMultiModal(Dataset):
                 f"corrupt_modality must be one of {list(self.modalities)}, got {corrupt_modality!r}"
             )
         self.split, self.seed = split, int(seed)
-        self.texture = _check_float("texture", texture, 0.0)
-        self.noise_std = _check_float("noise_std", noise_std, 0.0)
-        self.empty_fraction = _check_float("empty_fraction", empty_fraction, 0.0, 1.0)
+        self.texture = check_float("texture", texture, 0.0)
+        self.noise_std = check_float("noise_std", noise_std, 0.0)
+        self.empty_fraction = check_float("empty_fraction", empty_fraction, 0.0, 1.0)
         self.corrupt, self.corrupt_modality = corrupt, corrupt_modality
-        self.corrupt_level = _check_float("corrupt_level", corrupt_level, 0.0)
-        self.corrupt_fraction = _check_float("corrupt_fraction", corrupt_fraction, 0.0, 1.0)
+        self.corrupt_level = check_float("corrupt_level", corrupt_level, 0.0)
+        self.corrupt_fraction = check_float("corrupt_fraction", corrupt_fraction, 0.0, 1.0)
 
     def __len__(self) -> int:
         return self.num_cases

@@ -5,7 +5,7 @@ scheme of :class:`~diffseg_lightning.data.synthetic.SyntheticSegmentation`), so 
 any order, worker or process, and splits never share a case.
 
 A case: a smooth random background (a Gaussian random field, :func:`~diffseg_lightning.data.synthetic.
-_smooth_field` helpers reused) plus white noise, and ``0..max_shapes`` non-overlapping objects. Each object
+smooth_field` helpers reused) plus white noise, and ``0..max_shapes`` non-overlapping objects. Each object
 has a category, one of ``categories`` (default circle, square, triangle, cross, ring), a random size, position
 and colour (a random RGB offset, so the category is told by the geometry, not by the colour). The training
 split draws only the categories not listed in ``unseen`` (the held-out names are never seen in training),
@@ -24,11 +24,11 @@ from torch.utils.data import Dataset
 
 from diffseg_lightning.data.synthetic import (
     SPLITS,
-    _check_int,
-    _check_size,
-    _lattice_matrix,
-    _smooth_field,
-    _unit_std,
+    check_int,
+    check_size,
+    lattice_matrix,
+    smooth_field,
+    unit_std,
 )
 from diffseg_lightning.exceptions import ConfigError
 
@@ -101,8 +101,8 @@ class SyntheticShapes(Dataset):
         split: str = "train",
     ) -> None:
         super().__init__()
-        self.num_cases = _check_int("num_cases", num_cases, 1)
-        self.size = _check_size(size)
+        self.num_cases = check_int("num_cases", num_cases, 1)
+        self.size = check_size(size)
         if min(self.size) < 16:
             raise ConfigError(f"SyntheticShapes: size must be at least 16 px per side, got {self.size}")
         if channels not in (1, 3):
@@ -120,14 +120,14 @@ class SyntheticShapes(Dataset):
             raise ConfigError(
                 f"SyntheticShapes: unseen {self.unseen} must be a proper subset of categories {self.categories}"
             )
-        self.max_shapes = _check_int("max_shapes", max_shapes, 1)
-        self.min_shapes = _check_int("min_shapes", min_shapes, 0)
+        self.max_shapes = check_int("max_shapes", max_shapes, 1)
+        self.min_shapes = check_int("min_shapes", min_shapes, 0)
         if self.min_shapes > self.max_shapes:
             raise ConfigError(f"SyntheticShapes: min_shapes {min_shapes} > max_shapes {max_shapes}")
         if not noise_std >= 0:
             raise ConfigError(f"SyntheticShapes: noise_std must be >= 0, got {noise_std!r}")
         self.noise_std = float(noise_std)
-        self.seed = _check_int("seed", seed, 0)
+        self.seed = check_int("seed", seed, 0)
         if split not in SPLITS:
             raise ConfigError(f"SyntheticShapes: split must be one of {sorted(SPLITS)}, got {split!r}")
         self.split = split
@@ -136,7 +136,7 @@ class SyntheticShapes(Dataset):
         self.drawn = [k for k, c in enumerate(self.categories) if split != "train" or c not in self.unseen]
         h, w = self.size
         sigma = max(1.5, min(h, w) / 8.0)
-        self._field_h, self._field_w = _lattice_matrix(h, sigma), _lattice_matrix(w, sigma)
+        self._field_h, self._field_w = lattice_matrix(h, sigma), lattice_matrix(w, sigma)
 
     def __len__(self) -> int:
         return self.num_cases
@@ -181,7 +181,7 @@ class SyntheticShapes(Dataset):
                     colours.append(rng.uniform(0.6, 1.4, self.channels) * rng.choice([-1.0, 1.0]))
                     break
         lattice = rng.normal(size=(1, self._field_h.shape[1], self._field_w.shape[1])).astype(np.float32)
-        background = _unit_std(_smooth_field(self._field_h, lattice, self._field_w))[0].astype(np.float64)
+        background = unit_std(smooth_field(self._field_h, lattice, self._field_w))[0].astype(np.float64)
         image = np.repeat(0.4 * background[None], self.channels, axis=0)
         for label, colour in enumerate(colours, start=1):
             image += colour[:, None, None] * (instances == label)[None]
