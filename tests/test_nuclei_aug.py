@@ -15,7 +15,13 @@ from monai.transforms import ComputeHoVerMaps
 from torch import nn
 
 from diffseg_lightning.data import SyntheticSegmentation
-from diffseg_lightning.data.hover import (
+from diffseg_lightning.data.monuseg import MoNuSeg
+from diffseg_lightning.data.nuclei_aug import AugmentedNuclei, KMeansLabelFraction, kmeans_subset
+from diffseg_lightning.diffusion import GaussianKernel
+from diffseg_lightning.methods.hovernet import HoVerNetModule
+from diffseg_lightning.methods.nuclei_aug import NucleiAugmentationModule, classifier_free_guidance
+from diffseg_lightning.synthesize import synthesize, write_pair
+from diffseg_lightning.utils.hover import (
     COMBINATIONS,
     combination_variants,
     hover_maps,
@@ -23,12 +29,6 @@ from diffseg_lightning.data.hover import (
     instances_from_structure,
     structure_from_instances,
 )
-from diffseg_lightning.data.monuseg import MoNuSeg
-from diffseg_lightning.data.nuclei_aug import AugmentedNuclei, KMeansLabelFraction, kmeans_subset
-from diffseg_lightning.diffusion import GaussianKernel
-from diffseg_lightning.methods.hovernet import HoVerNetModule
-from diffseg_lightning.methods.nuclei_aug import NucleiAugmentationModule, classifier_free_guidance
-from diffseg_lightning.synthesize import synthesize, write_pair
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),

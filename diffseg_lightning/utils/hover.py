@@ -26,6 +26,9 @@ and the morphology and watershed run once on the (N, H, W) stack with 2-D-only s
 connection between images), so N images cost one call each of scipy / scikit-image. The test checks the
 result equals MONAI's transform image by image.
 
+Here, below every layer that uses it (the HoVer-Net and nuclei-augmentation methods build their targets
+and instance maps with it, and a dataset may), not in ``data/``: it is maths on label maps, not data loading.
+
 The eight combinations (:func:`instances_from_structure`): a generated structure may come out with the two
 distance maps swapped or with a sign flipped (the network only learns "an" offset field). Like the
 authors, every structure is inverted under the 2 x 2 x 2 swap / sign-of-h / sign-of-v combinations, all
