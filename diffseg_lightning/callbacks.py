@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -24,6 +23,7 @@ from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.io.files import file_stem, is_nifti
 from diffseg_lightning.io.images import read_image
 from diffseg_lightning.io.volumes import read_nifti_item
+from diffseg_lightning.utils.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -139,22 +139,6 @@ class ImagePanelLogger(L.Callback):
                 logger.experiment.add_image("val/panel", grid, trainer.global_step, dataformats="HW")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         Image.fromarray(grid).save(self.output_dir / f"val_step{trainer.global_step:07d}.png")
-
-
-def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Call ``write(tmp)`` with a temporary name beside ``path`` (same suffix), then rename it to ``path``.
-
-    ``os.replace`` is atomic, so ``path`` is either absent, its old content or the complete new file;
-    a failed write removes the temporary file.
-    """
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    tmp = path.with_name(f"{path.name[: len(path.name) - len(suffix)]}.tmp-{os.getpid()}{suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _png_writer(array: np.ndarray) -> Callable[[Path], None]:

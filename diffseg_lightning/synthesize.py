@@ -25,10 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from skimage.measure import find_contours
 
-from diffseg_lightning.callbacks import atomic_write
 from diffseg_lightning.data.monuseg import TRAIN_ANNOTATIONS, TRAIN_IMAGES
 from diffseg_lightning.entry import load_checkpoint, module_from_checkpoint
 from diffseg_lightning.utils import CONFIG_DIR, run_cli, user_errors
+from diffseg_lightning.utils.atomic import atomic_write
 from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 from diffseg_lightning.utils.validate import check_inference, validate_config
 

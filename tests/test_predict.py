@@ -13,11 +13,12 @@ import torch
 from conftest import compose_config
 from PIL import Image
 
-from diffseg_lightning.callbacks import MaskWriter, atomic_write, output_names, overlay_image
+from diffseg_lightning.callbacks import MaskWriter, output_names, overlay_image
 from diffseg_lightning.data.folder import ImageFolder
 from diffseg_lightning.io.files import file_stem
 from diffseg_lightning.io.volumes import nifti_layout
 from diffseg_lightning.predict import predict, remove_stale_outputs
+from diffseg_lightning.utils.atomic import atomic_write
 from diffseg_lightning.utils.errors import DiffSegError
 
 PNG_SIZES = {"a": (40, 40), "b": (32, 48)}
