@@ -12,8 +12,7 @@ import hydra
 import hydra.core.utils
 import pytest
 import yaml
-from conftest import TINY
-from hydra import compose, initialize_config_dir
+from conftest import TINY, compose_config
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -79,8 +78,7 @@ def test_runs_and_sweeps_in_the_same_second_get_their_own_directories(cli, same_
 
 def test_the_name_is_fixed_for_the_whole_run():
     """Read again, copied, or pickled (as the SLURM launcher ships a job's config), a run's directory stays."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg, other = (compose("train", return_hydra_config=True) for _ in range(2))
+    cfg, other = (compose_config("train", return_hydra_config=True) for _ in range(2))
     run_dir, sweep_dir = cfg.hydra.run.dir, cfg.hydra.sweep.dir
     assert cfg.hydra.run.dir == run_dir and run_dir != other.hydra.run.dir
     assert Path(run_dir).name == Path(sweep_dir).name

@@ -8,11 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from diffseg_lightning.utils import CONFIG_DIR
+from diffseg_lightning.utils.compose import compose_config
 
 pytest.importorskip(
     "hydra_plugins.hydra_submitit_launcher",
@@ -26,12 +25,9 @@ DDP_4X2 = ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.
 
 def compose_with_hydra(overrides: list[str], tmp_path: Path) -> DictConfig:
     """Compose ``train`` with its ``hydra`` node as ``diffseg-train -m`` would, sweeping into tmp_path."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[*overrides, f"paths.output_dir={tmp_path}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-            return_hydra_config=True,
-        )
+    return compose_config(
+        "train", [*overrides, f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path, return_hydra_config=True
+    )
 
 
 def test_slurm_launcher_config_matches_ddp(tmp_path):

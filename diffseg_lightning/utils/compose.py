@@ -14,7 +14,11 @@ __all__ = ["compose_config"]
 
 
 def compose_config(
-    name: str, overrides: Sequence[str] = (), output_dir: str | Path | None = None
+    name: str,
+    overrides: Sequence[str] = (),
+    output_dir: str | Path | None = None,
+    *,
+    return_hydra_config: bool = False,
 ) -> DictConfig:
     """Compose the primary config ``name`` (``"train"``, ``"eval"``, ...) from the package's configs.
 
@@ -25,6 +29,8 @@ def compose_config(
         name: the primary config's name, a file of ``diffseg_lightning/conf`` without ``.yaml``.
         overrides: command-line overrides (``["data=isic", "trainer.max_epochs=1"]``), applied in order.
         output_dir: when given, the run directory (``paths.output_dir``), appended after ``overrides``.
+        return_hydra_config: keep the ``hydra`` node (run and sweep directories, launcher, sweeper), as a
+            run sees it in ``HydraConfig``.
 
     Returns:
         The composed config.
@@ -35,4 +41,4 @@ def compose_config(
     """
     extra = [] if output_dir is None else [f"paths.output_dir={output_dir}"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(name, overrides=[*overrides, *extra])
+        return compose(name, overrides=[*overrides, *extra], return_hydra_config=return_hydra_config)
