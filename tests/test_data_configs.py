@@ -1,9 +1,9 @@
 """The data configs compose as they did before their split blocks were factored (YAML merge keys: ``val`` and
 ``test`` repeat ``train``'s loader with ``<<: *loader`` and set only what differs).
 
-``fixtures/data_configs_pre_redesign.json`` holds ``cfg.data`` (unresolved) of ``diffseg-train data=<name>`` for
-every data config and of ``diffseg-train experiment=<name>`` for every experiment, composed from commit 868561c
-(before the redesign). When a data config changes on purpose, recompose the changed entries with
+``fixtures/data_configs_pre_redesign.json`` holds ``cfg.data`` (unresolved) of ``diffseg-train data=<name>``
+for every data config and of ``diffseg-train experiment=<name>`` for every experiment, composed from commit
+868561c (before the redesign). When a data config changes on purpose, recompose the changed entries with
 ``OmegaConf.to_container(compose_config("train", [case]).data)`` and write them into the fixture.
 """
 

@@ -1,9 +1,8 @@
 """Which mask values mean foreground: the one rule every 2D loader reads its mask files with.
 
-A mask file is read as stored (:func:`~diffseg_lightning.io.images.read_mask_file`, which also says whether it is
-lossy) and turned into foreground (:func:`mask_foreground`)
-by a rule, ``data.foreground`` of the generic folder (:func:`check_foreground`); the official-layout loaders
-use ``binary``:
+A mask file is read as stored (:func:`~diffseg_lightning.io.images.read_mask_file`, which also says whether
+it is lossy) and turned into foreground (:func:`mask_foreground`) by a rule, ``data.foreground`` of the
+generic folder (:func:`check_foreground`); the official-layout loaders use ``binary``:
 
 - ``binary`` (the default): the values must be 0/1 or 0/255 (a subset of {0, 1} or of {0, 255}); the
   non-zero value is foreground. Anything else (a label map {0, 1, 2}, a soft 0/102 mask, 16-bit 0/65535) is
@@ -121,7 +120,8 @@ def _colours(rgb: np.ndarray) -> str:
 def mask_foreground(
     values: np.ndarray, foreground: Foreground, path: Path, lossy: bool = False, owner: str | None = None
 ) -> np.ndarray:
-    """The foreground of a mask's stored values (:func:`~diffseg_lightning.io.images.read_mask_file`) under ``foreground``: bool (H, W).
+    """The foreground of a mask's stored values (:func:`~diffseg_lightning.io.images.read_mask_file`) under
+    ``foreground``: bool (H, W).
 
     Args:
         values: (H, W) grey values or (H, W, 3) colour.

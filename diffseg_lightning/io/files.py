@@ -1,5 +1,5 @@
-"""File names and listings shared by every reader: image and NIfTI suffixes, a file's stem, the image files of a
-folder, files stored twice under one stem, and broken symbolic links.
+"""File names and listings shared by every reader: image and NIfTI suffixes, a file's stem, the image files
+of a folder, files stored twice under one stem, and broken symbolic links.
 
 Nothing here decodes a file; :mod:`~diffseg_lightning.io.images` and :mod:`~diffseg_lightning.io.volumes` do.
 """

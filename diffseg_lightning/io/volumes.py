@@ -1,6 +1,6 @@
-"""NIfTI files as arrays: one-line errors naming the file, how a NIfTI's shape reads as a 2D image or a volume of
-axial slices (:func:`nifti_layout`), and the check that the volumes of one case (modalities, segmentation,
-every annotator's mask) lie on one voxel grid.
+"""NIfTI files as arrays: one-line errors naming the file, how a NIfTI's shape reads as a 2D image or a
+volume of axial slices (:func:`nifti_layout`), and the check that the volumes of one case (modalities,
+segmentation, every annotator's mask) lie on one voxel grid.
 
 The loaders read arrays as stored (no reorientation) and pair voxel ``[i, j, k]`` of the image with voxel
 ``[i, j, k]`` of the mask, which is right only when the files share their shape and their affine (voxel ->
