@@ -21,9 +21,16 @@ from torch import nn
 from diffseg_lightning.data.synthetic_angio import SyntheticAngiography
 from diffseg_lightning.data.vessels import UnpairedVessels, vessel_background, vessel_tree
 from diffseg_lightning.data.xcad import XCAD
+from diffseg_lightning.diffusion import BernoulliKernel
 from diffseg_lightning.entry import build_module
+from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.losses import lsgan_loss
-from diffseg_lightning.methods.darl import darl_discriminator_losses, darl_generator_losses, to_unit_range
+from diffseg_lightning.methods.darl import (
+    DARLModule,
+    darl_discriminator_losses,
+    darl_generator_losses,
+    to_unit_range,
+)
 from diffseg_lightning.nets.darl import DARLGenerator, SwitchableSPADE, one_hot_mask
 from diffseg_lightning.predict import predict
 from diffseg_lightning.train import train
@@ -230,6 +237,10 @@ def test_bad_training_batch_and_kernel_are_named(tiny_module):
     bad.objective = "x0"
     with pytest.raises(ValueError, match="objective=epsilon"):
         build_module(cfg.model, bad, cfg.sampler)
+    nets = (module.diffusion, module.generator, module.discriminator_mask, module.discriminator_image)
+    for kernel in (None, BernoulliKernel()):  # no kernel, or one that is not Gaussian
+        with pytest.raises(ConfigError, match="noise=gaussian noise.objective=epsilon"):
+            DARLModule(*nets, torch.optim.Adam, kernel=kernel)
 
 
 def test_inference_is_one_pass_and_tiles_large_images(tiny_module):

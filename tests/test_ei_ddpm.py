@@ -3,6 +3,7 @@ predict) and the learned reliabilities (slow)."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from scipy.special import digamma
 from test_data_brats import write_brats
 
 from diffseg_lightning.data.synthetic_multimodal import SyntheticMultiModal
+from diffseg_lightning.diffusion import BernoulliKernel, GaussianKernel
+from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.inference.evidence import (
     TotalConflictError,
     contextual_discount,
@@ -27,7 +30,9 @@ from diffseg_lightning.inference.evidence import (
     discounted_plausibility,
     opinion_to_mass,
 )
+from diffseg_lightning.inference.sampler import DiffusionSampler
 from diffseg_lightning.losses import dirichlet_kl_uniform, evidential_loss, soft_dice_loss
+from diffseg_lightning.methods.ei_ddpm import EIDDPMModule
 from diffseg_lightning.nets.ei_ddpm import ParallelDenoisers
 from diffseg_lightning.nets.medsegdiff import MedSegDiffUNet
 
@@ -423,3 +428,44 @@ def test_corrupted_modality_reliability_ends_lowest(tmp_path):
     table = json.loads((run / "summary.json").read_text())["reliability"]
     mean = {modality: float(np.mean(list(row.values()))) for modality, row in table.items()}
     assert min(mean, key=mean.get) == "flair", mean
+
+
+def test_the_kernel_must_be_gaussian_without_learned_variance():
+    sampler = DiffusionSampler(num_steps=2)
+    with pytest.raises(ConfigError, match="noise=gaussian.*got a BernoulliKernel"):
+        EIDDPMModule(tiny_path, BernoulliKernel(), sampler, torch.optim.Adam)
+    with pytest.raises(ConfigError, match="noise.learn_variance=false"):
+        EIDDPMModule(tiny_path, GaussianKernel(learn_variance=True), sampler, torch.optim.Adam)
+
+
+def test_training_step_is_the_fused_kernel_loss_at_one_draw():
+    """diffusion_loss's draws (t, then the noise), the paths on x_t, and the kernel's x0 loss of the fused
+    prediction ``2 p - 1``, recomputed by hand."""
+    torch.manual_seed(0)
+    factory = functools.partial(
+        MedSegDiffUNet,
+        base_channels=8,
+        channel_mults=(1, 2),
+        attention_levels=(False, False),
+        ff_parser_size=16,
+    )  # the module sets image, mask and output channels
+    module = EIDDPMModule(
+        factory, GaussianKernel(100, objective="x0"), DiffusionSampler(num_steps=2), torch.optim.Adam,
+        mask_channels=3, num_modalities=2,
+    )  # fmt: skip
+    module.log_dict = lambda *args, **kwargs: None
+    mask = torch.zeros(2, 3, 16, 16)
+    mask[:, 0, 2:12, 2:12], mask[:, 1, 4:10, 4:10], mask[:, 2, 5:8, 5:8] = 1, 1, 1
+    batch = {"image": torch.randn(2, 2, 16, 16), "mask": mask}
+    torch.manual_seed(3)
+    loss = module.training_step(batch, 0)
+    torch.manual_seed(3)
+    classes = module.regions_to_classes(mask)
+    x0 = 2 * classes - 1
+    t = torch.randint(0, 100, (2,))
+    x_t = module.kernel.q_sample(x0, t, noise=torch.randn(x0.shape))
+    output = module(x_t, t, batch["image"]).float()
+    fused = module.fuse(output)
+    ddpm = ((2 * fused["probability"] - 1 - x0) ** 2).mean()  # the x0 objective's MSE (lambda_ddpm = 1)
+    expected = module.losses(output, fused, classes, ddpm)["loss"]
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)  # float32, the same operations

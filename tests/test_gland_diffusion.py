@@ -16,16 +16,10 @@ from PIL import Image
 from test_data_glas import write_glas
 from torch import nn
 
+from diffseg_lightning.diffusion import BernoulliKernel
 from diffseg_lightning.diffusion.gaussian import GaussianKernel
-from diffseg_lightning.exceptions import DiffSegError
-from diffseg_lightning.utils.boxes import (
-    apply_deltas,
-    batched_nms,
-    box_cxcywh_to_xyxy,
-    box_iou,
-    box_xyxy_to_cxcywh,
-    generalized_box_iou,
-)
+from diffseg_lightning.diffusion.solvers import DDIM, DDPM, BernoulliPosterior, DPMSolverPP2M
+from diffseg_lightning.exceptions import ConfigError, DiffSegError
 from diffseg_lightning.inference.sampler import DiffusionSampler
 from diffseg_lightning.methods.gland_diffusion import (
     GlandDiffusionModule,
@@ -35,6 +29,14 @@ from diffseg_lightning.methods.gland_diffusion import (
     matching_cost,
 )
 from diffseg_lightning.nets.gland_diffusion import DynamicMaskHead, GlandDiffusionNet, ResNetFPN, roi_align
+from diffseg_lightning.utils.boxes import (
+    apply_deltas,
+    batched_nms,
+    box_cxcywh_to_xyxy,
+    box_iou,
+    box_xyxy_to_cxcywh,
+    generalized_box_iou,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -285,9 +287,10 @@ class OracleNet(nn.Module):
         return inside.float() * 20 - 10
 
 
-def oracle_module(boxes, num_steps, eta=0.0, renewal=False, objective="x0", clip=False):
-    kernel = GaussianKernel(1000, "cosine", objective=objective, clip_x0=clip, eta=eta)
-    sampler = DiffusionSampler(num_steps=num_steps, num_samples=1, seed=3)
+def oracle_module(boxes, num_steps, eta=0.0, renewal=False, objective="x0", clip=False, solver=None):
+    kernel = GaussianKernel(1000, "cosine", objective=objective)
+    solver = solver if solver is not None else DDIM(eta=eta, clip_x0=clip)
+    sampler = DiffusionSampler(num_steps=num_steps, num_samples=1, seed=3, solver=solver)
     return GlandDiffusionModule(
         OracleNet(boxes), kernel, sampler, optimizer=torch.optim.AdamW, num_proposals=boxes.shape[1],
         box_renewal=renewal,
@@ -303,14 +306,15 @@ def test_box_diffusion_recovers_the_boxes_with_an_oracle(num_steps):
     kernel, size = module.kernel, (32, 32)
     x0 = module.boxes_to_signal(boxes, size)
     seen: list[tuple[int, torch.Tensor]] = []
-    step = kernel.step
+    solver = module.sampler.solver
+    step = solver.step
 
-    def recording(out, t, t_prev, x_t, generator=None):
-        x_prev, x0_pred = step(out, t, t_prev, x_t, generator=generator)
+    def recording(kernel, out, t, t_prev, x_t, generator=None, state=None):
+        x_prev, x0_pred = step(kernel, out, t, t_prev, x_t, generator=generator, state=state)
         seen.append((int(t_prev[0]), x_prev))
         return x_prev, x0_pred
 
-    kernel.step = recording
+    solver.step = recording
     image = torch.zeros(1, 1, 32, 32)
     det = module.detect(image, torch.tensor([0]))
     expected_steps = kernel.inference_timesteps(num_steps).tolist()
@@ -319,10 +323,12 @@ def test_box_diffusion_recovers_the_boxes_with_an_oracle(num_steps):
     eps = torch.randn((3, 4), generator=torch.Generator().manual_seed(3 * 1_000_003))[
         None
     ]  # the case's prior
-    for t_prev, x_prev in seen:
+    assert [t_prev for t_prev, _ in seen] == [*expected_steps[1:], -1]
+    for t_prev, x_prev in seen[:-1]:
         assert torch.allclose(
             x_prev, kernel.q_sample(x0, torch.tensor([t_prev]), noise=eps), atol=5e-4
         )  # float32
+    assert torch.allclose(seen[-1][1], x0, atol=1e-5)  # the final step (t_prev = -1) lands on x0 itself
     assert torch.allclose(module.signal_to_boxes(x0, size), boxes, atol=1e-5)
     # inference: the oracle's boxes survive score threshold and NMS (IoU <= 0.5 between them)
     out = module.sample(image, torch.tensor([0]))
@@ -347,6 +353,33 @@ def test_the_kernel_must_predict_unclipped_x0():
         oracle_module(boxes, 2, objective="epsilon")
     with pytest.raises(ValueError, match="clip_x0=false"):
         oracle_module(boxes, 2, clip=True)
+    with pytest.raises(ConfigError, match="sampler.solver.clip_x0=false"):
+        oracle_module(boxes, 2, solver=DPMSolverPP2M())  # clips by default
+    with pytest.raises(ConfigError, match="noise=gaussian noise.objective=x0"):
+        GlandDiffusionModule(
+            OracleNet(boxes),
+            BernoulliKernel(),
+            DiffusionSampler(),
+            optimizer=torch.optim.AdamW,
+            num_proposals=2,
+        )
+    with pytest.raises(ConfigError, match="sampler=ddim"):  # a solver of another kernel: named at build time
+        oracle_module(boxes, 2, solver=BernoulliPosterior())
+
+
+@pytest.mark.parametrize(
+    ("solver", "deterministic"),
+    [
+        (DDIM(eta=0.0, clip_x0=False), True),
+        (DDIM(eta=1.0, clip_x0=False), False),
+        (DDPM(clip_x0=False), False),
+    ],
+)
+def test_settings_report_the_solver(solver, deterministic):
+    """``deterministic`` is the solver's (DDPM draws at every step whatever eta was: it used to say True)."""
+    settings = oracle_module(torch.zeros(1, 2, 4), 2, solver=solver).inference_settings()
+    assert settings["deterministic"] is deterministic and settings["update"] == solver.name
+    assert settings["solver"] == solver.options() and settings["num_samples"] == 1
 
 
 def test_padded_targets_keep_the_references_first():
@@ -430,10 +463,9 @@ def test_the_decoder_learns_to_denoise_boxes():
     batch = {"image": torch.stack([i["image"] for i in items]), "instances": torch.stack([i["instances"] for i in items])}  # fmt: skip
     backbone = ResNetFPN(1, "basic", (1, 1, 1, 1), (8, 16, 32, 64), fpn_channels=16)
     net = GlandDiffusionNet(backbone, 1, fpn_channels=16, num_stages=2, nhead=2, dim_feedforward=32, dim_dynamic=4, mask_branch_channels=16, mask_branch_convs=1)  # fmt: skip
-    kernel = GaussianKernel(1000, "cosine", objective="x0", clip_x0=False, eta=1.0)
-    module = GlandDiffusionModule(
-        net, kernel, DiffusionSampler(num_steps=2), optimizer=None, num_proposals=20
-    )
+    kernel = GaussianKernel(1000, "cosine", objective="x0")
+    sampler = DiffusionSampler(num_steps=2, solver=DDIM(eta=1.0, clip_x0=False))
+    module = GlandDiffusionModule(net, kernel, sampler, optimizer=None, num_proposals=20)
     module.log_dict = lambda *args, **kwargs: None
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
     for _ in range(300):

@@ -17,7 +17,10 @@ from torch import nn
 from diffseg_lightning.data import SyntheticSegmentation
 from diffseg_lightning.data.monuseg import MoNuSeg
 from diffseg_lightning.data.nuclei_aug import AugmentedNuclei, KMeansLabelFraction, kmeans_subset
-from diffseg_lightning.diffusion import GaussianKernel
+from diffseg_lightning.diffusion import BernoulliKernel, GaussianKernel
+from diffseg_lightning.diffusion.solvers import DDIM, BernoulliPosterior
+from diffseg_lightning.exceptions import ConfigError
+from diffseg_lightning.inference.sampler import DiffusionSampler
 from diffseg_lightning.methods.hovernet import HoVerNetModule
 from diffseg_lightning.methods.nuclei_aug import NucleiAugmentationModule, classifier_free_guidance
 from diffseg_lightning.synthesize import synthesize, write_pair
@@ -195,6 +198,69 @@ def test_condition_dropping_rate():
         NucleiAugmentationModule(
             nn.Identity(), _CountingSpade(), torch.optim.Adam, GaussianKernel(), stage="all"
         )
+
+
+class _StructureNet(nn.Module):
+    """A stand-in structure network with a weight: ``w * x + t / 1000``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((), 0.5))
+
+    def forward(self, x, timesteps):
+        return self.weight * x + timesteps[:, None, None, None] / 1000
+
+
+def test_training_loss_draws_timesteps_noise_then_the_dropped_condition():
+    """Both stages' losses by hand with the same draws in the same order: per stage t, then the noise, then
+    (image stage) the condition dropping; each the kernel's epsilon MSE."""
+    module = NucleiAugmentationModule(
+        _StructureNet(), _CountingSpade(), torch.optim.Adam, GaussianKernel(), cond_drop_prob=0.5
+    )
+    module.log_dict = lambda *args, **kwargs: None
+    instances = torch.zeros(4, 8, 8, dtype=torch.long)
+    instances[:, 1:4, 1:5], instances[:, 5:8, 4:7] = 1, 2
+    batch = {"image": torch.rand(4, 3, 8, 8) * 255, "instances": instances}
+    torch.manual_seed(11)
+    loss = module.training_step(batch, 0)
+
+    structure, image = module.stage_targets(batch)
+    kernel = module.kernel
+    torch.manual_seed(11)
+    expected = []
+    for x0, net in ((structure, module.structure_net), (image, None)):
+        t = torch.randint(0, 1000, (4,))
+        noise = torch.randn(x0.shape)
+        x_t = kernel.q_sample(x0, t, noise=noise)
+        if net is None:
+            keep = (torch.rand(4) >= 0.5).float()[:, None, None, None]
+            out = module.image_net(x_t, t, structure * keep)
+        else:
+            out = net(x_t, timesteps=t)
+        expected.append(((out - noise) ** 2).mean())
+    # float32, the same operations in the same order
+    torch.testing.assert_close(loss, expected[0] + expected[1], rtol=1e-6, atol=1e-7)
+
+
+def test_generation_takes_the_samplers_solver_and_reports_it():
+    sampler = DiffusionSampler(num_steps=3, seed=2, solver=DDIM(eta=0.5))
+    module = NucleiAugmentationModule(
+        nn.Identity(), _CountingSpade(), torch.optim.Adam, GaussianKernel(), sampler
+    )
+    assert module.solver is sampler.solver
+    settings = module.inference_settings()
+    assert settings["update"] == "ddim" and settings["deterministic"] is False
+    assert settings["solver"] == {"eta": 0.5, "clip_x0": True} and settings["num_steps"] == 3
+    # no sampler: the kernel's default solver (DDIM, eta 0), deterministic
+    default = _generator_module(_CountingSpade()).inference_settings()
+    assert default["update"] == "ddim" and default["deterministic"] is True
+    with pytest.raises(ConfigError, match="noise=gaussian"):
+        NucleiAugmentationModule(nn.Identity(), _CountingSpade(), torch.optim.Adam, BernoulliKernel())
+    with pytest.raises(ConfigError, match="sampler=ddim"):  # a solver of another kernel
+        NucleiAugmentationModule(
+            nn.Identity(), _CountingSpade(), torch.optim.Adam, GaussianKernel(),
+            DiffusionSampler(solver=BernoulliPosterior()),
+        )  # fmt: skip
 
 
 def test_spade_middle_block_is_conditioned_on_the_structure():

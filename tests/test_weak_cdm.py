@@ -18,7 +18,10 @@ from skimage.filters import threshold_otsu
 from torch import nn
 
 from diffseg_lightning.data.datamodule import SegmentationDataModule
-from diffseg_lightning.diffusion import GaussianKernel
+from diffseg_lightning.diffusion import BernoulliKernel, GaussianKernel
+from diffseg_lightning.diffusion.solvers import DDIM, DDPM, DPMSolverPP2M
+from diffseg_lightning.exceptions import ConfigError
+from diffseg_lightning.inference.sampler import DiffusionSampler
 from diffseg_lightning.methods.gradcam import GradCAMModule
 from diffseg_lightning.methods.weak_cdm import WeakCDMModule, min_max_normalize, otsu_masks
 from diffseg_lightning.nets.weak_cdm import ClassConditionalUNet
@@ -67,12 +70,17 @@ class LinearToy(nn.Module):
         return self.a * x + torch.einsum("bd,dchw->bchw", e, self.g).to(x.dtype)
 
 
+#: the deterministic DDIM without clipping (the images are z-scored, not in [-1, 1])
+UNCLIPPED_DDIM = DiffusionSampler(solver=DDIM(eta=0.0, clip_x0=False))
+
+
 def toy_module(shape=(2, 6, 5), T=60, noise_level=30, num_steps=4, step_size=1, tau=0.95, **kw):
-    kernel = GaussianKernel(num_train_timesteps=T, schedule="cosine", clip_x0=False).double()
+    kernel = GaussianKernel(num_train_timesteps=T, schedule="cosine").double()
     module = WeakCDMModule(
         net=LinearToy(shape),
         optimizer=partial(torch.optim.AdamW, lr=1e-3),
         kernel=kernel,
+        sampler=UNCLIPPED_DDIM,
         noise_level=noise_level,
         num_steps=num_steps,
         step_size=step_size,
@@ -121,7 +129,8 @@ def test_difference_quotient_approaches_the_autodiff_derivative_on_a_nonlinear_d
         def forward(self, x, t, cond):
             return torch.tanh(super().forward(x, t, cond))
 
-    kernel = GaussianKernel(num_train_timesteps=60, schedule="cosine", clip_x0=False).double()
+    kernel = GaussianKernel(num_train_timesteps=60, schedule="cosine").double()
+    ddim = UNCLIPPED_DDIM.solver
     net = TanhToy((1, 4, 4))
     image = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -131,7 +140,7 @@ def test_difference_quotient_approaches_the_autodiff_derivative_on_a_nonlinear_d
         total = torch.zeros_like(x)
         for t in range(30, 25, -1):
             tv = torch.full((2,), t)
-            x, _ = kernel.step(net(x, tv, w1.expand(2, -1)), tv, t - 1, x)
+            x, _ = ddim.step(kernel, net(x, tv, w1.expand(2, -1)), tv, t - 1, x)
             total = total + x
         return total.sum(1, keepdim=True)
 
@@ -140,7 +149,13 @@ def test_difference_quotient_approaches_the_autodiff_derivative_on_a_nonlinear_d
     errors = []
     for tau in (0.9, 0.99, 0.999):
         module = WeakCDMModule(
-            net=net, optimizer=torch.optim.AdamW, kernel=kernel, noise_level=30, num_steps=5, tau=tau
+            net=net,
+            optimizer=torch.optim.AdamW,
+            kernel=kernel,
+            sampler=UNCLIPPED_DDIM,
+            noise_level=30,
+            num_steps=5,
+            tau=tau,
         ).double()
         errors.append((module.saliency(image, noise=noise) - derivative).abs().max().item())
     # a one-sided difference: the error is first order in (1 - tau), so it shrinks ~10x per 10x smaller step
@@ -165,8 +180,15 @@ def test_saliency_is_reproducible_per_case_and_validated():
     b = module.sample(image[1:], torch.tensor([9]))
     torch.testing.assert_close(a["probability"][1:], b["probability"])
     assert a["mask"].shape == (2, 1, 6, 5) and a["samples"].shape == (2, 1, 1, 6, 5)
-    with pytest.raises(ValueError, match="noise.sampling=ddim"):
-        WeakCDMModule(LinearToy((1, 4, 4)), torch.optim.AdamW, GaussianKernel(sampling="ddpm"))
+    for solver in (DDPM(), DDIM(eta=0.5), DPMSolverPP2M()):  # stochastic, or not DDIM's update
+        with pytest.raises(ValueError, match="sampler=ddim sampler.solver.eta=0"):
+            WeakCDMModule(
+                LinearToy((1, 4, 4)), torch.optim.AdamW, GaussianKernel(), DiffusionSampler(solver=solver)
+            )
+    with pytest.raises(ConfigError, match="noise=gaussian"):
+        WeakCDMModule(LinearToy((1, 4, 4)), torch.optim.AdamW, BernoulliKernel())
+    # no sampler: the Gaussian kernel's default solver, the deterministic DDIM
+    assert WeakCDMModule(LinearToy((1, 4, 4)), torch.optim.AdamW, GaussianKernel()).solver.is_deterministic
     with pytest.raises(ValueError, match="below x_0"):
         toy_module(noise_level=5, num_steps=4, step_size=2)
     with pytest.raises(ValueError, match="tau"):

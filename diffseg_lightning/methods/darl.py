@@ -11,6 +11,8 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
+from diffseg_lightning.diffusion.gaussian import GaussianKernel
+from diffseg_lightning.diffusion.reverse import diffusion_loss
 from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.inference.sampler import DiffusionSampler, describe_samples
 from diffseg_lightning.losses import lsgan_loss
@@ -181,7 +183,7 @@ class DARLModule(SegmentationMethod):
         discriminator_mask: nn.Module,
         discriminator_image: nn.Module,
         optimizer: Callable[..., torch.optim.Optimizer],
-        kernel: nn.Module | None = None,
+        kernel: GaussianKernel | None = None,
         sampler: DiffusionSampler | None = None,
         discriminator_optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
@@ -199,11 +201,7 @@ class DARLModule(SegmentationMethod):
         channels_last: bool = False,
     ) -> None:
         super().__init__(optimizer, scheduler, mask_channels, spacing, compile, channels_last)
-        if (
-            kernel is None
-            or not hasattr(kernel, "q_sample")
-            or getattr(kernel, "objective", None) != "epsilon"
-        ):
+        if not isinstance(kernel, GaussianKernel) or kernel.objective != "epsilon":
             raise ConfigError(
                 "DARLModule needs a Gaussian kernel with objective=epsilon (noise=gaussian "
                 f"noise.objective=epsilon): the generator reads the noise prediction; got {kernel!r}"
@@ -314,12 +312,18 @@ class DARLModule(SegmentationMethod):
         t_a = torch.randint(0, self.angiogram_max_t, (b,), device=x_a.device)
         t_b = self.kernel.sample_timesteps(b, device=x_a.device)
         x_a_t = self.kernel.q_sample(x_a, t_a, noise=noise)
-        x_b_t = self.kernel.q_sample(x_b, t_b, noise=noise)
-        # paths A and B through the diffusion module in one batched pass
-        eps = self.diffusion(self.to_memory_format(torch.cat([x_a_t, x_b_t])), torch.cat([t_a, t_b])).to(
-            x_a.dtype
-        )
-        eps_a, eps_b = eps[:b], eps[b:]
+        eps: dict[str, torch.Tensor] = {}
+
+        def both_paths(x_b_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            # paths A and B through the diffusion module in one batched pass; L_diff is path B's
+            out = self.diffusion(self.to_memory_format(torch.cat([x_a_t, x_b_t])), torch.cat([t_a, t])).to(
+                x_a.dtype
+            )
+            eps["a"], eps["b"] = out[:b], out[b:]
+            return eps["b"]
+
+        path_b = diffusion_loss(self.kernel, x_b, both_paths, t=t_b, noise=noise)
+        x_b_t, eps_a, eps_b = path_b.x_t, eps["a"], eps["b"]
         segmentation = self.generator(torch.cat([x_a_t, eps_a], dim=1), None)  # path A: s^v
         synthetic = self.generator(torch.cat([x_b_t, eps_b], dim=1), one_hot_mask(s_f))  # path B: x_hat^a
         x_f_t = self.kernel.q_sample(synthetic, t_a, noise=noise)  # cycle: path A on the synthetic angiogram
@@ -331,7 +335,7 @@ class DARLModule(SegmentationMethod):
             "segmentation": segmentation,
             "synthetic": synthetic,
             "reconstruction": reconstruction,
-            "diffusion_loss": self.kernel.loss(eps_b, x_b, x_b_t, t_b)["mse"],  # L_diff on path B
+            "diffusion_loss": path_b.terms["mse"],  # L_diff on path B
         }
 
     def generator_terms(self, paths: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from diffseg_lightning.diffusion.gaussian import GaussianKernel
+from diffseg_lightning.diffusion.reverse import diffusion_loss
 from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.inference.evidence import dirichlet_opinion, discounted_plausibility
 from diffseg_lightning.inference.fusion import Fusion
@@ -130,7 +132,7 @@ class EIDDPMModule(SegmentationMethod):
     def __init__(
         self,
         denoiser: nn.Module | Callable[[], nn.Module],
-        kernel: nn.Module,
+        kernel: GaussianKernel,
         sampler: DiffusionSampler,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
@@ -160,12 +162,14 @@ class EIDDPMModule(SegmentationMethod):
         ):
             if value not in valid:
                 raise ConfigError(f"EIDDPMModule: {name} must be one of {valid}, got {value!r}")
-        if getattr(kernel, "objective", None) not in ("x0", "epsilon") or getattr(
-            kernel, "learn_variance", False
-        ):
+        if not isinstance(kernel, GaussianKernel) or kernel.learn_variance:
+            got = (
+                "learn_variance=true" if isinstance(kernel, GaussianKernel) else f"a {type(kernel).__name__}"
+            )
             raise ConfigError(
                 "EIDDPMModule needs the Gaussian kernel (noise=gaussian, objective x0 or epsilon) without a "
-                "learned variance: the fused evidence is the x_0 estimate of every reverse step"
+                f"learned variance (noise.learn_variance=false): the fused evidence is the x_0 estimate of every "
+                f"reverse step; got {got}"
             )
         if Fusion.parse(sampler.fusion) is Fusion.EVOLUTION:
             raise ConfigError("EIDDPMModule: sampler.fusion=evolution needs a learned variance; use mean")
@@ -292,10 +296,10 @@ class EIDDPMModule(SegmentationMethod):
         return min(1.0, self.current_epoch / self.anneal_epochs)
 
     def losses(
-        self, output: Tensor, classes: Tensor, x0: Tensor, x_t: Tensor, t: Tensor
+        self, output: Tensor, fused: dict[str, Tensor], classes: Tensor, ddpm: Tensor
     ) -> dict[str, Tensor]:
-        """Every loss term from the path outputs (B, M, K, H, W) and one-hot classes (B, K, H, W)."""
-        fused = self.fuse(output)
+        """Every loss term from the path outputs (B, M, K, H, W), their :meth:`fuse`, the one-hot classes
+        (B, K, H, W) and the kernel's loss ``ddpm`` of the fused prediction."""
         target = classes.unsqueeze(1).expand_as(output)
         if self.fusion == "average":
             path = F.cross_entropy(output.flatten(0, 1), target.flatten(0, 1).argmax(1))
@@ -305,17 +309,21 @@ class EIDDPMModule(SegmentationMethod):
             path = eil["loss"]
             terms = {"ace": eil["ace"], "kl": eil["kl"]}
         dice = soft_dice_loss(fused["probability"], classes)
-        ddpm = self.kernel.loss(self.model_output(fused["probability"], x_t, t), x0, x_t, t)["loss"]
         loss = self.lambda_eil * path + self.lambda_dice * dice + self.lambda_ddpm * ddpm
         return {"loss": loss, "path": path, "dice": dice, "ddpm": ddpm, **terms}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         classes = self.regions_to_classes(self.training_target(batch))
         x0 = self.kernel.encode_mask(classes)
-        t = self.kernel.sample_timesteps(x0.shape[0], device=x0.device)
-        x_t = self.kernel.q_sample(x0, t)
-        output = self(x_t, t, batch["image"]).float()
-        losses = self.losses(output, classes, x0, x_t, t)
+        paths: dict[str, Any] = {}  # the path outputs and their fusion, for the other loss terms
+
+        def fused_output(x_t: Tensor, t: Tensor) -> Tensor:
+            paths["output"] = self(x_t, t, batch["image"]).float()
+            paths["fused"] = self.fuse(paths["output"])
+            return self.model_output(paths["fused"]["probability"], x_t, t)
+
+        ddpm = diffusion_loss(self.kernel, x0, fused_output).terms["loss"]
+        losses = self.losses(paths["output"], paths["fused"], classes, ddpm)
         self.check_loss(losses["loss"], batch_idx)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=x0.shape[0])
         return losses["loss"]

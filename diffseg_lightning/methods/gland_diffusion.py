@@ -18,7 +18,15 @@ import torch
 from scipy import ndimage
 from torch import Tensor, nn
 
+from diffseg_lightning.diffusion.gaussian import GaussianKernel
+from diffseg_lightning.diffusion.reverse import StepRecord, reverse
+from diffseg_lightning.diffusion.solvers.base import Solver
 from diffseg_lightning.exceptions import ConfigError
+from diffseg_lightning.inference.sampler import DiffusionSampler, case_generators, describe_samples
+from diffseg_lightning.losses import sigmoid_focal_loss, squared_dice_loss
+from diffseg_lightning.methods.base import SegmentationMethod
+from diffseg_lightning.methods.segmentation import UNetSegmentationModule
+from diffseg_lightning.metrics.instances import glas_f1, hungarian_match, object_dice, object_hausdorff
 from diffseg_lightning.utils.boxes import (
     batched_nms,
     box_cxcywh_to_xyxy,
@@ -26,11 +34,6 @@ from diffseg_lightning.utils.boxes import (
     generalized_box_iou,
     random_boxes,
 )
-from diffseg_lightning.inference.sampler import DiffusionSampler, case_generators, describe_samples
-from diffseg_lightning.losses import sigmoid_focal_loss, squared_dice_loss
-from diffseg_lightning.methods.base import SegmentationMethod
-from diffseg_lightning.methods.segmentation import UNetSegmentationModule
-from diffseg_lightning.metrics.instances import glas_f1, hungarian_match, object_dice, object_hausdorff
 
 __all__ = [
     "GlandDiffusionModule",
@@ -144,9 +147,9 @@ class GlandDiffusionModule(InstanceScoring, SegmentationMethod):
 
     Inference (``sample``): ``x_T ~ N(0, I)`` of shape (B, N, 4) from per-case generators (seed, case id);
     at each of the kernel's strided timesteps ``T-1 = t_K > ... > t_0``, the decoder predicts boxes (the
-    x0 objective), the kernel's DDIM step (``kernel.step``; its ``eta``) moves the signal to ``t_prev``, and
-    with ``box_renewal`` the proposals scoring at most ``score_threshold`` are replaced with fresh noise
-    (DiffusionDet's box renewal). The final step's boxes and scores go through the score threshold, a batched
+    x0 objective), the sampler's solver (``sampler.solver``, e.g. DDIM with its ``eta``) moves the signal to
+    ``t_prev`` (:func:`~diffseg_lightning.diffusion.reverse.reverse`), and with ``box_renewal`` the proposals
+    scoring at most ``score_threshold`` are replaced with fresh noise (DiffusionDet's box renewal). The final step's boxes and scores go through the score threshold, a batched
     NMS (IoU ``nms_threshold``), the ``max_detections`` best, then their masks (sigmoid of the dynamic head's
     logits) > ``sampler.threshold``; the instance map gives each pixel to the highest-scoring instance covering
     it. The foreground probability is the per-pixel maximum of the kept instances' mask probabilities;
@@ -158,18 +161,20 @@ class GlandDiffusionModule(InstanceScoring, SegmentationMethod):
     predicts x0 (boxes); DDIM with eta = 1 and box renewal at score 0.5; focal alpha 0.25, gamma 2; matching
     by the Hungarian algorithm (the paper's; DiffusionDet uses a dynamic-k assignment); score threshold 0.5 and
     NMS at IoU 0.5 (ours: one class, touching glands); at most 100 detections; mask Dice weight 1 (CondInst);
-    boxes from the final step only (no ensembling over steps). When ``eta > 0``, the step noise comes from the
-    batch's first case's generator, so those samples depend on the batch composition.
+    boxes from the final step only (no ensembling over steps). With a stochastic solver (DDIM with ``eta > 0``,
+    DDPM), the step noise comes from the batch's first case's generator, so those samples depend on the batch
+    composition.
 
     The kernel must be a :class:`~diffseg_lightning.diffusion.GaussianKernel` with ``objective="x0"`` (the
-    decoder predicts boxes) and ``clip_x0=False`` (the signal lives in ``[-scale, scale]``; this class clamps
-    it): set ``noise.objective=x0 noise.clip_x0=false`` (the experiments do).
+    decoder predicts boxes) and the solver must not clip x0 (the signal lives in ``[-scale, scale]``; this
+    class clamps it): set ``noise.objective=x0 sampler=ddim sampler.solver.clip_x0=false`` (the experiments
+    do).
 
     Args:
         net: :class:`~diffseg_lightning.nets.gland_diffusion.GlandDiffusionNet`.
         kernel: the Gaussian kernel (see above).
-        sampler: ``num_steps``, ``threshold`` (mask), ``seed``; ``num_samples`` and ``fusion`` do not apply
-            (one detection set per image).
+        sampler: ``num_steps``, ``threshold`` (mask), ``seed`` and ``solver`` (see above); ``num_samples`` and
+            ``fusion`` do not apply (one detection set per image).
         optimizer, scheduler: partial optimiser / LR scheduler.
         mask_channels: must be 1 (foreground of the instances).
         spacing: pixel spacing for HD95, or None.
@@ -190,7 +195,7 @@ class GlandDiffusionModule(InstanceScoring, SegmentationMethod):
     def __init__(
         self,
         net: nn.Module,
-        kernel: nn.Module,
+        kernel: GaussianKernel,
         sampler: DiffusionSampler,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
@@ -217,12 +222,22 @@ class GlandDiffusionModule(InstanceScoring, SegmentationMethod):
             raise ConfigError(
                 f"GlandDiffusionModule segments one foreground class; got mask_channels={mask_channels}"
             )
-        if getattr(kernel, "objective", None) != "x0" or getattr(kernel, "clip_x0", True):
+        if not isinstance(kernel, GaussianKernel) or kernel.objective != "x0":
+            got = (
+                f"objective={kernel.objective!r}"
+                if isinstance(kernel, GaussianKernel)
+                else type(kernel).__name__
+            )
             raise ConfigError(
-                "GlandDiffusionModule needs a Gaussian kernel with objective='x0' (the decoder predicts boxes) and "
-                "clip_x0=false (the box signal lives in [-signal_scale, signal_scale]); set noise.objective=x0 "
-                f"noise.clip_x0=false (got objective={getattr(kernel, 'objective', None)!r}, "
-                f"clip_x0={getattr(kernel, 'clip_x0', None)!r})"
+                "GlandDiffusionModule needs the Gaussian kernel with objective='x0' (the decoder predicts boxes): "
+                f"set noise=gaussian noise.objective=x0 (got {got})"
+            )
+        solver = sampler.resolve_solver(kernel)
+        if solver.options().get("clip_x0", False):
+            raise ConfigError(
+                "GlandDiffusionModule needs a solver that does not clip x0 to [-1, 1] (the box signal lives in "
+                "[-signal_scale, signal_scale]): set sampler=ddim sampler.solver.clip_x0=false "
+                f"(got {solver!r})"
             )
         for name, value in (("num_proposals", num_proposals), ("max_detections", max_detections)):
             if int(value) < 1:
@@ -380,20 +395,22 @@ class GlandDiffusionModule(InstanceScoring, SegmentationMethod):
             return torch.stack([torch.randn(shape, generator=g, device=image.device) for g in generators])
 
         cond = self.net.encode(image)
-        x = noise()
         steps = self.kernel.inference_timesteps(int(self.sampler.num_steps), device=image.device)
-        out: dict[str, Tensor] = {}
-        for i in range(steps.numel()):
-            t = steps[i].expand(b)
-            t_prev = steps[i + 1].expand(b) if i + 1 < steps.numel() else torch.full_like(t, -1)
-            out = self.net.decode(self.signal_to_boxes(x, size), t, cond)
-            if i + 1 == steps.numel():
-                break
-            x0 = self.boxes_to_signal(out["boxes"][-1].float(), size)
-            x, _ = self.kernel.step(x0, t, t_prev, x, generator=generators[0])
-            if self.box_renewal:
-                keep = out["logits"][-1].sigmoid() > self.score_threshold
-                x = torch.where(keep[..., None], x, noise())
+        last: dict[str, dict[str, Tensor]] = {}  # the decoder's outputs at the latest step
+
+        def denoise(x_t: Tensor, t: Tensor) -> Tensor:
+            last["out"] = self.net.decode(self.signal_to_boxes(x_t, size), t, cond)
+            return self.boxes_to_signal(last["out"]["boxes"][-1].float(), size)
+
+        def renew(step: StepRecord) -> Tensor | None:
+            """DiffusionDet's box renewal between steps (none after the last: its boxes are the result)."""
+            if not self.box_renewal or step.index + 1 == steps.numel():
+                return None
+            keep = last["out"]["logits"][-1].sigmoid() > self.score_threshold
+            return torch.where(keep[..., None], step.x_prev, noise())
+
+        reverse(self.kernel, self.solver, denoise, noise(), steps, generator=generators[0], on_step=renew)
+        out = last["out"]
         return {
             "boxes": out["boxes"][-1].float(),
             "logits": out["logits"][-1].float(),
@@ -435,23 +452,30 @@ class GlandDiffusionModule(InstanceScoring, SegmentationMethod):
         result["scores"] = top_scores.clamp(min=0)
         return result
 
+    @property
+    def solver(self) -> Solver:
+        """The reverse update of the box chain: ``sampler.solver``, else the kernel's default."""
+        return self.sampler.resolve_solver(self.kernel)
+
     def inference_settings(self) -> dict[str, Any]:
+        settings = self.sampler.settings(self.kernel)
         return {
-            **{k: None for k in self.sampler.settings()},
+            **dict.fromkeys(settings),
+            "update": settings["update"],
+            "deterministic": settings["deterministic"],
+            "solver": settings["solver"],
             "num_steps": int(self.sampler.num_steps),
             "num_samples": 1,
             "fusion": "none",
             "threshold": self.sampler.threshold,
             "seed": self.sampler.seed,
             "parallel": self.sampler.parallel,
-            "deterministic": float(getattr(self.kernel, "eta", 0.0)) == 0.0,
             "num_proposals": self.num_proposals,
             "signal_scale": self.signal_scale,
             "score_threshold": self.score_threshold,
             "nms_threshold": self.nms_threshold,
             "max_detections": self.max_detections,
             "box_renewal": self.box_renewal,
-            "eta": float(getattr(self.kernel, "eta", 0.0)),
         }
 
 

@@ -16,14 +16,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffseg_lightning.data.hover import (
+from diffseg_lightning.diffusion.gaussian import GaussianKernel
+from diffseg_lightning.diffusion.reverse import diffusion_loss, reverse
+from diffseg_lightning.diffusion.solvers.base import Solver
+from diffseg_lightning.exceptions import ConfigError
+from diffseg_lightning.inference.sampler import DiffusionSampler
+from diffseg_lightning.methods.base import SegmentationMethod
+from diffseg_lightning.utils.hover import (
     combination_variants,
     instances_from_structure,
     structure_from_instances,
 )
-from diffseg_lightning.exceptions import ConfigError
-from diffseg_lightning.inference.sampler import DiffusionSampler
-from diffseg_lightning.methods.base import SegmentationMethod
 
 STAGES = ("both", "structure", "image")
 #: The timesteps (fractions of T) at which validation and test score the held-out denoising error.
@@ -52,7 +55,7 @@ class NucleiAugmentationModule(SegmentationMethod):
     MICCAI 2023 (one module; ``stage`` chooses which of them train).
 
     Stage 1 (``structure_net``): an unconditional DDPM over the nuclei structure ``(semantic +1/-1,
-    horizontal, vertical)`` of :func:`~diffseg_lightning.data.hover.structure_from_instances` (B, 3, H, W),
+    horizontal, vertical)`` of :func:`~diffseg_lightning.utils.hover.structure_from_instances` (B, 3, H, W),
     built on the fly from the batch's ``instances``. By default MONAI's
     :class:`~monai.networks.nets.DiffusionModelUNet` (``conf/model/nuclei_aug.yaml``).
 
@@ -69,9 +72,11 @@ class NucleiAugmentationModule(SegmentationMethod):
     :func:`classifier_free_guidance` with ``guidance_scale`` (2), the conditional and null rows of every
     step in one batched network pass.
 
-    Both stages use the run's noise kernel (``noise=gaussian``: the kernel contract's ``q_sample``,
-    ``loss``, strided ``inference_timesteps`` and ``step``), each with its own network; the training loss
-    is the sum of the active stages' kernel losses (separate networks, so each gets its own gradient).
+    Both stages use the run's noise kernel (``noise=gaussian``: ``q_sample``, ``loss`` and the strided
+    ``inference_timesteps``) and the sampler's solver (``sampler.solver``; ``sampler=default``: the kernel's
+    DDIM), each stage with its own network; the training loss is the sum of the active stages' kernel losses
+    (:func:`~diffseg_lightning.diffusion.reverse.diffusion_loss`; separate networks, so each gets its own
+    gradient).
     Images are mapped to the kernel's [-1, 1] by ``image_range`` (e.g. [0, 255] with ``data.normalize=none``
     on MoNuSeg) and back when generating.
 
@@ -83,9 +88,9 @@ class NucleiAugmentationModule(SegmentationMethod):
     ``denoising_mse`` (which the experiments' checkpointing monitors, ``mode: min``). ``diffseg-predict`` does not
     apply (there is no input image to segment); ``diffseg-synthesize`` generates pairs.
 
-    Generation (:meth:`generate`): structures from noise with ``num_steps`` strided steps of the kernel's
-    sampler, inverted to instance maps with the eight swap / sign combinations
-    (:func:`~diffseg_lightning.data.hover.instances_from_structure`); the kept combination is applied to
+    Generation (:meth:`generate`): structures from noise with ``num_steps`` strided steps of the solver
+    (:func:`~diffseg_lightning.diffusion.reverse.reverse`), inverted to instance maps with the eight swap / sign combinations
+    (:func:`~diffseg_lightning.utils.hover.instances_from_structure`); the kept combination is applied to
     the structure before it conditions stage 2 (the image network was trained on correctly oriented
     maps), then images with guidance.
 
@@ -94,7 +99,8 @@ class NucleiAugmentationModule(SegmentationMethod):
         image_net: ``image_net(x_t, timesteps=t, seg=structure)`` -> (B, C, H, W).
         optimizer: a partial optimiser, called with the parameters.
         kernel: the noise kernel (a ``GaussianKernel``; learned variance is not supported).
-        sampler: its ``num_steps`` and ``seed`` set the generation steps and the evaluation seed.
+        sampler: its ``num_steps``, ``seed`` and ``solver`` set the generation steps and solver and the
+            evaluation seed; None: 50 steps of the kernel's default solver, seed 0.
         scheduler: a partial LR scheduler, or None.
         stage: ``both``, ``structure`` or ``image``: which networks train (the other is kept as it is).
         image_channels: C of the images.
@@ -113,7 +119,7 @@ class NucleiAugmentationModule(SegmentationMethod):
         structure_net: nn.Module,
         image_net: nn.Module,
         optimizer: Callable[..., torch.optim.Optimizer],
-        kernel: nn.Module,
+        kernel: GaussianKernel,
         sampler: DiffusionSampler | None = None,
         scheduler: Callable[..., Any] | None = None,
         stage: str = "both",
@@ -135,10 +141,19 @@ class NucleiAugmentationModule(SegmentationMethod):
         low, high = (float(v) for v in image_range)
         if not high > low:
             raise ConfigError(f"image_range must be (low, high) with high > low, got {tuple(image_range)}")
-        if getattr(kernel, "learn_variance", False):
+        if not isinstance(kernel, GaussianKernel):
+            raise ConfigError(
+                "NucleiAugmentationModule diffuses structures and images with the Gaussian kernel "
+                f"(noise=gaussian), got a {type(kernel).__name__}"
+            )
+        if kernel.learn_variance:
             raise ConfigError(
                 "NucleiAugmentationModule needs a kernel without learned variance (noise.learn_variance=false)"
             )
+        #: the reverse update of generation (``sampler.solver``, else the kernel's default)
+        self.solver: Solver = (
+            sampler.resolve_solver(kernel) if sampler is not None else kernel.default_solver()
+        )
         self.structure_net = structure_net
         self.image_net = image_net
         self.kernel = kernel
@@ -208,16 +223,19 @@ class NucleiAugmentationModule(SegmentationMethod):
         b = structure.shape[0]
         losses: dict[str, torch.Tensor] = {}
         if "structure" in self.stages():
-            t = self.kernel.sample_timesteps(b, device=structure.device)
-            x_t = self.kernel.q_sample(structure, t)
-            terms = self.kernel.loss(self.structure_net(x_t, timesteps=t).float(), structure, x_t, t)
-            losses.update({f"structure_{k}": v for k, v in terms.items()})
+            terms = diffusion_loss(
+                self.kernel, structure, lambda x_t, t: self.structure_net(x_t, timesteps=t)
+            )
+            losses.update({f"structure_{k}": v for k, v in terms.terms.items()})
         if "image" in self.stages():
-            t = self.kernel.sample_timesteps(b, device=image.device)
-            x_t = self.to_memory_format(self.kernel.q_sample(image, t))
-            seg = self.drop_condition(structure)
-            terms = self.kernel.loss(self.image_net(x_t, timesteps=t, seg=seg).float(), image, x_t, t)
-            losses.update({f"image_{k}": v for k, v in terms.items()})
+
+            def image_output(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                # the condition is dropped after the noise is drawn (the draw order of every run so far)
+                seg = self.drop_condition(structure)
+                return self.image_net(self.to_memory_format(x_t), timesteps=t, seg=seg)
+
+            terms = diffusion_loss(self.kernel, image, image_output)
+            losses.update({f"image_{k}": v for k, v in terms.terms.items()})
         losses["loss"] = sum(losses[f"{s}_loss"] for s in self.stages())
         self.check_loss(losses["loss"], batch_idx)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=b)
@@ -282,32 +300,13 @@ class NucleiAugmentationModule(SegmentationMethod):
             "threshold": None,
             "seed": self.seed,
             "guidance_scale": self.guidance_scale,
-            "sampling": getattr(self.kernel, "sampling", None),
-            "deterministic": getattr(self.kernel, "sampling", "") in ("ddim", "dpmpp_2m")
-            and getattr(self.kernel, "eta", 0.0) == 0.0,
+            # the solver's name, determinism and options, in the keys of DiffusionSampler.settings
+            "update": self.solver.name,
+            "deterministic": self.solver.is_deterministic,
+            "solver": self.solver.options(),
         }
 
     # ------------------------------------------------------------------------------- generation
-    def _reverse(
-        self,
-        x: torch.Tensor,
-        denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        num_steps: int,
-        generator: torch.Generator,
-    ) -> torch.Tensor:
-        """The kernel's strided reverse process from ``x``: returns the final x0."""
-        timesteps = self.kernel.inference_timesteps(num_steps).tolist()
-        history: dict[str, torch.Tensor] = {}
-        x0 = x
-        for i, t in enumerate(timesteps):
-            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-            t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            t_prev_batch = torch.full((x.shape[0],), t_prev, device=x.device, dtype=torch.long)
-            x, x0 = self.kernel.step(
-                denoise(x, t_batch).float(), t_batch, t_prev_batch, x, generator=generator, history=history
-            )
-        return x0
-
     def guided_image_output(
         self, x: torch.Tensor, t: torch.Tensor, structure: torch.Tensor, scale: float
     ) -> torch.Tensor:
@@ -345,7 +344,7 @@ class NucleiAugmentationModule(SegmentationMethod):
 
         Returns:
             ``structure`` (n, 3, H, W) as conditioned on, ``instances`` (n, H, W) int64, ``combination`` (n,)
-            (index into :data:`~diffseg_lightning.data.hover.COMBINATIONS`; -1 when ``structure`` was given),
+            (index into :data:`~diffseg_lightning.utils.hover.COMBINATIONS`; -1 when ``structure`` was given),
             ``image`` (n, C, H, W) in ``image_range``.
         """
         steps = int(num_steps or self.num_steps)
@@ -355,7 +354,14 @@ class NucleiAugmentationModule(SegmentationMethod):
         generator = torch.Generator(device=device).manual_seed(int(seed))
         if structure is None:
             noise = torch.randn((n, 3, h, w), generator=generator, device=device)
-            raw = self._reverse(noise, lambda x, t: self.structure_net(x, timesteps=t), steps, generator)
+            raw = reverse(
+                self.kernel,
+                self.solver,
+                lambda x, t: self.structure_net(x, timesteps=t),
+                noise,
+                self.kernel.inference_timesteps(steps),
+                generator,
+            )
             instances, combination = instances_from_structure(raw.clamp(-1.0, 1.0).cpu())
             structure = combination_variants(raw.cpu())[torch.arange(n), combination].to(device)
             instances, combination = instances.to(device), combination.to(device)
@@ -365,8 +371,13 @@ class NucleiAugmentationModule(SegmentationMethod):
             instances = instances.to(device)
             combination = torch.full((n,), -1, dtype=torch.long, device=device)
         noise = torch.randn((n, self.image_channels, h, w), generator=generator, device=device)
-        x0 = self._reverse(
-            noise, lambda x, t: self.guided_image_output(x, t, structure, scale), steps, generator
+        x0 = reverse(
+            self.kernel,
+            self.solver,
+            lambda x, t: self.guided_image_output(x, t, structure, scale),
+            noise,
+            self.kernel.inference_timesteps(steps),
+            generator,
         )
         return {
             "structure": structure,

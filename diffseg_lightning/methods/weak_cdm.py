@@ -16,6 +16,9 @@ from monai.transforms.utils import get_largest_connected_component_mask
 from skimage.filters import threshold_otsu
 from torch import nn
 
+from diffseg_lightning.diffusion.gaussian import GaussianKernel
+from diffseg_lightning.diffusion.reverse import StepRecord, diffusion_loss, reverse
+from diffseg_lightning.diffusion.solvers import DDIM
 from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.inference.sampler import DiffusionSampler, case_generators, describe_samples
 from diffseg_lightning.methods.base import SegmentationMethod
@@ -110,19 +113,21 @@ class WeakCDMModule(SegmentationMethod):
       not used at inference.
     - Classifier guidance (the release's "CG-CDM") is not implemented: the issue asks for CDM.
     - Images are diffused as the DataModule gives them (z-scored per image and channel), so the
-      experiments set ``noise.clip_x0=false`` (clamping x_0 to [-1, 1] would also make the update
+      experiments set ``sampler.solver.clip_x0=false`` (clamping x_0 to [-1, 1] would also make the update
       non-affine in the condition).
 
-    What it takes from the Hydra groups: ``kernel`` (the Gaussian kernel: T, schedule, objective; its
-    ``sampling`` must be ``ddim`` with ``eta = 0``, checked) and ``sampler`` (only ``seed`` and ``parallel``
-    apply; ``summary.json``'s ``sampler`` block reports what was really done: ``num_steps = R`` network
-    passes of 2B rows, ``num_samples = 1``, ``fusion = "none"``, ``threshold = "otsu"``, plus
+    What it takes from the Hydra groups: ``kernel`` (the Gaussian kernel: T, schedule, objective) and
+    ``sampler`` (``seed``, ``parallel`` and ``solver``, which must be the deterministic DDIM, ``eta = 0``,
+    checked; ``summary.json``'s ``sampler`` block reports what was really done: ``num_steps = R`` network
+    passes of 2B rows, ``num_samples = 1``, ``fusion = "none"``, ``threshold = "otsu"``, the solver, plus
     ``noise_level``, ``condition_tau``, ``step_size``, ``largest_component``, ``absolute``).
 
     Args:
         net: ``forward(x_t, t, cond)`` with cond (B,) int labels or (B, K) float class weights.
-        kernel: a :class:`~diffseg_lightning.diffusion.GaussianKernel` with ``sampling="ddim"``, ``eta=0``.
-        sampler: the inference recipe (``seed``, ``parallel``); None gives seed 0.
+        kernel: a :class:`~diffseg_lightning.diffusion.GaussianKernel`.
+        sampler: the inference recipe (``seed``, ``parallel``, ``solver``: a
+            :class:`~diffseg_lightning.diffusion.solvers.DDIM` with ``eta = 0``); None gives seed 0 and the
+            kernel's default solver (DDIM, ``eta = 0``).
         optimizer: a partial optimiser, called with the parameters.
         scheduler: a partial LR scheduler, called with ``(optimizer, total_steps=...)``, or None.
         noise_level: Q, the timestep the image is noised to (the paper: 400 of T = 4000); in [0, T).
@@ -149,7 +154,7 @@ class WeakCDMModule(SegmentationMethod):
         self,
         net: nn.Module,
         optimizer: Callable[..., torch.optim.Optimizer],
-        kernel: nn.Module,
+        kernel: GaussianKernel,
         sampler: DiffusionSampler | None = None,
         scheduler: Callable[..., Any] | None = None,
         noise_level: int = 400,
@@ -170,10 +175,15 @@ class WeakCDMModule(SegmentationMethod):
             raise ConfigError(
                 f"WeakCDMModule gives one saliency map per image: mask_channels must be 1, got {mask_channels}"
             )
-        if getattr(kernel, "sampling", None) != "ddim" or float(getattr(kernel, "eta", 0.0)) != 0.0:
+        if not isinstance(kernel, GaussianKernel):
             raise ConfigError(
-                "WeakCDMModule's saliency uses the deterministic DDIM update: set noise.sampling=ddim and "
-                f"noise.eta=0 (got sampling={getattr(kernel, 'sampling', None)!r}, eta={getattr(kernel, 'eta', None)})"
+                f"WeakCDMModule diffuses images with the Gaussian kernel (noise=gaussian), got a {type(kernel).__name__}"
+            )
+        solver = sampler.resolve_solver(kernel) if sampler is not None else kernel.default_solver()
+        if not (isinstance(solver, DDIM) and solver.is_deterministic):
+            raise ConfigError(
+                "WeakCDMModule's saliency uses the deterministic DDIM update: set sampler=ddim "
+                f"sampler.solver.eta=0 (or sampler=default, the Gaussian kernel's DDIM); got {solver!r}"
             )
         T = int(kernel.num_train_timesteps)
         if not 0 <= int(noise_level) < T:
@@ -195,6 +205,8 @@ class WeakCDMModule(SegmentationMethod):
             raise ConfigError("lesion_class and healthy_class must differ")
         self.net = net
         self.kernel = kernel
+        #: the deterministic DDIM update whose derivative w.r.t. the condition is the saliency
+        self.solver: DDIM = solver
         self.num_classes = num_classes
         self.noise_level = int(noise_level)
         self.num_steps = int(num_steps)
@@ -224,9 +236,7 @@ class WeakCDMModule(SegmentationMethod):
             )
         x0 = batch["image"].float()
         label = batch["label"].reshape(-1).long()
-        t = self.kernel.sample_timesteps(x0.shape[0], device=x0.device)
-        x_t = self.kernel.q_sample(x0, t)
-        losses = self.kernel.loss(self(x_t, t, label).float(), x0, x_t, t)
+        losses = diffusion_loss(self.kernel, x0, lambda x_t, t: self(x_t, t, label)).terms
         self.check_loss(losses["loss"], batch_idx)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=x0.shape[0])
         return losses["loss"]
@@ -263,14 +273,23 @@ class WeakCDMModule(SegmentationMethod):
                 [torch.randn(x0.shape[1:], device=x0.device, generator=g, dtype=x0.dtype) for g in generators]
             )
         x_q = self.kernel.q_sample(x0, self.noise_level, noise=noise)
-        x = torch.cat([x_q, x_q])
         cond = self.condition_weights(b, x0.device, x0.dtype)
         diff = torch.zeros_like(x_q)
-        for t, t_prev in zip(*self.timesteps(), strict=True):
-            t_vec = torch.full((2 * b,), t, dtype=torch.long, device=x0.device)
-            out = self(x, t_vec, cond).to(x.dtype)
-            x, _ = self.kernel.step(out, t_vec, t_prev, x)
-            diff = diff + (x[:b] - x[b:]) / (1.0 - self.tau)
+
+        def difference_quotient(step: StepRecord) -> None:
+            nonlocal diff
+            diff = diff + (step.x_prev[:b] - step.x_prev[b:]) / (1.0 - self.tau)
+
+        starts, ends = self.timesteps()
+        reverse(
+            self.kernel,
+            self.solver,
+            lambda x, t: self(x, t, cond),  # both chains as one batch of 2B rows
+            torch.cat([x_q, x_q]),
+            starts,
+            final_t_prev=ends[-1],
+            on_step=difference_quotient,
+        )
         reduced = diff.abs() if self.absolute else diff
         return reduced.sum(1, keepdim=True)
 
@@ -293,6 +312,8 @@ class WeakCDMModule(SegmentationMethod):
             absolute=self.absolute,
             network_passes=self.num_steps,
             rows_per_pass="2 x images",
+            update=self.solver.name,
+            solver=self.solver.options(),
         )
 
 
