@@ -151,7 +151,7 @@ def synthesize(cfg: DictConfig) -> dict[str, Any]:
         "size": list(size),
         "num_steps": int(cfg.num_steps),
         "guidance_scale": float(cfg.guidance_scale),
-        "sampling": getattr(module.kernel, "sampling", None),
+        "sampling": module.solver.name,  # the solver of generation (sampler.solver)
         "seed": int(cfg.seed),
         "device": device,
         "seconds_per_pair": seconds / n,
