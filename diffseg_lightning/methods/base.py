@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Self
 
 import lightning as L
 import torch
 import torch.distributed as dist
+from hydra.errors import HydraException
+from hydra.utils import get_class
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from diffseg_lightning.inference.fusion import check_finite_fusion
 from diffseg_lightning.inference.sampler import DiffusionSampler
 from diffseg_lightning.metrics.report import case_metrics, summarize
-from diffseg_lightning.utils.errors import NonFiniteLossError
+from diffseg_lightning.utils.checkpoints import load_checkpoint
+from diffseg_lightning.utils.errors import DiffSegError, NonFiniteLossError
 from diffseg_lightning.utils.speed import compile_in_place, count_macs
 
 __all__ = ["SegmentationMethod"]
@@ -299,3 +304,58 @@ class SegmentationMethod(L.LightningModule):
         if "rng_states" in checkpoint:
             _set_rng_states(checkpoint["rng_states"])
         self.run_config = checkpoint.get("diffseg_config", self.run_config)
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]  # Lightning's takes hparams_file / strict instead
+        cls,
+        checkpoint_path: str | Path,
+        sampler: DiffusionSampler | DictConfig | None = None,
+        map_location: torch.device | str | None = None,
+        **overrides: Any,
+    ) -> Self:
+        """The trained method of a ``diffseg-train`` checkpoint, as ``diffseg-eval`` rebuilds it.
+
+        Our equivalent of Lightning's ``save_hyperparameters`` + ``load_from_checkpoint``: a method is built
+        from objects (a denoiser, a noise kernel, a sampler, partial optimisers) that are not
+        hyperparameters, so none are saved; instead every checkpoint stores the run's resolved Hydra config
+        (``checkpoint["diffseg_config"]``, see :meth:`on_save_checkpoint`). The module is rebuilt from it by
+        :func:`diffseg_lightning.entry.module_from_checkpoint` (the stored ``model`` config and kernel, the
+        weights checked, then loaded) and holds the checkpoint's ``state_dict``: the EMA weights when the
+        run used the EMA callback, exactly the weights evaluation uses. The result works with Lightning's
+        own loops (``Trainer.test(model=module, datamodule=...)``).
+
+        Args:
+            checkpoint_path: the ``.ckpt`` file.
+            sampler: the inference recipe: a :class:`DiffusionSampler`, a ``sampler`` config node, or None
+                for the one the run was trained with (its stored ``sampler`` config).
+            map_location: device to move the module to (it is read on the CPU), or None to keep it there.
+            **overrides: constructor arguments that replace the stored config's (e.g. ``compile=True``).
+
+        Returns:
+            The module, an instance of ``cls`` or of a subclass (the stored ``model._target_``).
+
+        Raises:
+            DiffSegError: the file is missing, unreadable or not ours (one line), or its method is not
+                ``cls`` or a subclass of it.
+        """
+        from diffseg_lightning.entry import module_from_checkpoint  # the entry layer builds runs from configs
+
+        checkpoint = load_checkpoint(checkpoint_path)
+        config = checkpoint["diffseg_config"]
+        target = str((config.get("model") or {}).get("_target_", ""))
+        try:
+            stored = get_class(target)
+        except (HydraException, ImportError, ValueError) as err:
+            raise DiffSegError(
+                f"checkpoint {checkpoint_path}: its method {target!r} cannot be imported ({err})"
+            ) from None
+        if not (isinstance(stored, type) and issubclass(stored, cls)):
+            raise DiffSegError(
+                f"checkpoint {checkpoint_path} holds a {getattr(stored, '__name__', target)} ({target}), not a "
+                f"{cls.__name__}: load it with {getattr(stored, '__name__', target)}.load_from_checkpoint or "
+                "SegmentationMethod.load_from_checkpoint"
+            )
+        if sampler is None:
+            sampler = OmegaConf.create(config["sampler"])
+        module = module_from_checkpoint(checkpoint, sampler, **overrides)
+        return module.to(map_location) if map_location is not None else module

@@ -14,11 +14,14 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from diffseg_lightning.diffusion.gaussian import GaussianKernel
+from diffseg_lightning.diffusion.reverse import diffusion_loss
 from diffseg_lightning.features.extractor import DiffusionFeatureExtractor
 from diffseg_lightning.inference.sampler import DiffusionSampler, describe_samples
 from diffseg_lightning.methods.base import SegmentationMethod
 from diffseg_lightning.methods.segmentation import DiceBCELoss
 from diffseg_lightning.nets.dkm import group_by_block
+from diffseg_lightning.utils.checkpoints import read_torch_file, sub_state_dict
 from diffseg_lightning.utils.errors import ConfigError, DiffSegError
 
 __all__ = ["DKMModule", "concat_condition"]
@@ -128,15 +131,16 @@ class DKMModule(SegmentationMethod):
         mask_channels: int = 1,
         spacing: Sequence[float] | None = None,
         loss: nn.Module | None = None,
-        kernel: Any = None,
+        kernel: GaussianKernel | None = None,
         sampler: DiffusionSampler | None = None,
         compile: bool = False,
         channels_last: bool = False,
     ) -> None:
         super().__init__(optimizer, scheduler, mask_channels, spacing, compile, channels_last)
-        if kernel is None or not hasattr(kernel, "q_sample"):
+        if not isinstance(kernel, GaussianKernel):
             raise ConfigError(
-                "DKMModule needs the Gaussian noise kernel (noise=gaussian) for its diffusion module"
+                "DKMModule needs the Gaussian noise kernel (noise=gaussian) for its diffusion module, got "
+                f"{type(kernel).__name__}"
             )
         if isinstance(net, nn.Module):
             raise ConfigError(
@@ -210,27 +214,26 @@ class DKMModule(SegmentationMethod):
                 f"DKMModule: the batch has {post.shape[1]} post-contrast phases, model.post_channels is "
                 f"{self.post_channels}"
             )
-        t = self.kernel.sample_timesteps(post.shape[0], device=post.device)
-        x_t = self.kernel.q_sample(post, t)
-        out = concat_condition(self.ddpm, x_t, t, pre)
         expected = self.kernel.model_output_channels(self.post_channels)
-        if out.shape[1] != expected:
-            raise ConfigError(
-                f"DKMModule: the diffusion module outputs {out.shape[1]} channels; the kernel needs {expected}"
-            )
-        return self.kernel.loss(out.float(), post, x_t, t)
+
+        def denoise(x_t: Tensor, t: Tensor) -> Tensor:
+            out = concat_condition(self.ddpm, x_t, t, pre)
+            if out.shape[1] != expected:
+                raise ConfigError(
+                    f"DKMModule: the diffusion module outputs {out.shape[1]} channels; the kernel needs {expected}"
+                )
+            return out
+
+        return diffusion_loss(self.kernel, post, denoise).terms
 
     def load_ddpm(self, path: str | Path) -> None:
-        """Load the DM from a DKM checkpoint (``features.backbone.*``) or a plain denoiser state dict."""
-        path = Path(path)
-        if not path.is_file():
-            raise DiffSegError(f"model.ddpm_ckpt: {path} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        """Load the DM from a DKM checkpoint (``features.backbone.*``) or a plain denoiser state dict, read with
+        the project's checkpoint reader (:mod:`diffseg_lightning.utils.checkpoints`; messages start with
+        ``model.ddpm_ckpt``)."""
+        key = "model.ddpm_ckpt"
+        state = read_torch_file(path, key)
         if isinstance(state, dict) and "state_dict" in state:
-            prefix = "features.backbone."
-            state = {k[len(prefix) :]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
-            if not state:
-                raise DiffSegError(f"model.ddpm_ckpt: {path} is a checkpoint without DKM diffusion weights")
+            state = sub_state_dict(state, "features.backbone.", key, path)
         try:
             self.ddpm.load_state_dict(state)
         except RuntimeError as err:

@@ -16,51 +16,52 @@ from omegaconf import OmegaConf
 from torch import nn
 from torchmetrics.functional.classification import binary_auroc
 
+from diffseg_lightning.diffusion.gaussian import GaussianKernel
 from diffseg_lightning.features import DiffusionFeatureExtractor, FeatureCache, dataset_identity
 from diffseg_lightning.inference.sampler import DiffusionSampler, describe_samples
 from diffseg_lightning.methods.base import SegmentationMethod
 from diffseg_lightning.metrics.fairness import subgroup_report
 from diffseg_lightning.nets.pixel_mlp import PixelMLPEnsemble
+from diffseg_lightning.utils.checkpoints import load_checkpoint, sub_state_dict
 from diffseg_lightning.utils.errors import ConfigError, DiffSegError
+from diffseg_lightning.utils.moved_settings import split_moved_settings
 
 __all__ = ["FEDDModule", "classification_scores", "load_backbone"]
 
 
-def load_backbone(path: str | Path) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
+def load_backbone(path: str | Path) -> tuple[nn.Module, GaussianKernel, dict[str, Any]]:
     """The frozen network and kernel of a ``diffseg-train model=image_ddpm`` checkpoint.
 
-    The network is rebuilt from the config stored in the checkpoint (``model.net``) and loaded with the
-    checkpoint's ``net.*`` weights (the EMA weights when the run used the EMA callback); the kernel from
-    its ``noise`` config.
+    Read with the project's checkpoint reader (:func:`~diffseg_lightning.utils.checkpoints.load_checkpoint`,
+    its messages start with ``model.backbone_ckpt``). The network is rebuilt from the config stored in the
+    checkpoint (``model.net``) and loaded with the checkpoint's ``net.*`` weights (the EMA weights when the
+    run used the EMA callback); the kernel from its ``noise`` config (its forward process: the reverse-update
+    options of older checkpoints are dropped, :func:`~diffseg_lightning.utils.moved_settings.split_moved_settings`).
 
     Returns:
         ``(net, kernel, config)``: the network, the kernel and the checkpoint's resolved run config.
 
     Raises:
         DiffSegError: the file is missing or unreadable, or holds no network config / weights.
+        ConfigError: the checkpoint's kernel is not Gaussian.
     """
-    path = Path(path)
-    if not path.is_file():
+    key = "model.backbone_ckpt"
+    checkpoint = load_checkpoint(path, key=key)
+    config = checkpoint["diffseg_config"]
+    if "net" not in (config.get("model") or {}):
         raise DiffSegError(
-            f"model.backbone_ckpt: checkpoint {path} does not exist (train one with model=image_ddpm)"
-        )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises many types for a damaged file
-        raise DiffSegError(f"model.backbone_ckpt: {path} is not a readable checkpoint ({err})") from None
-    config = checkpoint.get("diffseg_config") if isinstance(checkpoint, dict) else None
-    if not config or "net" not in config.get("model", {}):
-        raise DiffSegError(
-            f"model.backbone_ckpt: {path} has no model.net in its stored config; give a checkpoint written by "
+            f"{key}: checkpoint {path} has no model.net in its stored config; give a checkpoint written by "
             "diffseg-train model=image_ddpm"
         )
     cfg = OmegaConf.create(config)
     net = instantiate(cfg.model.net)
-    weights = {k[len("net.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
-    if not weights:
-        raise DiffSegError(f"model.backbone_ckpt: {path} has no net.* weights in its state_dict")
-    net.load_state_dict(weights)
-    kernel = instantiate(cfg.noise)
+    net.load_state_dict(sub_state_dict(checkpoint, "net.", key))
+    kernel = instantiate(split_moved_settings(OmegaConf.to_container(cfg.noise, resolve=True)).noise)
+    if not isinstance(kernel, GaussianKernel):
+        raise ConfigError(
+            f"{key}: checkpoint {path} was trained with {type(kernel).__name__}; FEDD reads the features of a "
+            "Gaussian image DDPM (noise=gaussian)"
+        )
     return net, kernel, config
 
 
@@ -146,7 +147,8 @@ class FEDDModule(SegmentationMethod):
             resolution: F x H x W values per case (about 1 MB at 32 px with F = 240, 16 MB at 128 px).
         cache_dtype: ``float32`` (hits equal a recomputation) or ``float16`` (half the disk).
         noise_seed: seed of the fixed feature noise.
-        kernel: the kernel used without a checkpoint (``noise`` group).
+        kernel: the Gaussian kernel used without a checkpoint (``noise`` group), or None (features of the
+            un-noised image).
         sampler: inference recipe; ``fusion``, ``threshold`` and ``parallel`` apply (S = ``num_classifiers``).
         scheduler: a partial LR scheduler, or None.
         mask_channels: C, mask channels (one sigmoid output per channel and member).
@@ -174,7 +176,7 @@ class FEDDModule(SegmentationMethod):
         feature_cache: str | None = None,
         cache_dtype: str = "float32",
         noise_seed: int = 0,
-        kernel: nn.Module | None = None,
+        kernel: GaussianKernel | None = None,
         sampler: DiffusionSampler | None = None,
         scheduler: Callable[..., Any] | None = None,
         mask_channels: int = 1,
@@ -189,6 +191,11 @@ class FEDDModule(SegmentationMethod):
         if self.backbone_ckpt is not None:
             backbone, kernel, _ = load_backbone(self.backbone_ckpt)
         else:
+            if kernel is not None and not isinstance(kernel, GaussianKernel):
+                raise ConfigError(
+                    f"FEDD noises the backbone's input with a Gaussian kernel (noise=gaussian), got "
+                    f"{type(kernel).__name__}"
+                )
             if backbone is None:
                 raise ConfigError(
                     "FEDD needs model.backbone_ckpt (a pretrained image_ddpm) or a model.backbone"

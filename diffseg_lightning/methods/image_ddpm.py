@@ -10,6 +10,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
+from diffseg_lightning.diffusion.base import NoiseKernel
+from diffseg_lightning.diffusion.gaussian import GaussianKernel
+from diffseg_lightning.diffusion.reverse import diffusion_loss
 from diffseg_lightning.exceptions import ConfigError, DiffSegError
 from diffseg_lightning.methods.base import SegmentationMethod
 
@@ -23,11 +26,12 @@ class ImageDiffusionModule(SegmentationMethod):
     Baranchuk et al. (ICLR 2022): an unconditional DDPM learns the training images; its frozen features
     are then read by :class:`~diffseg_lightning.features.DiffusionFeatureExtractor`. The network is MONAI's
     :class:`monai.networks.nets.DiffusionModelUNet` by default (``conf/model/image_ddpm.yaml``), the
-    kernel our :class:`~diffseg_lightning.diffusion.gaussian.GaussianKernel` (``noise`` group; the
-    objective is the kernel's, epsilon in the FEDD configs).
+    kernel the ``noise`` group's (:class:`~diffseg_lightning.diffusion.gaussian.GaussianKernel` in every
+    config; the objective is the kernel's, epsilon in the FEDD configs).
 
     Training: ``x0 = batch[target_key]`` (the z-scored image by default; no mask is read),
-    ``t ~ U[0, T)``, ``x_t = q_sample(x0, t)``, loss ``kernel.loss(net(x_t, t), x0, x_t, t)``. Options
+    ``t ~ U[0, T)``, ``x_t = q_sample(x0, t)``, loss ``kernel.loss(net(x_t, t), x0, x_t, t)``
+    (:func:`~diffseg_lightning.diffusion.reverse.diffusion_loss`). Options
     that other methods need (kept general, off by default):
 
     - class conditioning: with ``class_key`` (e.g. ``label``) the batch's int64 class ids go to the
@@ -36,8 +40,10 @@ class ImageDiffusionModule(SegmentationMethod):
       ``x_t`` along channels (the network's ``in_channels`` = C_target + C_c), e.g. a pre-contrast
       image conditioning a post-contrast target (the Diffusion Kinetic Model).
 
-    Evaluation (validation, test, ``diffseg-eval``): there is no segmentation, so no Dice. Each case is
-    scored by its denoising loss, the kernel's ``mse`` averaged over ``eval_timesteps`` evenly spaced
+    Evaluation (validation, test, ``diffseg-eval``): there is no segmentation, so no Dice, and nothing is
+    sampled, so the module takes no sampler (the ``sampler`` group is not built). Each case is
+    scored by its denoising loss, the kernel's ``mse`` (its ``loss`` for a kernel without an ``mse`` term)
+    averaged over ``eval_timesteps`` evenly spaced
     timesteps ``round(linspace(0, T - 1, K))`` with fixed noise (drawn once from ``eval_seed`` and shared
     by every case, so the number is deterministic and comparable across checkpoints); all K timesteps
     run in one batched pass. ``summary.json`` holds ``metric_per_case`` rows with ``loss`` and its mean.
@@ -47,10 +53,9 @@ class ImageDiffusionModule(SegmentationMethod):
 
     Args:
         net: ``net(x, t, class_labels=...)`` -> (B, C_target, H, W) (or 2 C_target with learned variance).
-        kernel: the Gaussian kernel (``noise`` group).
+        kernel: the noise kernel (``noise`` group).
         optimizer: a partial optimiser, called with the parameters.
         scheduler: a partial LR scheduler, called with ``(optimizer, total_steps=...)``, or None.
-        sampler: accepted and ignored (no sampling is evaluated; see ``inference_settings``).
         target_key: the batch key of the images to learn.
         condition_key: a batch key concatenated to ``x_t`` as a condition, or None.
         class_key: a batch key of int64 class ids passed as ``class_labels``, or None.
@@ -72,10 +77,9 @@ class ImageDiffusionModule(SegmentationMethod):
     def __init__(
         self,
         net: nn.Module,
-        kernel: nn.Module,
+        kernel: NoiseKernel,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
-        sampler: Any = None,
         target_key: str = "image",
         condition_key: str | None = None,
         class_key: str | None = None,
@@ -87,7 +91,11 @@ class ImageDiffusionModule(SegmentationMethod):
         channels_last: bool = False,
     ) -> None:
         super().__init__(optimizer, scheduler, mask_channels, spacing, compile, channels_last)
-        del sampler  # nothing is sampled in evaluation (documented above)
+        if not isinstance(kernel, NoiseKernel):
+            raise ConfigError(
+                f"ImageDiffusionModule needs a noise kernel (the noise group, e.g. noise=gaussian), got "
+                f"{type(kernel).__name__}"
+            )
         if int(eval_timesteps) < 1:
             raise ConfigError(f"eval_timesteps must be >= 1, got {eval_timesteps}")
         self.net = net
@@ -142,9 +150,7 @@ class ImageDiffusionModule(SegmentationMethod):
     # ----------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x0, condition, labels = self._inputs(batch)
-        t = self.kernel.sample_timesteps(x0.shape[0], device=x0.device)
-        x_t = self.kernel.q_sample(x0, t)
-        losses = self.kernel.loss(self(x_t, t, condition, labels).float(), x0, x_t, t)
+        losses = diffusion_loss(self.kernel, x0, lambda x_t, t: self(x_t, t, condition, labels)).terms
         self.check_loss(losses["loss"], batch_idx)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=x0.shape[0])
         return losses["loss"]
@@ -152,8 +158,9 @@ class ImageDiffusionModule(SegmentationMethod):
     # --------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def denoising_loss(self, batch: dict) -> torch.Tensor:
-        """Per-case denoising loss (B,): the kernel's ``mse`` averaged over the evaluation timesteps,
-        all of them in one (K B)-batched pass, with the fixed evaluation noise."""
+        """Per-case denoising loss (B,): the kernel's ``mse`` (else its ``loss``) averaged over the evaluation
+        timesteps, all of them in one (K B)-batched pass, with the fixed evaluation noise. The kernel's loss
+        averages over its batch, so it is computed per (timestep, case) slice of the one network pass."""
         x0, condition, labels = self._inputs(batch)
         B, K = x0.shape[0], len(self.eval_timesteps)
         generator = torch.Generator().manual_seed(self.eval_seed)
@@ -165,10 +172,19 @@ class ImageDiffusionModule(SegmentationMethod):
         cond_k = condition.repeat(K, 1, 1, 1) if condition is not None else None
         labels_k = labels.repeat(K) if labels is not None else None
         out = self(x_t, t, cond_k, labels_k).float()
-        prediction = out[:, : x0.shape[1]]  # the mean part when the variance is learned
-        target = noise if self.kernel.objective == "epsilon" else x0_k
-        per_item = (prediction - target).square().flatten(1).mean(1)  # (K B,)
+        per_item = torch.stack(
+            [
+                self._score(self.kernel.loss(out[i : i + 1], x0_k[i : i + 1], x_t[i : i + 1], t[i : i + 1]))
+                for i in range(K * B)
+            ]
+        )  # (K B,)
         return per_item.reshape(K, B).mean(0)
+
+    @staticmethod
+    def _score(terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The evaluation score of one slice's loss terms: ``mse`` (the denoising error of the mean part,
+        without a learned variance's ``vlb``), else ``loss``."""
+        return terms.get("mse", terms["loss"])
 
     def _evaluate_batch(self, batch: dict, batch_idx: int) -> None:
         start = time.perf_counter()
@@ -190,7 +206,7 @@ class ImageDiffusionModule(SegmentationMethod):
             "parallel": "data",
             "deterministic": True,
             "evaluation": "denoising_loss",
-            "objective": getattr(self.kernel, "objective", None),
+            "objective": self.kernel.objective if isinstance(self.kernel, GaussianKernel) else None,
             "eval_timesteps": list(self.eval_timesteps),
         }
 

@@ -13,6 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffseg_lightning.diffusion.base import NoiseKernel
+from diffseg_lightning.diffusion.reverse import diffusion_loss
+from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.inference.sampler import DiffusionSampler
 from diffseg_lightning.methods.base import SegmentationMethod
 
@@ -21,7 +24,7 @@ class MaskDiffusionModule(SegmentationMethod):
     """Train a denoiser on masks with a noise kernel; sample, fuse and score S masks per image.
 
     Training: x_0 is the (kernel-encoded) mask, t ~ U[0, T), x_t ~ q(x_t | x_0), and the loss is the
-    kernel's (``kernel.loss``). With several annotators per image (``batch["masks"]`` with A > 1 and a
+    kernel's (``kernel.loss``; :func:`~diffseg_lightning.diffusion.reverse.diffusion_loss`). With several annotators per image (``batch["masks"]`` with A > 1 and a
     one-channel mask), each training step draws one annotator per image, as the LIDC literature does.
 
     Validation and test: the sampler draws S samples per image in one batched pass per step, fuses
@@ -34,7 +37,8 @@ class MaskDiffusionModule(SegmentationMethod):
 
     Args:
         denoiser: ``forward(x_t, t, cond)`` with ``cond = denoiser.encode_condition(image)``.
-        kernel: a noise kernel (see ``shared/DESIGN.md``).
+        kernel: a noise kernel (the contract: :class:`~diffseg_lightning.diffusion.base.NoiseKernel` and
+            ``docs/architecture.md``).
         sampler: the inference recipe.
         optimizer: a partial optimiser, called with the parameters.
         scheduler: a partial LR scheduler, called with ``(optimizer, total_steps=...)``, or None.
@@ -49,7 +53,7 @@ class MaskDiffusionModule(SegmentationMethod):
     def __init__(
         self,
         denoiser: nn.Module,
-        kernel: nn.Module,
+        kernel: NoiseKernel,
         sampler: DiffusionSampler,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
@@ -59,6 +63,15 @@ class MaskDiffusionModule(SegmentationMethod):
         channels_last: bool = False,
     ) -> None:
         super().__init__(optimizer, scheduler, mask_channels, spacing, compile, channels_last)
+        if not isinstance(kernel, NoiseKernel):
+            raise ConfigError(
+                f"MaskDiffusionModule needs a noise kernel (noise=gaussian or noise=bernoulli), got "
+                f"{type(kernel).__name__}"
+            )
+        if not isinstance(sampler, DiffusionSampler):
+            raise ConfigError(
+                f"MaskDiffusionModule needs a DiffusionSampler (the sampler group), got {type(sampler).__name__}"
+            )
         self.denoiser = denoiser
         self.kernel = kernel
         self.sampler = sampler
@@ -76,10 +89,16 @@ class MaskDiffusionModule(SegmentationMethod):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         target = self.training_target(batch).float()
         x0 = self.kernel.encode_mask(target)
-        t = self.kernel.sample_timesteps(x0.shape[0], device=x0.device)
-        x_t = self.to_memory_format(self.kernel.q_sample(x0, t))
-        cond = self.denoiser.encode_condition(self.to_memory_format(batch["image"]))
-        losses = self.kernel.loss(self.denoiser(x_t, t, cond).float(), x0, x_t, t)
+        image = self.to_memory_format(batch["image"])
+        bound: dict[str, Any] = {}
+
+        def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            # the condition is encoded after t and x_t are drawn, so the random draws keep their order
+            bound["cond"] = self.denoiser.encode_condition(image)
+            return self.denoiser(self.to_memory_format(x_t), t, bound["cond"])
+
+        losses = diffusion_loss(self.kernel, x0, denoise).terms
+        cond = bound["cond"]
         auxiliary = getattr(self.denoiser, "auxiliary_loss", None)  # a denoiser's own terms (MedSegDiff-V2)
         if auxiliary is not None:
             extra = auxiliary(cond, target, self.global_step)

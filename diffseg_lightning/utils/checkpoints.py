@@ -18,7 +18,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from diffseg_lightning.exceptions import DiffSegError
 
-__all__ = ["RENAMED_TARGETS", "LoadedCheckpoint", "load_checkpoint", "read_torch_file", "sub_state_dict"]
+__all__ = [
+    "RENAMED_TARGETS",
+    "LoadedCheckpoint",
+    "load_checkpoint",
+    "read_torch_file",
+    "sub_state_dict",
+]
 
 #: Classes renamed since checkpoints were first written: ``old _target_ -> new _target_``. A checkpoint's
 #: stored config (``checkpoint["diffseg_config"]``) naming an old one is mapped on reading, with one warning.
@@ -121,16 +127,21 @@ def load_checkpoint(path: str | Path, predict: bool = False, key: str | None = N
 
 
 def sub_state_dict(
-    checkpoint: dict[str, Any], prefix: str, key: str | None = None
+    checkpoint: dict[str, Any], prefix: str, key: str | None = None, path: str | Path | None = None
 ) -> dict[str, torch.Tensor]:
     """The weights of one submodule: ``checkpoint["state_dict"]`` entries under ``prefix`` (e.g. ``"net."``),
     with the prefix removed.
+
+    Args:
+        checkpoint: a Lightning checkpoint (a dict with ``state_dict``).
+        prefix: the submodule's attribute path and a dot.
+        key, path: the config key and the file, for the message (``path`` defaults to ``checkpoint.path``).
 
     Raises:
         DiffSegError: when the checkpoint holds no weights under ``prefix``.
     """
     weights = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     if not weights:
-        path = getattr(checkpoint, "path", "(in memory)")
-        raise DiffSegError(f"{_where(Path(str(path)), key)} has no {prefix}* weights in its state_dict")
+        path = Path(path if path is not None else getattr(checkpoint, "path", "(in memory)"))
+        raise DiffSegError(f"{_where(path, key)} has no {prefix}* weights in its state_dict")
     return weights
