@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from pathlib import Path
 from typing import Any
@@ -11,13 +12,14 @@ from typing import Any
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from diffseg_lightning.inference.sampler import DiffusionSampler
 from diffseg_lightning.utils.checkpoints import RENAMED_TARGETS as RENAMED_TARGETS  # re-exported
 from diffseg_lightning.utils.checkpoints import LoadedCheckpoint as LoadedCheckpoint
 from diffseg_lightning.utils.checkpoints import load_checkpoint as load_checkpoint
 from diffseg_lightning.utils.errors import DiffSegError
+from diffseg_lightning.utils.moved_settings import MOVED_KEYS, split_moved_settings, with_stored_solver
 
 
 def accepted_parameters(cls: type) -> set[str]:
@@ -73,11 +75,6 @@ def build_all(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
 
 
-#: Kernel settings that only change how a trained model is sampled; ``noise.<key>=...`` on the command line
-#: of ``diffseg-eval`` / ``diffseg-predict`` overrides them. Anything else (T, schedule, objective) would
-#: change what the network was trained to predict.
-SAMPLING_KEYS = ("sampling", "eta", "clip_x0")
-
 #: Kernel settings that define what the network is trained to predict (its target and the noise levels
 #: of the timesteps it sees). A resumed run must keep them: see :func:`check_resume`.
 PREDICTION_KEYS = (
@@ -94,44 +91,39 @@ PREDICTION_KEYS = (
 NON_ARCHITECTURE_KEYS = ("optimizer", "scheduler", "compile", "channels_last")
 
 
-def inference_noise_config(trained: DictConfig, overrides: DictConfig | dict | None) -> DictConfig:
-    """The checkpoint's kernel config with the inference-time ``overrides`` (keys of :data:`SAMPLING_KEYS`;
-    a null value keeps the trained setting).
-
-    Raises:
-        DiffSegError: when an override is not a sampling setting, or the trained kernel has no such key.
-    """
-    overrides = {k: v for k, v in dict(overrides or {}).items() if v is not None}  # null: as trained
-    if not overrides:
-        return trained
-    for key in overrides:
-        if key not in SAMPLING_KEYS:
-            raise DiffSegError(
-                f"noise.{key} cannot change at inference: it is part of what the network was trained on; "
-                f"only {list(SAMPLING_KEYS)} can (e.g. noise.sampling=dpmpp_2m)"
-            )
-        if key not in trained:
-            raise DiffSegError(
-                f"noise.{key}: the checkpoint's kernel ({trained.get('_target_')}) has no such setting"
-            )
-    merged = trained.copy()
-    with open_dict(merged):
-        merged.merge_with(overrides)
-    return merged
-
-
 def module_from_checkpoint(
     checkpoint: dict[str, Any],
     sampler_cfg: DictConfig | DiffusionSampler | None,
-    noise_overrides: DictConfig | dict | None = None,
     **model_overrides: Any,
 ) -> L.LightningModule:
-    """Rebuild the trained module from the config stored in its checkpoint, with a new sampler and,
-    optionally, new kernel sampling settings (:func:`inference_noise_config`); ``model_overrides`` replace
-    constructor arguments of the stored ``model`` config (:func:`build_module`)."""
+    """Rebuild the trained module from the config stored in its checkpoint, with a new sampler;
+    ``model_overrides`` replace constructor arguments of the stored ``model`` config (:func:`build_module`).
+
+    A checkpoint written before the solvers were split off from the kernels stores its reverse update in
+    ``noise.sampling`` / ``noise.eta`` / ``noise.clip_x0`` (``noise.binarize_final``): that solver is used, with
+    one warning, when the sampler has none of its own (``sampler.solver: null``, e.g. ``sampler=default``);
+    ``sampler=ddim|ddpm|...`` wins (:func:`~diffseg_lightning.utils.moved_settings.with_stored_solver`).
+    """
     run_cfg = OmegaConf.create(checkpoint["diffseg_config"])
-    noise_cfg = inference_noise_config(run_cfg.noise, noise_overrides)
-    module = build_module(run_cfg.model, noise_cfg, sampler_cfg, **model_overrides)
+    stored = OmegaConf.to_container(run_cfg.noise, resolve=True)
+    if isinstance(sampler_cfg, DiffusionSampler):  # built: the same rule as for a config
+        moved = split_moved_settings(stored)
+        noise, moved = moved.noise, moved if moved.solver is not None and sampler_cfg.solver is None else None
+        if moved is not None:
+            sampler_cfg = dataclasses.replace(sampler_cfg, solver=instantiate(moved.solver))
+    else:
+        plain = OmegaConf.to_container(sampler_cfg, resolve=True) if sampler_cfg is not None else None
+        noise, plain, moved = with_stored_solver(stored, plain)
+        if moved is not None:
+            sampler_cfg = OmegaConf.create(plain)
+    if moved is not None:
+        path = getattr(checkpoint, "path", "(in memory)")
+        rank_zero_warn(
+            f"checkpoint {path}: {moved.old} is now {moved.new} (solver settings moved out of the noise kernel); "
+            "using it",
+            category=FutureWarning,
+        )
+    module = build_module(run_cfg.model, OmegaConf.create(noise), sampler_cfg, **model_overrides)
     check_weights(module, checkpoint, "the model its own config builds (written by another version?)")
     module.load_state_dict(checkpoint["state_dict"])
     module.run_config = checkpoint["diffseg_config"]
@@ -214,7 +206,8 @@ def check_resume(checkpoint: dict[str, Any], cfg: DictConfig) -> None:
     checkpoint's is an error, not a warning: the weights, the EMA and the optimiser's moments were fitted to
     the old target, so the resumed run would match neither configuration while its ``config.yaml`` claimed
     the new one, and a warning scrolls away in the training log. Other kernel settings (loss weights) may
-    change, with a warning naming them; the sampling settings (:data:`SAMPLING_KEYS`) change silently.
+    change, with a warning naming them; the kernel options of old checkpoints that are solver options now
+    (:data:`~diffseg_lightning.utils.moved_settings.MOVED_KEYS`) are left out.
 
     Raises:
         DiffSegError: naming the checkpoint, each changed setting and its old and new value.
@@ -236,7 +229,7 @@ def check_resume(checkpoint: dict[str, Any], cfg: DictConfig) -> None:
             f"cannot resume from checkpoint {path}: {_describe(fatal)}; that changes what the network predicts "
             f"(resume with {fix}, or train from scratch without ckpt_path)"
         )
-    warned = [d for d in noise if d[0].split(".")[1] not in (*PREDICTION_KEYS, *SAMPLING_KEYS)]
+    warned = [d for d in noise if d[0].split(".")[1] not in (*PREDICTION_KEYS, *MOVED_KEYS)]
     if warned:
         rank_zero_warn(
             f"resuming checkpoint {path} with changed loss settings: {_describe(warned, len(warned))}"

@@ -40,7 +40,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if data_cfg.get("test") is None:
         raise DiffSegError(f"the data config has no {cfg.split} split to evaluate")
     datamodule = instantiate(data_cfg)
-    module = module_from_checkpoint(checkpoint, cfg.sampler, cfg.get("noise"))
+    module = module_from_checkpoint(checkpoint, cfg.sampler)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         # sample-parallel: every process sees every image and draws its share of the S samples

@@ -110,7 +110,7 @@ def predict(cfg: DictConfig) -> dict[str, list]:
     dataset: ImageFolder = datamodule.datasets["predict"]
     for path, reason in dataset.skipped:
         _warn("skipping %s: %s", path, reason)
-    module = module_from_checkpoint(checkpoint, cfg.sampler, cfg.get("noise"))
+    module = module_from_checkpoint(checkpoint, cfg.sampler)
     writer = MaskWriter(cfg.output_dir, threshold=cfg.sampler.threshold, overlay=cfg.overlay)
     callbacks = [writer, RichProgressBar()] if cfg.progress_bar else [writer]
     trainer: L.Trainer = instantiate(

@@ -101,7 +101,7 @@ def compose_run(overrides: list[str], output_dir: Path):
 
 def test_without_clip(ckpt: Path, cfg) -> dict:
     """The best checkpoint on the same test split with the diffusion head alone (clip_fusion off)."""
-    module = module_from_checkpoint(load_checkpoint(ckpt), cfg.sampler, None)
+    module = module_from_checkpoint(load_checkpoint(ckpt), cfg.sampler)
     module.clip_fusion = False
     datamodule = instantiate(cfg.data)
     trainer = L.Trainer(

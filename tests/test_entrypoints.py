@@ -99,9 +99,9 @@ def ddim_summary(trained_run, tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("update", ["ddpm", "dpmpp_2m"])
 def test_eval_resamples_the_trained_kernel_with_another_update(trained_run, ddim_summary, tmp_path, update):
-    """noise.sampling=... at eval changes only the reverse update: the trained kernel's T, schedule and
+    """sampler=<solver> at eval changes only the reverse update: the trained kernel's T, schedule and
     objective are kept, and summary.json says which update ran."""
-    evaluate(compose_config("eval", [*resample_overrides(trained_run), f"noise.sampling={update}"], tmp_path))
+    evaluate(compose_config("eval", [*resample_overrides(trained_run), f"sampler={update}"], tmp_path))
     other, ddim = json.loads((tmp_path / "summary.json").read_text()), ddim_summary
     assert other["sampler"]["update"] == update and ddim["sampler"]["update"] == "ddim"
     probs = [[r["mean_std"] for r in s["metric_per_case"]] for s in (other, ddim)]

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from diffseg_lightning.exceptions import ConfigError, DiffSegError, NonFiniteLossError
+from diffseg_lightning.utils.moved_settings import MOVED_KEYS, moved_setting_message
 
 __all__ = ["USER_ERRORS", "ConfigError", "DiffSegError", "NonFiniteLossError", "run_cli", "user_errors"]
 
@@ -131,7 +132,7 @@ def setup_error(err: BaseException) -> str | None:
     if isinstance(err, OverrideParseException):
         return override_hint(sys.argv[1:]) or str(err)
     if isinstance(err, HydraException | OmegaConfBaseException):
-        return str(err)
+        return moved_setting_hint(str(err), sys.argv[1:]) or str(err)
     os_error: BaseException | None = err
     while os_error is not None and not isinstance(os_error, OSError):  # logging wraps it in a ValueError
         os_error = os_error.__cause__ or os_error.__context__
@@ -140,6 +141,17 @@ def setup_error(err: BaseException) -> str | None:
             f"cannot write the run directory: {os_error.strerror}: {os_error.filename} "
             "(it is hydra.run.dir, under paths.log_dir or $DIFFSEG_LOG_DIR: choose a writable folder)"
         )
+    return None
+
+
+def moved_setting_hint(message: str, arguments: list[str]) -> str | None:
+    """For Hydra's "Could not override 'noise.sampling'" (no ``noise`` node: ``diffseg-eval``): where the old
+    kernel option went (:func:`~diffseg_lightning.utils.moved_settings.moved_setting_message`); else None."""
+    for argument in arguments:
+        key, _, value = argument.lstrip("+~").partition("=")
+        name = key.removeprefix("noise.")
+        if name != key and name in MOVED_KEYS and f"'{key}'" in message:
+            return moved_setting_message(name, value)
     return None
 
 

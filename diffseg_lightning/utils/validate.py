@@ -9,7 +9,7 @@
   for ``_partial_`` targets), each of a type its annotation accepts; for the ``data`` node the rule of
   :func:`data_keys` instead (its DataModule takes the dataset-level keys the split factories read);
 - a noise kernel and a sampler that construct (their constructors check their own settings) and agree:
-  ``sampler.num_steps`` in ``[1, T]``, the evolution fusion only with a learned variance;
+  a solver of that kernel, ``sampler.num_steps`` in ``[1, T]``, the evolution fusion only with a learned variance;
 - trainer settings Lightning's ``Trainer`` accepts (it is constructed once, without callbacks or logger).
 
 Every failure is a :class:`~diffseg_lightning.exceptions.ConfigError` that names the key.
@@ -41,6 +41,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from diffseg_lightning.exceptions import ConfigError, DiffSegError
+from diffseg_lightning.utils.moved_settings import MOVED_KEYS, moved_setting_message, with_stored_solver
 
 __all__ = ["check_inference", "check_writable", "data_keys", "validate_config"]
 
@@ -90,21 +91,32 @@ def validate_config(cfg: DictConfig, sampling: bool = True, unused: Collection[s
 
 
 def check_inference(cfg: DictConfig, trained: Mapping[str, Any]) -> None:
-    """Check ``cfg.sampler`` (and ``cfg.noise``'s sampling overrides) against the kernel of the checkpoint
-    whose stored config is ``trained``: what ``diffseg-eval``, ``-predict`` and ``-synthesize`` sample with.
+    """Check ``cfg.sampler`` against the kernel of the checkpoint whose stored config is ``trained``: what
+    ``diffseg-eval``, ``-predict`` and ``-synthesize`` sample with.
+
+    The kernel is the trained one: a ``noise`` node on the command line of ``diffseg-eval`` / ``-predict``
+    (``+noise.objective=x0``) is refused. The solver is the sampler's, or, for ``sampler.solver: null``, the
+    one an old checkpoint stored in its kernel options (:func:`~diffseg_lightning.utils.moved_settings.with_stored_solver`).
 
     Raises:
-        ConfigError: as :func:`check_sampling`, or an override that is not a sampling setting.
+        ConfigError: as :func:`check_sampling`, or a ``noise.<key>`` given for a checkpoint's kernel.
     """
-    from diffseg_lightning.entry import inference_noise_config  # entry imports torch and Lightning
-
     with _config_errors():
+        given = cfg.get("noise")
+        if isinstance(given, DictConfig) and not _has_target(given) and len(given):  # eval / predict
+            key = str(next(iter(given)))
+            if key in MOVED_KEYS:
+                raise ConfigError(moved_setting_message(key, given[key]))
+            raise ConfigError(
+                f"noise.{key} cannot change at inference: the kernel is the checkpoint's, as it was trained "
+                f"(the reverse update is the sampler's: sampler=ddim|ddpm|dpmpp_2m|bernoulli)"
+            )
         if not _has_target(cfg.get("sampler")):
             return
-        noise = OmegaConf.create(dict(trained["noise"]))
-        if not _has_target(cfg.get("noise")):  # eval / predict: sampling overrides of the trained kernel
-            noise = inference_noise_config(noise, cfg.get("noise"))
-        check_sampling(noise, cfg.sampler, "the checkpoint's")
+        noise, sampler, _ = with_stored_solver(
+            dict(trained["noise"]), OmegaConf.to_container(cfg.sampler, resolve=True)
+        )
+        check_sampling(OmegaConf.create(noise), OmegaConf.create(sampler), "the checkpoint's")
 
 
 @contextlib.contextmanager
@@ -220,7 +232,8 @@ def check_node(path: str, node: DictConfig, referenced: set[str] | None = None) 
         valid = set(named)
     unknown = [k for k in keys if k not in valid]
     if unknown:
-        raise ConfigError(_unknown_message(path, name, unknown, valid))
+        moved = _moved_solver_message(path, name, unknown[0], node[unknown[0]])
+        raise ConfigError(moved or _unknown_message(path, name, unknown, valid))
     hints = _type_hints(target)
     for key in keys:
         if key in hints and key in named:
@@ -258,6 +271,13 @@ def data_references(cfg: DictConfig) -> set[str]:
 
     scan(OmegaConf.to_container(cfg, resolve=False))
     return found
+
+
+def _moved_solver_message(path: str, target: str, key: str, value: Any) -> str | None:
+    """Where an old solver option of a noise kernel went (``noise.sampling=ddpm`` is now ``sampler=ddpm``:
+    :func:`~diffseg_lightning.utils.moved_settings.moved_setting_message`); None for any other unknown key."""
+    kernel = path == "noise" or target.endswith(("GaussianKernel", "BernoulliKernel"))
+    return moved_setting_message(key, value) if kernel and key in MOVED_KEYS else None
 
 
 def _unknown_message(path: str, target: str, unknown: list[str], valid: set[str]) -> str:
@@ -391,12 +411,16 @@ def check_sampling(noise: DictConfig, sampler: DictConfig, whose: str | None = N
         whose: ``"the checkpoint's"`` when the kernel is the trained one (for the message).
 
     Raises:
-        ConfigError: ``sampler.num_steps`` outside ``[1, T]``; the evolution fusion without a learned
-            variance; any check of the two constructors.
+        ConfigError: a solver that does not fit the kernel (``noise=bernoulli sampler=ddim``);
+            ``sampler.num_steps`` outside ``[1, T]``; the evolution fusion without a learned variance; any
+            check of the two constructors.
     """
     from diffseg_lightning.inference.fusion import Fusion, check_learned_variance
 
     kernel, recipe = _build(noise), _build(sampler)
+    resolve = getattr(recipe, "resolve_solver", None)
+    if resolve is not None:
+        resolve(kernel)  # a solver of another kernel: ConfigError naming both and the sampler= to use
     steps, T = getattr(recipe, "num_steps", None), getattr(kernel, "num_train_timesteps", None)
     if steps is None or T is None:
         return
