@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,8 @@ from PIL import Image
 
 from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.io.files import file_stem, is_nifti
-from diffseg_lightning.io.images import read_image
-from diffseg_lightning.io.volumes import read_nifti_item
+from diffseg_lightning.io.images import png_writer, read_image
+from diffseg_lightning.io.volumes import nifti_writer, read_nifti_item
 from diffseg_lightning.utils.atomic import atomic_write
 
 log = logging.getLogger(__name__)
@@ -139,26 +138,6 @@ class ImagePanelLogger(L.Callback):
                 logger.experiment.add_image("val/panel", grid, trainer.global_step, dataformats="HW")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         Image.fromarray(grid).save(self.output_dir / f"val_step{trainer.global_step:07d}.png")
-
-
-def _png_writer(array: np.ndarray) -> Callable[[Path], None]:
-    return lambda tmp: Image.fromarray(array).save(tmp, format="PNG")
-
-
-def _nifti_writer(
-    source: nib.spatialimages.SpatialImage, data: np.ndarray, dtype: type
-) -> Callable[[Path], None]:
-    """A NIfTI like ``source`` (its class, affine and header: spacing, orientation codes) holding ``data``.
-
-    ``data`` is (H, W) or (H, W, D); a trailing axis of 1 stands in for the source's channel axis, so
-    the source's shape and zooms are kept.
-    """
-    data = data.reshape(*data.shape, *(1,) * (len(source.shape) - data.ndim)).astype(dtype)
-    header = source.header.copy()
-    header.set_data_dtype(dtype)
-    header["cal_min"], header["cal_max"] = 0, 0  # the source's display range means nothing here
-    image = type(source)(data, source.affine, header)
-    return lambda tmp: nib.save(image, tmp)
 
 
 def _as_uint8(x: np.ndarray) -> np.ndarray:
@@ -303,7 +282,7 @@ class MaskWriter(BasePredictionWriter):
             if array.min() < 0 or array.max() > np.iinfo(np.uint16).max:
                 raise ConfigError(f"{case}: the {key} map holds labels outside 0..65535")
             atomic_write(
-                self.output_dir / f"{file_stem(case)}_{key}.png", _png_writer(array.astype(np.uint16))
+                self.output_dir / f"{file_stem(case)}_{key}.png", png_writer(array.astype(np.uint16))
             )
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -324,20 +303,20 @@ class MaskWriter(BasePredictionWriter):
         if is_nifti(case):
             source = nib.load(case)
             files = {
-                "mask": _nifti_writer(source, mask, np.uint8),
-                "prob": _nifti_writer(source, prob, np.float32),
-                "uncertainty": _nifti_writer(source, uncertainty, np.float32),
+                "mask": nifti_writer(source, mask, np.uint8),
+                "prob": nifti_writer(source, prob, np.float32),
+                "uncertainty": nifti_writer(source, uncertainty, np.float32),
             }
             files = {f"{stem}_{k}.nii.gz": v for k, v in files.items()}
         else:
             files = {
-                f"{stem}_{k}.png": _png_writer(_as_uint8(v))
+                f"{stem}_{k}.png": png_writer(_as_uint8(v))
                 for k, v in (("mask", mask), ("prob", prob), ("uncertainty", uncertainty))
             }
         if self.overlay:
             middle = prob.shape[2] // 2 if prob.ndim == 3 else -1
             image = read_nifti_item(Path(case), middle) if is_nifti(case) else read_image(Path(case))
-            files[f"{stem}_overlay.png"] = _png_writer(
+            files[f"{stem}_overlay.png"] = png_writer(
                 overlay_image(image, mask if middle < 0 else mask[..., middle])
             )
         for name, write in files.items():

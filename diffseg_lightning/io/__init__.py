@@ -1,6 +1,6 @@
 """Reading files as arrays, below the datasets: file names and listings (:mod:`~diffseg_lightning.io.files`),
 2D images, label maps and mask files (:mod:`~diffseg_lightning.io.images`), NIfTI volumes
-(:mod:`~diffseg_lightning.io.volumes`). Every error names the file. This package imports nothing of
+(:mod:`~diffseg_lightning.io.volumes`), and writers of PNG and NIfTI outputs. Every error names the file. This package imports nothing of
 ``diffseg_lightning`` but :mod:`~diffseg_lightning.exceptions`."""
 
 from diffseg_lightning.io.files import (
@@ -14,6 +14,7 @@ from diffseg_lightning.io.files import (
 )
 from diffseg_lightning.io.images import (
     channels_first,
+    png_writer,
     read_grey,
     read_image,
     read_label_map,
@@ -24,6 +25,7 @@ from diffseg_lightning.io.volumes import (
     check_same_grid,
     load_nifti,
     nifti_layout,
+    nifti_writer,
     read_nifti_array,
     read_nifti_data,
     read_nifti_item,
@@ -40,6 +42,8 @@ __all__ = [
     "list_images",
     "load_nifti",
     "nifti_layout",
+    "nifti_writer",
+    "png_writer",
     "read_grey",
     "read_image",
     "read_label_map",

@@ -1,5 +1,5 @@
 """2D image files as arrays: images (float32, channels first), label maps and grey label images as stored,
-and mask files with their stored values; every error is one line naming the file.
+and mask files with their stored values; every error is one line naming the file. And a PNG writer.
 
 Which stored mask values mean foreground is not decided here: that rule (``data.foreground``) is
 :mod:`~diffseg_lightning.data.masks`'s, applied to what :func:`read_mask_file` returns.
@@ -7,6 +7,7 @@ Which stored mask values mean foreground is not decided here: that rule (``data.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -137,11 +138,18 @@ def read_mask_file(path: Path) -> tuple[np.ndarray, bool]:
     return values, lossy
 
 
+def png_writer(array: np.ndarray) -> Callable[[Path], None]:
+    """A writer of ``array`` (H, W) or (H, W, 3), uint8 or uint16, as a PNG at the path it is given (for
+    :func:`~diffseg_lightning.utils.atomic.atomic_write`)."""
+    return lambda tmp: Image.fromarray(array).save(tmp, format="PNG")
+
+
 __all__ = [
     "CONVERTED_MODES",
     "LOSSY_FORMATS",
     "channels_first",
     "grey_channel",
+    "png_writer",
     "read_grey",
     "read_image",
     "read_label_map",

@@ -1,6 +1,7 @@
 """NIfTI files as arrays: one-line errors naming the file, how a NIfTI's shape reads as a 2D image or a
-volume of axial slices (:func:`nifti_layout`), and the check that the volumes of one case (modalities,
-segmentation, every annotator's mask) lie on one voxel grid.
+volume of axial slices (:func:`nifti_layout`), the check that the volumes of one case (modalities,
+segmentation, every annotator's mask) lie on one voxel grid, and a writer of a NIfTI like another
+(:func:`nifti_writer`).
 
 The loaders read arrays as stored (no reorientation) and pair voxel ``[i, j, k]`` of the image with voxel
 ``[i, j, k]`` of the mask, which is right only when the files share their shape and their affine (voxel ->
@@ -21,7 +22,7 @@ float32 by another tool can fail) and of the same order as nnU-Net's relaxed geo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,23 @@ def read_nifti_item(path: Path, slice_index: int = -1) -> np.ndarray:
     return channels_first(
         np.asarray(proxy if slice_index < 0 else proxy[:, :, slice_index], dtype=np.float32)
     )
+
+
+def nifti_writer(
+    source: nib.spatialimages.SpatialImage, data: np.ndarray, dtype: type
+) -> Callable[[Path], None]:
+    """A NIfTI like ``source`` (its class, affine and header: spacing, orientation codes) holding ``data``.
+
+    ``data`` is (H, W) or (H, W, D); a trailing axis of 1 stands in for the source's channel axis, so
+    the source's shape and zooms are kept. The writer saves it at the path it is given (for
+    :func:`~diffseg_lightning.utils.atomic.atomic_write`).
+    """
+    data = data.reshape(*data.shape, *(1,) * (len(source.shape) - data.ndim)).astype(dtype)
+    header = source.header.copy()
+    header.set_data_dtype(dtype)
+    header["cal_min"], header["cal_max"] = 0, 0  # the source's display range means nothing here
+    image = type(source)(data, source.affine, header)
+    return lambda tmp: nib.save(image, tmp)
 
 
 def _shown(values: Sequence[float]) -> str:
@@ -172,6 +190,7 @@ __all__ = [
     "check_same_grid",
     "load_nifti",
     "nifti_layout",
+    "nifti_writer",
     "read_nifti_array",
     "read_nifti_data",
     "read_nifti_item",
