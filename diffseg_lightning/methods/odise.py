@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from diffseg_lightning.diffusion.gaussian import GaussianKernel
 from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.inference.sampler import DiffusionSampler, describe_samples
 from diffseg_lightning.losses import smoothed_dice_loss
@@ -219,7 +220,7 @@ class ODISEModule(SegmentationMethod):
         scheduler: Callable[..., Any] | None = None,
         mask_channels: int = 1,
         spacing: Sequence[float] | None = None,
-        kernel: Any = None,
+        kernel: GaussianKernel | None = None,
         sampler: DiffusionSampler | None = None,
         compile: bool = False,
         channels_last: bool = False,
