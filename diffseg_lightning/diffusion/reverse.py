@@ -45,7 +45,8 @@ def reverse(
     """Walk the chain from ``x`` down the strided ``timesteps`` with ``solver``; return the last ``x0_pred``.
 
     Step ``i`` goes from ``timesteps[i]`` to ``timesteps[i + 1]`` (``final_t_prev`` after the last, -1: the
-    clean mask). The model output is cast to float32 before the solver sees it (the network may run in bf16).
+    clean mask). The model output is cast to float32 before the solver sees it (the network may run in bf16; a
+    float64 chain keeps float64).
 
     Args:
         kernel: the noise process.
@@ -69,7 +70,7 @@ def reverse(
         t_prev = steps[i + 1] if i + 1 < len(steps) else final_t_prev
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         t_prev_batch = torch.full((x.shape[0],), t_prev, device=x.device, dtype=torch.long)
-        output = denoise(x, t_batch).float()
+        output = denoise(x, t_batch).to(torch.promote_types(x.dtype, torch.float32))
         x_prev, x0 = solver.step(kernel, output, t_batch, t_prev_batch, x, generator=generator, state=state)
         if on_step is not None:
             replaced = on_step(StepRecord(i, t_batch, t_prev_batch, output, x_prev, x0, x))
@@ -97,7 +98,8 @@ def diffusion_loss(
 ) -> DiffusionLoss:
     """One diffusion training step's loss: ``t ~ U[0, T)``, ``x_t = q_sample(x0, t)``, ``kernel.loss``.
 
-    Ho et al. (2020), Algorithm 1, for any kernel. The model output is cast to float32 before the loss.
+    Ho et al. (2020), Algorithm 1, for any kernel. The model output is cast to float32 before the loss (float64
+    for float64 targets).
 
     Args:
         kernel: the noise process.
@@ -113,4 +115,5 @@ def diffusion_loss(
     if t is None:
         t = kernel.sample_timesteps(x0.shape[0], device=x0.device, generator=generator)
     x_t = kernel.q_sample(x0, t, noise=noise, generator=generator)
-    return DiffusionLoss(kernel.loss(denoise(x_t, t).float(), x0, x_t, t), x_t, t)
+    output = denoise(x_t, t).to(torch.promote_types(x0.dtype, torch.float32))
+    return DiffusionLoss(kernel.loss(output, x0, x_t, t), x_t, t)
