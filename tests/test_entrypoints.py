@@ -195,3 +195,37 @@ def test_wandb_logs_offline_without_a_key(tmp_path, monkeypatch):
     (offline,) = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert list(offline.glob("*.wandb")), "the offline run holds no history file"
     assert list((offline / "files" / "media" / "images").glob("**/*.png")), "no validation panel was logged"
+
+
+@pytest.mark.parametrize(
+    ("model", "takes_kernel", "takes_sampler"),
+    [
+        ("unet", False, True),
+        ("gland_unet", False, True),  # its __init__ forwards **kwargs to the U-Net's: followed up the MRO
+        ("gradcam", False, True),
+        ("hovernet", False, True),
+        ("image_ddpm", True, False),
+        ("medsegdiff", True, True),
+        ("dkm", True, True),
+    ],
+)
+def test_build_module_passes_a_kernel_and_a_sampler_only_to_a_method_that_takes_them(
+    model, takes_kernel, takes_sampler
+):
+    from hydra.utils import get_class
+
+    from diffseg_lightning.entry import accepted_parameters
+
+    accepted = accepted_parameters(get_class(compose_config("train", [f"model={model}"]).model._target_))
+    assert ("kernel" in accepted, "sampler" in accepted) == (takes_kernel, takes_sampler)
+
+
+def test_the_image_ddpm_builds_without_its_sampler_group(tmp_path):
+    """A group the method does not take is not even built: a sampler target that does not exist is fine."""
+    from omegaconf import OmegaConf
+
+    from diffseg_lightning.entry import build_module
+
+    cfg = compose_config("train", ["model=image_ddpm", "data=synthetic_groups"], tmp_path)
+    module = build_module(cfg.model, cfg.noise, OmegaConf.create({"_target_": "no_such_package.Sampler"}))
+    assert not hasattr(module, "sampler") and module.inference_settings()["objective"] == "epsilon"
