@@ -1,5 +1,6 @@
 """What the three entry points share: building a run's parts from configs, and reading checkpoints
-(:func:`load_checkpoint`, the project's one checkpoint reader, lives in :mod:`diffseg_lightning.utils.checkpoints`).
+(:func:`load_checkpoint`, the project's one checkpoint reader, lives in
+:mod:`diffseg_lightning.utils.checkpoints`).
 """
 
 from __future__ import annotations

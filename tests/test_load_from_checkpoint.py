@@ -1,5 +1,6 @@
 """``SegmentationMethod.load_from_checkpoint``: the trained module as evaluation rebuilds it, usable with
-Lightning's own loops; the class check; checkpoints written before a class was renamed still load and evaluate.
+Lightning's own loops; the class check; checkpoints written before a class was renamed still load and
+evaluate.
 """
 
 from __future__ import annotations

@@ -350,10 +350,10 @@ class SegmentationMethod(L.LightningModule):
                 f"checkpoint {checkpoint_path}: its method {target!r} cannot be imported ({err})"
             ) from None
         if not (isinstance(stored, type) and issubclass(stored, cls)):
+            name = getattr(stored, "__name__", target)
             raise DiffSegError(
-                f"checkpoint {checkpoint_path} holds a {getattr(stored, '__name__', target)} ({target}), not a "
-                f"{cls.__name__}: load it with {getattr(stored, '__name__', target)}.load_from_checkpoint or "
-                "SegmentationMethod.load_from_checkpoint"
+                f"checkpoint {checkpoint_path} holds a {name} ({target}), not a {cls.__name__}: load it with "
+                f"{name}.load_from_checkpoint or SegmentationMethod.load_from_checkpoint"
             )
         if sampler is None:
             sampler = OmegaConf.create(config["sampler"])

@@ -220,15 +220,16 @@ class DKMModule(SegmentationMethod):
             out = concat_condition(self.ddpm, x_t, t, pre)
             if out.shape[1] != expected:
                 raise ConfigError(
-                    f"DKMModule: the diffusion module outputs {out.shape[1]} channels; the kernel needs {expected}"
+                    f"DKMModule: the diffusion module outputs {out.shape[1]} channels; the kernel needs "
+                    f"{expected}"
                 )
             return out
 
         return diffusion_loss(self.kernel, post, denoise).terms
 
     def load_ddpm(self, path: str | Path) -> None:
-        """Load the DM from a DKM checkpoint (``features.backbone.*``) or a plain denoiser state dict, read with
-        the project's checkpoint reader (:mod:`diffseg_lightning.utils.checkpoints`; messages start with
+        """Load the DM from a DKM checkpoint (``features.backbone.*``) or a plain denoiser state dict, read
+        with the project's checkpoint reader (:mod:`diffseg_lightning.utils.checkpoints`; messages start with
         ``model.ddpm_ckpt``)."""
         key = "model.ddpm_ckpt"
         state = read_torch_file(path, key)
@@ -361,7 +362,8 @@ class DKMModule(SegmentationMethod):
         return describe_samples(probability.unsqueeze(1), "mean", self.threshold)
 
     def inference_settings(self) -> dict[str, Any]:
-        """One network pass (see :class:`~diffseg_lightning.methods.UNetSegmentationModule`), plus the features read."""
+        """One network pass (see :class:`~diffseg_lightning.methods.UNetSegmentationModule`), plus the
+        features read."""
         return self.single_pass_settings(
             feature_blocks=list(self.features.blocks),
             feature_timesteps=list(self.features.timesteps),

@@ -36,7 +36,8 @@ def load_backbone(path: str | Path) -> tuple[nn.Module, GaussianKernel, dict[str
     its messages start with ``model.backbone_ckpt``). The network is rebuilt from the config stored in the
     checkpoint (``model.net``) and loaded with the checkpoint's ``net.*`` weights (the EMA weights when the
     run used the EMA callback); the kernel from its ``noise`` config (its forward process: the reverse-update
-    options of older checkpoints are dropped, :func:`~diffseg_lightning.utils.moved_settings.split_moved_settings`).
+    options of older checkpoints are dropped,
+    :func:`~diffseg_lightning.utils.moved_settings.split_moved_settings`).
 
     Returns:
         ``(net, kernel, config)``: the network, the kernel and the checkpoint's resolved run config.
@@ -59,8 +60,8 @@ def load_backbone(path: str | Path) -> tuple[nn.Module, GaussianKernel, dict[str
     kernel = instantiate(split_moved_settings(OmegaConf.to_container(cfg.noise, resolve=True)).noise)
     if not isinstance(kernel, GaussianKernel):
         raise ConfigError(
-            f"{key}: checkpoint {path} was trained with {type(kernel).__name__}; FEDD reads the features of a "
-            "Gaussian image DDPM (noise=gaussian)"
+            f"{key}: checkpoint {path} was trained with {type(kernel).__name__}; FEDD reads the features "
+            "of a Gaussian image DDPM (noise=gaussian)"
         )
     return net, kernel, config
 

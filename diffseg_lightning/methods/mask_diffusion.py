@@ -24,8 +24,9 @@ class MaskDiffusionModule(SegmentationMethod):
     """Train a denoiser on masks with a noise kernel; sample, fuse and score S masks per image.
 
     Training: x_0 is the (kernel-encoded) mask, t ~ U[0, T), x_t ~ q(x_t | x_0), and the loss is the
-    kernel's (``kernel.loss``; :func:`~diffseg_lightning.diffusion.reverse.diffusion_loss`). With several annotators per image (``batch["masks"]`` with A > 1 and a
-    one-channel mask), each training step draws one annotator per image, as the LIDC literature does.
+    kernel's (``kernel.loss``; :func:`~diffseg_lightning.diffusion.reverse.diffusion_loss`). With several
+    annotators per image (``batch["masks"]`` with A > 1 and a one-channel mask), each training step draws
+    one annotator per image, as the LIDC literature does.
 
     Validation and test: the sampler draws S samples per image in one batched pass per step, fuses
     them, and every metric of the evaluation protocol that applies is computed per case
@@ -70,7 +71,8 @@ class MaskDiffusionModule(SegmentationMethod):
             )
         if not isinstance(sampler, DiffusionSampler):
             raise ConfigError(
-                f"MaskDiffusionModule needs a DiffusionSampler (the sampler group), got {type(sampler).__name__}"
+                "MaskDiffusionModule needs a DiffusionSampler (the sampler group), got "
+                f"{type(sampler).__name__}"
             )
         self.denoiser = denoiser
         self.kernel = kernel
