@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from monai.apps.pathology.losses import HoVerNetLoss
 from torch import nn
 
-from diffseg_lightning.data.hover import hover_maps, instances_from_hover
 from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.inference.sampler import DiffusionSampler, describe_samples
 from diffseg_lightning.methods.base import SegmentationMethod
@@ -21,6 +20,7 @@ from diffseg_lightning.metrics.instances import (
     object_dice,
     panoptic_quality,
 )
+from diffseg_lightning.utils.hover import hover_maps, instances_from_hover
 
 NP_KEY = "nucleus_prediction"
 HV_KEY = "horizontal_vertical"
@@ -39,11 +39,11 @@ class HoVerNetModule(SegmentationMethod):
     Training: MONAI's :class:`~monai.apps.pathology.losses.HoVerNetLoss` (NP: Dice + cross-entropy; HV: MSE
     and the MSE of the Sobel gradients inside nuclei, weights 1, 1, 2, 1 as Hover-Net), with the targets
     built on the fly from the batch's ``instances``: the one-hot nucleus map and the HV maps of
-    :func:`~diffseg_lightning.data.hover.hover_maps` (MONAI's ``ComputeHoVerMaps``, batched).
+    :func:`~diffseg_lightning.utils.hover.hover_maps` (MONAI's ``ComputeHoVerMaps``, batched).
 
     Inference: ``probability`` = softmax NP channel 1 (B, 1, H, W), ``mask`` = probability > threshold;
     ``instances`` (B, H, W) from the Hover-Net post-processing
-    (:func:`~diffseg_lightning.data.hover.instances_from_hover`, MONAI's defaults). One deterministic pass
+    (:func:`~diffseg_lightning.utils.hover.instances_from_hover`, MONAI's defaults). One deterministic pass
     (``num_samples = 1``, as :class:`~diffseg_lightning.methods.segmentation.UNetSegmentationModule`).
 
     Metrics (:meth:`case_rows`): every metric of the protocol on the semantic mask (Dice, IoU, HD95, ...),
@@ -58,7 +58,8 @@ class HoVerNetModule(SegmentationMethod):
         loss: ``loss(prediction_dict, target_dict)`` -> scalar; None gives ``HoVerNetLoss()``.
         mask_channels: must be 1 (nuclei vs background).
         spacing: pixel spacing for HD95, or None.
-        sampler: only ``threshold`` and ``parallel`` are used (there is no kernel: the ``noise`` group is not built).
+        sampler: only ``threshold`` and ``parallel`` are used (there is no kernel: the ``noise`` group is
+            not built).
         post_processing: keyword options of :func:`instances_from_hover` (e.g. ``min_object_size``).
         compile, channels_last: as every method.
     """
