@@ -28,7 +28,7 @@ from diffseg_lightning.data.base import split_message
 from diffseg_lightning.data.check import READ_ERRORS, SplitReport, check_dataset, first_line
 from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.utils import CONFIG_DIR, run_cli, user_errors
-from diffseg_lightning.utils.validate import validate_config
+from diffseg_lightning.validate import validate_config
 
 SPLITS = ("train", "val", "test")
 

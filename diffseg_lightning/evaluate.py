@@ -16,7 +16,7 @@ from diffseg_lightning.callbacks import SummaryJsonWriter
 from diffseg_lightning.entry import build_all, load_checkpoint, module_from_checkpoint, save_config
 from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.utils import CONFIG_DIR, DiffSegError, run_cli, user_errors
-from diffseg_lightning.utils.validate import check_inference, validate_config
+from diffseg_lightning.validate import check_inference, validate_config
 
 SPLITS = ("test", "val")
 

@@ -40,7 +40,7 @@ from diffseg_lightning.data.folder import describe_skipped, nothing_usable
 from diffseg_lightning.entry import load_checkpoint, module_from_checkpoint
 from diffseg_lightning.io.files import file_stem
 from diffseg_lightning.utils import CONFIG_DIR, run_cli, user_errors
-from diffseg_lightning.utils.validate import check_inference, validate_config
+from diffseg_lightning.validate import check_inference, validate_config
 
 log = logging.getLogger(__name__)
 

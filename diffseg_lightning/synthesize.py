@@ -30,7 +30,7 @@ from diffseg_lightning.entry import load_checkpoint, module_from_checkpoint
 from diffseg_lightning.utils import CONFIG_DIR, run_cli, user_errors
 from diffseg_lightning.utils.atomic import atomic_write
 from diffseg_lightning.utils.errors import ConfigError, DiffSegError
-from diffseg_lightning.utils.validate import check_inference, validate_config
+from diffseg_lightning.validate import check_inference, validate_config
 
 log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")

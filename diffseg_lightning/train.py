@@ -20,7 +20,7 @@ from diffseg_lightning.entry import (
 )
 from diffseg_lightning.exceptions import ConfigError
 from diffseg_lightning.utils import CONFIG_DIR, run_cli, user_errors
-from diffseg_lightning.utils.validate import validate_config
+from diffseg_lightning.validate import validate_config
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

@@ -18,7 +18,7 @@ from diffseg_lightning.exceptions import ConfigError, DiffSegError
 from diffseg_lightning.train import train
 from diffseg_lightning.utils import CONFIG_DIR
 from diffseg_lightning.utils.errors import BUG_HINT, run_cli, user_errors
-from diffseg_lightning.utils.validate import check_inference, missing_keys, validate_config
+from diffseg_lightning.validate import check_inference, missing_keys, validate_config
 
 CONF = Path(CONFIG_DIR)
 

@@ -12,7 +12,8 @@ The layers, low to high (a module may import its own layer and the ones below):
 3. ``inference``: multi-sample sampling, fusion, uncertainty.
 4. ``methods``: the LightningModules.
 5. ``callbacks``, ``checkpointing``.
-6. the entry points: ``entry``, ``train``, ``evaluate``, ``predict``, ``check_data``, ``synthesize``.
+6. the entry points: ``entry``, ``train``, ``evaluate``, ``predict``, ``check_data``, ``synthesize``, and
+   ``validate`` (the config check they run first).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ LAYER = {
     "predict": 6,
     "check_data": 6,
     "synthesize": 6,
+    "validate": 6,  # the CLIs' whole-config check: it builds kernels, samplers and fusions to check them
     "__init__": 7,  # the package's own __init__ (imports nothing today)
 }
 

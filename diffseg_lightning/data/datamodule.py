@@ -73,7 +73,7 @@ class SegmentationDataModule(L.LightningDataModule):
             collation, after ``labels`` was derived. Validation, test and predict batches keep everything.
         **dataset_keys: the dataset-level keys of the data config (``root``, ``size``, ``year``, ...), which the
             split factories read through interpolations (``${data.size}``); unused here. A key that nothing
-            reads is refused before the run starts (:func:`~diffseg_lightning.utils.validate.data_keys`),
+            reads is refused before the run starts (:func:`~diffseg_lightning.validate.data_keys`),
             so a typo (``data.bacth_size``) cannot pass silently.
 
     After :meth:`setup`, ``reports`` holds each checked split's :class:`SplitReport`.
