@@ -104,19 +104,34 @@ def module_from_checkpoint(
     ``noise.sampling`` / ``noise.eta`` / ``noise.clip_x0`` (``noise.binarize_final``): that solver is used, with
     one warning, when the sampler has none of its own (``sampler.solver: null``, e.g. ``sampler=default``);
     ``sampler=ddim|ddpm|...`` wins (:func:`~diffseg_lightning.utils.moved_settings.with_stored_solver`).
+    Likewise a newer checkpoint's own ``sampler.solver`` (e.g. gland diffusion's unclipped DDIM, eta 1) is
+    used when the sampler has none, as the kernel's sampling options were before the split.
     """
     run_cfg = OmegaConf.create(checkpoint["diffseg_config"])
     stored = OmegaConf.to_container(run_cfg.noise, resolve=True)
+    run_sampler = run_cfg.get("sampler")
+    run_solver = run_sampler.get("solver") if isinstance(run_sampler, DictConfig) else None
     if isinstance(sampler_cfg, DiffusionSampler):  # built: the same rule as for a config
         moved = split_moved_settings(stored)
         noise, moved = moved.noise, moved if moved.solver is not None and sampler_cfg.solver is None else None
         if moved is not None:
             sampler_cfg = dataclasses.replace(sampler_cfg, solver=instantiate(moved.solver))
+        elif sampler_cfg.solver is None and run_solver is not None:
+            sampler_cfg = dataclasses.replace(sampler_cfg, solver=instantiate(run_solver))
     else:
         plain = OmegaConf.to_container(sampler_cfg, resolve=True) if sampler_cfg is not None else None
         noise, plain, moved = with_stored_solver(stored, plain)
         if moved is not None:
             sampler_cfg = OmegaConf.create(plain)
+        elif (
+            plain is not None
+            and "_target_" in plain
+            and plain.get("solver") is None
+            and run_solver is not None
+        ):
+            sampler_cfg = OmegaConf.create(
+                {**plain, "solver": OmegaConf.to_container(run_solver, resolve=True)}
+            )
     if moved is not None:
         path = getattr(checkpoint, "path", "(in memory)")
         rank_zero_warn(
