@@ -8,7 +8,7 @@ them), one noise kernel and one image size, measures:
   seconds per fused prediction (one image), samples per second, peak memory, the share of the time spent
   outside the network (sampler, kernel steps, fusion, uncertainty maps), and the achieved MAC/s;
 - **reference**: the released MedSegDiff protocol with the same network and weights: one sample at a
-  time, 1000 ancestral steps (Gaussian ``sampling=ddpm``; the Bernoulli kernel's step is ancestral), the
+  time, 1000 ancestral steps (Gaussian: the DDPM solver; the Bernoulli kernel's step is ancestral), the
   image branch recomputed at every step. ``--ref-steps`` of them are timed and the cost is extrapolated
   linearly to ``1000 x S`` steps (every step costs the same network pass), unless ``--ref-steps 1000``;
 - the network's multiply-accumulates per pass (``count_macs``), and the machine's matmul peak
@@ -44,6 +44,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from diffseg_lightning.diffusion import DDPM, BernoulliPosterior, GaussianKernel, Solver
+from diffseg_lightning.diffusion.reverse import reverse
 from diffseg_lightning.entry import build_module
 from diffseg_lightning.inference.sampler import DiffusionSampler
 from diffseg_lightning.utils.compose import compose_config
@@ -160,12 +162,12 @@ def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 10) -> float
 
 
 # -------------------------------------------------------------------------------------------- protocols
-def time_ours(module, kernel, image, samples: int, steps: int, seed: int = 0) -> dict[str, Any]:
-    """One fused prediction of one image with the project's sampler (after one warm-up call)."""
+def time_ours(module, kernel, solver, image, samples: int, steps: int, seed: int = 0) -> dict[str, Any]:
+    """One fused prediction of one image with the project's sampler and ``solver`` (after one warm-up call)."""
     device = image.device
-    sampler = DiffusionSampler(num_steps=steps, num_samples=samples, seed=seed)
+    sampler = DiffusionSampler(num_steps=steps, num_samples=samples, seed=seed, solver=solver)
     timed = TimedDenoiser(module.denoiser, device)
-    warm_up = DiffusionSampler(num_steps=min(steps, 2), num_samples=samples, seed=seed)
+    warm_up = DiffusionSampler(num_steps=min(steps, 2), num_samples=samples, seed=seed, solver=solver)
     warm_up.sample(timed, kernel, image, module.mask_channels)  # same shapes, fewer steps
     timed.seconds, timed.forward_calls, timed.encode_calls = 0.0, 0, 0
     with PeakMemory(device) as memory:
@@ -187,31 +189,40 @@ def time_ours(module, kernel, image, samples: int, steps: int, seed: int = 0) ->
     }
 
 
-def reference_step_seconds(module, kernel, image, timed_steps: int, seed: int = 0) -> dict[str, Any]:
-    """Seconds per step of the released protocol: one sample, 1000 ancestral steps, the image branch
-    recomputed at every step (``timed_steps`` of the 1000 are timed, after one warm-up step)."""
+def reference_step_seconds(module, kernel, solver, image, timed_steps: int, seed: int = 0) -> dict[str, Any]:
+    """Seconds per step of the released protocol: one sample, 1000 ancestral steps (``solver``), the image
+    branch recomputed at every step (``timed_steps`` of the 1000 are timed, after one warm-up step)."""
     device = image.device
     timesteps = kernel.inference_timesteps(REFERENCE_STEPS).tolist()
     assert len(timesteps) == REFERENCE_STEPS
     generator = torch.Generator(device=device).manual_seed(seed)
     x = kernel.sample_prior((1, module.mask_channels, *image.shape[-2:]), device=device, generator=generator)
     denoiser = module.denoiser
-    history: dict = {}  # the kernel contract's per-chain state (multistep samplers); ancestral DDPM ignores it
 
-    def step(i: int, x: torch.Tensor) -> torch.Tensor:
-        t, t_prev = timesteps[i], timesteps[i + 1] if i + 1 < len(timesteps) else -1
-        t_batch = torch.full((1,), t, device=device, dtype=torch.long)
-        t_prev_batch = torch.full((1,), t_prev, device=device, dtype=torch.long)
-        output = denoiser(x, t_batch, denoiser.encode_condition(image)).float()  # image branch every step
-        x, _ = kernel.step(output, t_batch, t_prev_batch, x, generator=generator, history=history)
-        return x
+    def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return denoiser(x_t, t, denoiser.encode_condition(image))  # the image branch at every step
 
-    step(0, x)  # warm-up, discarded
+    def walk(first: int, last: int, x: torch.Tensor) -> torch.Tensor:
+        """Steps ``first .. last - 1`` of the 1000, ending at the noise level of step ``last``; returns x_t there."""
+        final_t_prev = timesteps[last] if last < len(timesteps) else -1
+        kept: list[torch.Tensor] = []
+        reverse(
+            kernel,
+            solver,
+            denoise,
+            x,
+            timesteps[first:last],
+            generator,
+            final_t_prev,
+            lambda r: kept.append(r.x_prev),
+        )
+        return kept[-1]
+
+    x = walk(0, 1, x)  # warm-up, not timed
     with PeakMemory(device) as memory:
         sync(device)
         start = time.perf_counter()
-        for i in range(timed_steps):
-            x = step(i, x)
+        walk(1, 1 + timed_steps, x)
         sync(device)
         seconds = time.perf_counter() - start
     return {
@@ -221,6 +232,11 @@ def reference_step_seconds(module, kernel, image, timed_steps: int, seed: int = 
         "peak_memory_bytes": memory.peak,
         "extrapolated": timed_steps < REFERENCE_STEPS,
     }
+
+
+def update_name(solver: Solver) -> str:
+    """The reverse update as the result files name it (``ddim``, ``ddpm``, ``bernoulli ancestral``)."""
+    return "bernoulli ancestral" if isinstance(solver, BernoulliPosterior) else solver.name
 
 
 # ------------------------------------------------------------------------------------------ the bench
@@ -241,9 +257,9 @@ def measure(
     torch.manual_seed(0)
     module = build_module(cfg.model, cfg.noise, cfg.sampler).to(dev).eval()
     kernel = module.kernel.to(dev)
-    ref_kernel = kernel
-    if getattr(kernel, "sampling", None) is not None:  # Gaussian: the reference is ancestral DDPM
-        ref_kernel = instantiate(cfg.noise, sampling="ddpm").to(dev)
+    solver = instantiate(cfg.sampler).resolve_solver(kernel)  # sampler=ddim|ddpm|...: the update of ours
+    # the released protocol's update: ancestral DDPM for the Gaussian kernel; the Bernoulli step is ancestral
+    ref_solver = DDPM() if isinstance(kernel, GaussianKernel) else kernel.default_solver()
     size = int(cfg.data.size)
     image = torch.randn(1, int(cfg.data.channels), size, size, device=dev)
 
@@ -256,13 +272,13 @@ def measure(
         macs_encode = max(macs_pass - macs_denoiser, 0)
         peak = matmul_peak(dev, matmul_n)
 
-        reference = reference_step_seconds(module, ref_kernel, image, ref_steps)
+        reference = reference_step_seconds(module, kernel, ref_solver, image, ref_steps)
         reference["macs_per_step"] = macs_pass
         reference["mac_fraction_of_peak"] = macs_pass / reference["seconds_per_step"] / peak
         rows = []
         for s in samples:
             for k in steps:
-                row = time_ours(module, kernel, image, s, k)
+                row = time_ours(module, kernel, solver, image, s, k)
                 macs = macs_denoiser * s * k + macs_encode
                 row["macs"] = macs
                 row["mac_per_second"] = macs / row["seconds"]
@@ -282,8 +298,8 @@ def measure(
     return {
         "model": str(cfg.model.denoiser._target_).rsplit(".", 1)[-1],
         "noise": str(cfg.noise._target_).rsplit(".", 1)[-1],
-        "sampling": str(getattr(kernel, "sampling", "bernoulli ancestral")),
-        "reference_sampling": str(getattr(ref_kernel, "sampling", "bernoulli ancestral")),
+        "sampling": update_name(solver),
+        "reference_sampling": update_name(ref_solver),
         "size": size,
         "parameters": sum(p.numel() for p in module.denoiser.parameters()),
         "macs_per_forward": macs_denoiser,

@@ -1,7 +1,7 @@
 """The quality-speed frontier of one trained model: Dice (and GED) against sampling steps and seconds per image,
 for every reverse update (DDIM, ancestral DDPM, DPM-Solver++(2M)).
 
-Reads the ``summary.json`` files of a ``diffseg-eval -m noise.sampling=... sampler.num_steps=...`` sweep and
+Reads the ``summary.json`` files of a ``diffseg-eval -m sampler=ddim,ddpm,dpmpp_2m sampler.num_steps=...`` sweep and
 writes ``<out>.md`` (one table row per update and step count; per update, the smallest step count whose Dice
 reaches that update's Dice at the largest step count to within ``--tolerance``: Dice >= reference - tolerance,
 so a step count that does better than the reference counts too), ``<out>.json`` and ``<out>.png``.

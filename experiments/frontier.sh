@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 BIN=.venv/bin
 WHICH=${1:-all}
 CASES=${CASES:-8}
-GRID=(noise.sampling=ddim,ddpm,dpmpp_2m sampler.num_steps=5,10,25,50,100,1000 sampler.num_samples=5)
+GRID=(sampler=ddim,ddpm,dpmpp_2m sampler.num_steps=5,10,25,50,100,1000 sampler.num_samples=5)
 
 frontier() {  # name, title, training overrides..., then -- and the eval's data overrides
     local name=$1 title=$2; shift 2

@@ -17,7 +17,7 @@ from conftest import compose_config
 from hydra.utils import instantiate
 from torch.distributions import Bernoulli
 
-from diffseg_lightning.diffusion import BernoulliKernel
+from diffseg_lightning.diffusion import BernoulliKernel, BernoulliPosterior
 from diffseg_lightning.diffusion.bernoulli import BERNOULLI_OBJECTIVES, bernoulli_kl, bernoulli_posterior
 from diffseg_lightning.inference.sampler import DiffusionSampler
 
@@ -87,8 +87,16 @@ def class_zscores(x: torch.Tensor, y0: torch.Tensor, abar: float) -> tuple[float
 
 
 @torch.inference_mode()
-def run_chain(k: BernoulliKernel, y0: torch.Tensor, num_steps: int, gen: torch.Generator):
-    """Sample with the oracle; check every intermediate marginal; return the final (x_prev, x0_pred)."""
+def run_chain(
+    k: BernoulliKernel,
+    y0: torch.Tensor,
+    num_steps: int,
+    gen: torch.Generator,
+    solver: BernoulliPosterior | None = None,
+):
+    """Sample with the oracle and ``solver`` (the posterior step); check every intermediate marginal; return the
+    final (x_prev, x0_pred)."""
+    solver = solver or BernoulliPosterior()
     abar64 = torch.cumprod(linear_alphas64(k.num_train_timesteps), 0)
     x = k.sample_prior(y0.shape, "cpu", generator=gen)
     ts = k.inference_timesteps(num_steps).tolist()
@@ -96,7 +104,9 @@ def run_chain(k: BernoulliKernel, y0: torch.Tensor, num_steps: int, gen: torch.G
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         tb = torch.full((y0.shape[0],), t, dtype=torch.long)
-        x, x0_pred = k.step(oracle_logits(k, x, y0), tb, torch.full_like(tb, t_prev), x, generator=gen)
+        x, x0_pred = solver.step(
+            k, oracle_logits(k, x, y0), tb, torch.full_like(tb, t_prev), x, generator=gen
+        )
         if t_prev >= 0:
             assert float((x * (1 - x)).abs().sum()) == 0.0, "intermediate samples are binary"
             z1, z0 = class_zscores(x, y0, float(abar64[t_prev]))
@@ -234,21 +244,24 @@ def test_oracle_recovers_y0_with_correct_marginals(num_steps, objective):
 
 
 def test_oracle_binarize_final_returns_a_binary_sample():
-    k = BernoulliKernel(binarize_final=True)
+    k = BernoulliKernel()
     y0 = binary_y0(3)
-    x, x0_pred = run_chain(k, y0, 10, torch.Generator().manual_seed(0))
+    x, x0_pred = run_chain(
+        k, y0, 10, torch.Generator().manual_seed(0), BernoulliPosterior(binarize_final=True)
+    )
     assert torch.equal(x, y0) and (x0_pred - y0).abs().max() <= 1e-4
 
 
-class _OneStepPosterior(BernoulliKernel):
+class _OneStepPosterior(BernoulliPosterior):
     """The MONAI / diffusers-before-#2076 trap: strided steps with the one-step posterior (alpha_t, abar_{t-1})."""
 
-    def step(self, model_output, t, t_prev, x_t, generator=None):
-        t = self.batch_timesteps(t, x_t.shape[0])
+    def step(self, kernel, model_output, t, t_prev, x_t, generator=None, state=None):
+        t = kernel.batch_timesteps(t, x_t.shape[0])
         return super().step(
+            kernel,
             model_output,
             t,
-            torch.where(self.batch_timesteps(t_prev, x_t.shape[0]) < 0, -1, t - 1),
+            torch.where(kernel.batch_timesteps(t_prev, x_t.shape[0]) < 0, -1, t - 1),
             x_t,
             generator,
         )
@@ -256,7 +269,7 @@ class _OneStepPosterior(BernoulliKernel):
 
 def test_marginal_check_catches_one_step_posterior_when_strided():
     with pytest.raises(AssertionError, match="10 steps"):
-        run_chain(_OneStepPosterior(), binary_y0(1), 10, torch.Generator().manual_seed(0))
+        run_chain(BernoulliKernel(), binary_y0(1), 10, torch.Generator().manual_seed(0), _OneStepPosterior())
 
 
 def test_first_inference_step_is_T_minus_1_for_every_step_count():
@@ -273,21 +286,23 @@ def test_first_inference_step_is_T_minus_1_for_every_step_count():
 
 
 def test_step_accepts_int_and_per_sample_t():
-    k = BernoulliKernel()
+    k, solver = BernoulliKernel(), BernoulliPosterior()
     x = binary_y0(0, (3, 1, 8, 8))
     out = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
     t, tp = torch.tensor([999, 10, 5]), torch.tensor([500, 3, -1])
-    batched = k.step(out, t, tp, x, generator=torch.Generator().manual_seed(1))
+    batched = solver.step(k, out, t, tp, x, generator=torch.Generator().manual_seed(1))
     assert set(batched[0][:2].unique().tolist()) <= {0.0, 1.0}
     assert torch.equal(batched[0][2], batched[1][2])  # t_prev = -1: x_prev = x0_pred
     assert bool(((batched[1] >= 0) & (batched[1] <= 1)).all())
-    a = k.step(out, 999, 500, x, generator=torch.Generator().manual_seed(2))
-    b = k.step(out, torch.tensor(999), torch.tensor(500), x, generator=torch.Generator().manual_seed(2))
+    a = solver.step(k, out, 999, 500, x, generator=torch.Generator().manual_seed(2))
+    b = solver.step(
+        k, out, torch.tensor(999), torch.tensor(500), x, generator=torch.Generator().manual_seed(2)
+    )
     assert torch.equal(a[0], b[0])
     with pytest.raises(ValueError, match="shape"):
-        k.step(out, torch.tensor([1, 2]), 0, x)
+        solver.step(k, out, torch.tensor([1, 2]), 0, x)
     with pytest.raises(ValueError, match="one logit per mask channel"):
-        k.step(torch.cat([out, out], 1), t, tp, x)
+        solver.step(k, torch.cat([out, out], 1), t, tp, x)
 
 
 def test_sampler_with_oracle_denoiser_returns_the_mask():
@@ -401,20 +416,20 @@ def test_step_and_loss_do_not_sync_host(monkeypatch):
 
     y0 = binary_y0(0, (2, 1, 8, 8))
     t, tp = torch.tensor([10, 0]), torch.tensor([5, -1])
-    kernels = [BernoulliKernel(objective=o) for o in BERNOULLI_OBJECTIVES] + [
-        BernoulliKernel(binarize_final=True)
+    pairs = [(BernoulliKernel(objective=o), BernoulliPosterior()) for o in BERNOULLI_OBJECTIVES] + [
+        (BernoulliKernel(), BernoulliPosterior(binarize_final=True))
     ]
     for name in ("item", "__bool__", "__int__", "__float__", "tolist"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
-    for k in kernels:
+    for k, solver in pairs:
         out = torch.zeros(y0.shape)
-        k.step(out, t, tp, y0)
+        solver.step(k, out, t, tp, y0)
         k.loss(out, y0, k.q_sample(y0, t), t)
 
 
 # ----------------------------------------------------------------------------- randomness, options, config
 def test_generator_reproducibility():
-    k = BernoulliKernel()
+    k, solver = BernoulliKernel(), BernoulliPosterior()
     y0 = binary_y0(0, (2, 1, 16, 16))
 
     def sample(seed: int):
@@ -423,7 +438,7 @@ def test_generator_reproducibility():
         yt = k.q_sample(y0, ts, generator=g)
         x = k.sample_prior(y0.shape, "cpu", generator=g)
         for t, tp in ((999, 500), (500, 10), (10, -1)):
-            x, _ = k.step(torch.randn(x.shape, generator=g), t, tp, x, generator=g)
+            x, _ = solver.step(k, torch.randn(x.shape, generator=g), t, tp, x, generator=g)
         return ts, yt, x
 
     a, b, c = sample(0), sample(0), sample(1)

@@ -250,7 +250,7 @@ def test_resuming_with_changed_sampling_optimiser_and_loss_settings_is_allowed(s
     """The sampler, the learning rate and a loss weight do not change what the network predicts; a loss weight
     is named in a warning (the run has finished its 2 epochs, so it restores and stops at once)."""
     ckpt = straight / "checkpoints" / "last.ckpt"
-    changed = ["noise.eta=0.5", "model.optimizer.lr=0.001", "noise.vlb_weight=0.5"]
+    changed = ["sampler=ddim", "sampler.solver.eta=0.5", "model.optimizer.lr=0.001", "noise.vlb_weight=0.5"]
     with pytest.warns(
         UserWarning, match=r"changed loss settings: noise\.vlb_weight=1\.0 in the checkpoint, 0\.5 now$"
     ):

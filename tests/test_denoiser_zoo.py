@@ -107,7 +107,8 @@ def test_runs_with_the_bernoulli_kernel_too(model, tmp_path):
     x = kernel.sample_prior((2, 1, 32, 32), device="cpu", generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = net(x, torch.tensor([999, 999]), net.encode_condition(torch.randn(2, 1, 32, 32)))
-        x_prev, x0 = kernel.step(out, torch.tensor([999, 999]), torch.tensor([500, 500]), x)
+        solver = kernel.default_solver()  # the Bernoulli posterior step
+        x_prev, x0 = solver.step(kernel, out, torch.tensor([999, 999]), torch.tensor([500, 500]), x)
     assert set(x_prev.unique().tolist()) <= {0.0, 1.0} and ((x0 >= 0) & (x0 <= 1)).all()
 
 

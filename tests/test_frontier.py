@@ -13,9 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def write_eval(folder: Path, update: str, steps: int, dice: float, seconds: float) -> None:
     (folder / ".hydra").mkdir(parents=True)
-    (folder / ".hydra" / "overrides.yaml").write_text(
-        f"- noise.sampling={update}\n- sampler.num_steps={steps}\n"
-    )
+    (folder / ".hydra" / "overrides.yaml").write_text(f"- sampler={update}\n- sampler.num_steps={steps}\n")
     summary = {
         "mean": {"dice": dice, "ged": 1 - dice},
         "ci95": {"dice": [dice - 0.02, dice + 0.02]},

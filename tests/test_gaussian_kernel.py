@@ -14,8 +14,10 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from diffseg_lightning.diffusion import GaussianKernel, make_beta_schedule
+from diffseg_lightning.diffusion import DDIM, DDPM, DPMSolverPP2M, GaussianKernel, Solver, make_beta_schedule
 from diffseg_lightning.diffusion.gaussian import discretized_gaussian_log_likelihood, normal_kl
+from diffseg_lightning.diffusion.reverse import StepRecord, reverse
+from diffseg_lightning.utils.moved_settings import split_moved_settings
 
 Z = 5.0
 T = 1000
@@ -33,6 +35,15 @@ def binary_x0(seed: int = 0, shape: tuple[int, ...] = SHAPE) -> torch.Tensor:
 def linear_abar64(T: int = T) -> torch.Tensor:
     """alpha_bar in float64 straight from the DDPM definition, independent of the kernel."""
     return torch.cumprod(1 - torch.linspace(1e-4, 0.02, T, dtype=torch.float64), 0)
+
+
+def make_solver(sampling: str, eta: float = 0.0, clip_x0: bool = True) -> Solver:
+    """The solver of what was ``GaussianKernel(sampling=..., eta=..., clip_x0=...)`` before the solvers moved out."""
+    if sampling == "ddpm":
+        return DDPM(clip_x0=clip_x0)
+    if sampling == "dpmpp_2m":
+        return DPMSolverPP2M(clip_x0=clip_x0)
+    return DDIM(eta=eta, clip_x0=clip_x0)
 
 
 def oracle_output(
@@ -59,23 +70,27 @@ def marginal_zscores(x: torch.Tensor, x0: torch.Tensor, abar_prev: float) -> tup
 
 
 @torch.inference_mode()
-def run_chain(k, x0, num_steps, gen, var_channel=0.0, check_marginals=True):
+def run_chain(k, solver, x0, num_steps, gen, var_channel=0.0, check_marginals=True):
+    """The oracle's chain with ``solver`` through :func:`reverse`, checking every marginal on the way."""
     x = k.sample_prior(x0.shape, "cpu", generator=gen)
     ts = k.inference_timesteps(num_steps).tolist()
     abar = k.alphas_cumprod.double()
     assert ts[0] == k.num_train_timesteps - 1
-    for i, t in enumerate(ts):
-        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        tb = torch.full((x0.shape[0],), t, dtype=torch.long)
-        x, x0_pred = k.step(
-            oracle_output(k, x, x0, tb, var_channel), tb, torch.full_like(tb, t_prev), x, generator=gen
-        )
+    last: list[torch.Tensor] = []
+
+    def check(step: StepRecord) -> None:
+        t, t_prev = int(step.t[0]), int(step.t_prev[0])
         if check_marginals and t_prev >= 0:
-            zm, zv = marginal_zscores(x, x0, abar[t_prev].item())
+            zm, zv = marginal_zscores(step.x_prev, x0, abar[t_prev].item())
             assert abs(zm) <= Z and abs(zv) <= Z, (
                 f"{num_steps} steps, {t}->{t_prev}: z(mean)={zm:.1f}, z(var)={zv:.1f}"
             )
-    assert torch.equal(x, x0_pred), "the final step must return x0_pred"
+        last[:] = [step.x_prev]
+
+    x0_pred = reverse(
+        k, solver, lambda x, t: oracle_output(k, x, x0, t, var_channel), x, ts, gen, on_step=check
+    )
+    assert torch.equal(last[0], x0_pred), "the final step must return x0_pred"
     return x0_pred
 
 
@@ -91,12 +106,12 @@ def test_oracle_exact_and_marginals(sampling, eta, objective, learn_variance):
     With learned variance under DDPM the oracle also knows the variance: v = -1 selects the
     true posterior variance (beta_tilde). Under DDIM the variance channel is ignored; it is 0.
     """
-    k = GaussianKernel(objective=objective, learn_variance=learn_variance, sampling=sampling, eta=eta)
+    k, solver = GaussianKernel(objective=objective, learn_variance=learn_variance), make_solver(sampling, eta)
     x0 = binary_x0(0)
     var_channel = -1.0 if (learn_variance and sampling == "ddpm") else 0.0
     gen = torch.Generator().manual_seed(1)
     for num_steps in (1000, 50, 10):
-        x0_pred = run_chain(k, x0, num_steps, gen, var_channel)
+        x0_pred = run_chain(k, solver, x0, num_steps, gen, var_channel)
         torch.testing.assert_close(x0_pred, x0, atol=1e-4, rtol=0)
 
 
@@ -107,18 +122,18 @@ def test_oracle_ddpm_neutral_learned_variance_is_exact(objective):
     v = 0 gives the geometric mean of beta and beta_tilde, which is not the posterior variance, so
     the marginals are not those of q (test_ddpm_step_samples_posterior checks its variance instead).
     """
-    k = GaussianKernel(objective=objective, learn_variance=True, sampling="ddpm")
+    k = GaussianKernel(objective=objective, learn_variance=True)
     x0 = binary_x0(3)
     gen = torch.Generator().manual_seed(4)
     for num_steps in (50, 10):
-        x0_pred = run_chain(k, x0, num_steps, gen, var_channel=0.0, check_marginals=False)
+        x0_pred = run_chain(k, DDPM(), x0, num_steps, gen, var_channel=0.0, check_marginals=False)
         torch.testing.assert_close(x0_pred, x0, atol=1e-4, rtol=0)
 
 
 def test_oracle_cosine_schedule():
-    k = GaussianKernel(schedule="cosine", sampling="ddpm")
+    k = GaussianKernel(schedule="cosine")
     x0 = binary_x0(5)
-    x0_pred = run_chain(k, x0, 50, torch.Generator().manual_seed(6))
+    x0_pred = run_chain(k, DDPM(), x0, 50, torch.Generator().manual_seed(6))
     torch.testing.assert_close(x0_pred, x0, atol=1e-4, rtol=0)
 
 
@@ -133,14 +148,14 @@ def monai_style_ddpm_step(k, x0_pred, x_t, t, gen):
 
 def test_strided_ddpm_marginal_vs_monai_style_one_step_posterior():
     """Step 199 -> 99 (the 10-step grid): ours has the marginal of q(x_99 | x0); the MONAI-style step does not."""
-    k = GaussianKernel(objective="x0", sampling="ddpm", clip_x0=False)
+    k = GaussianKernel(objective="x0")
     t, t_prev = 199, 99
     assert t_prev in k.inference_timesteps(10).tolist() and t in k.inference_timesteps(10).tolist()
     x0 = binary_x0(7)
     x_t = k.q_sample(x0, t, generator=torch.Generator().manual_seed(8))
     abar_prev = k.alphas_cumprod.double()[t_prev].item()
 
-    ours, _ = k.step(x0, t, t_prev, x_t, generator=torch.Generator().manual_seed(9))
+    ours, _ = DDPM(clip_x0=False).step(k, x0, t, t_prev, x_t, generator=torch.Generator().manual_seed(9))
     zm, zv = marginal_zscores(ours, x0, abar_prev)
     assert abs(zm) <= Z and abs(zv) <= Z
 
@@ -278,7 +293,7 @@ def random_pairs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_strided_posterior_matches_bayes():
-    k = GaussianKernel(objective="x0", sampling="ddpm", clip_x0=False)
+    k = GaussianKernel(objective="x0")
     t, t_prev = random_pairs(16, 0)
     g = torch.Generator().manual_seed(1)
     x0 = torch.rand(16, 1, 4, 4, generator=g) * 2 - 1
@@ -294,14 +309,16 @@ def test_strided_posterior_matches_bayes():
 @pytest.mark.parametrize("v", [None, -1.0, 0.0, 1.0])
 def test_ddpm_step_samples_posterior(v):
     """Step samples have the Bayes posterior mean and (fixed or learned, respaced) variance."""
-    k = GaussianKernel(objective="x0", sampling="ddpm", clip_x0=False, learn_variance=v is not None)
+    k = GaussianKernel(objective="x0", learn_variance=v is not None)
     t, t_prev = random_pairs(8, 2)
     n = 128 * 128
     x0 = torch.linspace(-0.9, 0.9, 8).view(-1, 1, 1, 1).expand(8, 1, 128, 128)
     x_t = torch.linspace(1.5, -1.5, 8).view(-1, 1, 1, 1).expand(8, 1, 128, 128)
     mean_bf, var_bf, beta_bf = brute_force_posterior(linear_abar64(), t, t_prev, x0.double(), x_t.double())
     out = x0 if v is None else torch.cat([x0, torch.full_like(x0, v)], 1)
-    x_prev, x0_pred = k.step(out, t, t_prev, x_t, generator=torch.Generator().manual_seed(3))
+    x_prev, x0_pred = DDPM(clip_x0=False).step(
+        k, out, t, t_prev, x_t, generator=torch.Generator().manual_seed(3)
+    )
     assert torch.equal(x0_pred, x0)
     if v is None:
         var_want = var_bf
@@ -322,24 +339,24 @@ def test_ddim_eta1_equals_ddpm():
     x_t = GaussianKernel().q_sample(x0, t, generator=torch.Generator().manual_seed(6))
     for objective in ("epsilon", "x0"):
         outs = []
-        for sampling, eta in (("ddim", 1.0), ("ddpm", 0.0)):
-            k = GaussianKernel(objective=objective, sampling=sampling, eta=eta)
+        for solver in (DDIM(eta=1.0), DDPM()):
+            k = GaussianKernel(objective=objective)
             # an arbitrary network output
             out = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7))
-            outs.append(k.step(out, t, t_prev, x_t, generator=torch.Generator().manual_seed(8)))
+            outs.append(solver.step(k, out, t, t_prev, x_t, generator=torch.Generator().manual_seed(8)))
         torch.testing.assert_close(outs[0][1], outs[1][1])
         torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-4, atol=1e-5)
 
 
 def test_ddim_eta0_one_step_deterministic_and_exact():
-    k = GaussianKernel(sampling="ddim", eta=0.0)
+    k, solver = GaussianKernel(), DDIM(eta=0.0)
     assert k.inference_timesteps(1).tolist() == [T - 1]
     x0 = binary_x0(9)
     x = k.sample_prior(x0.shape, "cpu", generator=torch.Generator().manual_seed(10))
     tb = torch.full((4,), T - 1)
     out = oracle_output(k, x, x0, tb)
-    a = k.step(out, tb, -1, x, generator=torch.Generator().manual_seed(1))
-    b = k.step(out, tb, -1, x, generator=torch.Generator().manual_seed(2))
+    a = solver.step(k, out, tb, -1, x, generator=torch.Generator().manual_seed(1))
+    b = solver.step(k, out, tb, -1, x, generator=torch.Generator().manual_seed(2))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     torch.testing.assert_close(a[0], x0, atol=1e-4, rtol=0)
 
@@ -351,7 +368,7 @@ def test_clip_rederives_eps(objective):
     t = torch.tensor([0, 10, 500, 999])
     x_t = 3 * torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     out = 3 * torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    x0, eps, v = k.predict_x0_eps(out, x_t, t)
+    x0, eps, v = k.predict_x0_eps(out, x_t, t, clip=True)  # what a solver's clip_x0 (the default) asks for
     assert v is None and float(x0.abs().max()) == 1.0  # in [-1, 1], and some values were clipped
     abar = linear_abar64()[t].view(-1, 1, 1, 1)
     torch.testing.assert_close(
@@ -363,26 +380,27 @@ def test_clip_rederives_eps(objective):
 
 
 def test_step_accepts_int_and_0dim_t_and_per_sample_t():
-    k = GaussianKernel(sampling="ddpm")
+    k, ddpm = GaussianKernel(), DDPM()
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     out = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    ref = k.step(
-        out, torch.full((3,), 500), torch.full((3,), 400), x, generator=torch.Generator().manual_seed(2)
+    ref = ddpm.step(
+        k, out, torch.full((3,), 500), torch.full((3,), 400), x, generator=torch.Generator().manual_seed(2)
     )
     for t, tp in ((500, 400), (torch.tensor(500), torch.tensor(400))):
-        got = k.step(out, t, tp, x, generator=torch.Generator().manual_seed(2))
+        got = ddpm.step(k, out, t, tp, x, generator=torch.Generator().manual_seed(2))
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
     # per-sample timesteps equal the samples stepped one at a time (noise drawn identically)
     t, tp = torch.tensor([999, 500, 3]), torch.tensor([899, 499, -1])
-    k0 = GaussianKernel(sampling="ddim", eta=0.0)
-    batched = k0.step(out, t, tp, x)
+    ddim = DDIM(eta=0.0)
+    batched = ddim.step(k, out, t, tp, x)
     for i in range(3):
-        single = k0.step(out[i : i + 1], t[i : i + 1], tp[i : i + 1], x[i : i + 1])
+        single = ddim.step(k, out[i : i + 1], t[i : i + 1], tp[i : i + 1], x[i : i + 1])
         torch.testing.assert_close(batched[0][i : i + 1], single[0])
     # the sample with t_prev = -1 returns its x0_pred
     assert torch.equal(batched[0][2], batched[1][2])
-    with pytest.raises(ValueError, match="shape"):
-        k.step(out, torch.tensor([1, 2]), 0, x)
+    for solver in (ddpm, ddim, DPMSolverPP2M()):
+        with pytest.raises(ValueError, match="shape"):
+            solver.step(k, out, torch.tensor([1, 2]), 0, x)
 
 
 def test_step_and_loss_do_not_sync_host(monkeypatch):
@@ -393,14 +411,14 @@ def test_step_and_loss_do_not_sync_host(monkeypatch):
 
     x0 = binary_x0(0, (2, 1, 8, 8))
     t, tp = torch.tensor([10, 0]), torch.tensor([5, -1])
-    kernels = [
-        GaussianKernel(sampling=s, eta=e, learn_variance=lv) for s, e in SAMPLERS for lv in (False, True)
+    pairs = [
+        (GaussianKernel(learn_variance=lv), make_solver(s, e)) for s, e in SAMPLERS for lv in (False, True)
     ]
     for name in ("item", "__bool__", "__int__", "__float__", "tolist"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
-    for k in kernels:
+    for k, solver in pairs:
         out = torch.zeros(2, k.model_output_channels(1), 8, 8)
-        k.step(out, t, tp, x0)
+        solver.step(k, out, t, tp, x0)
         k.loss(out, x0, x0, t)
 
 
@@ -547,7 +565,7 @@ def test_learned_variance_loss_stop_gradient(objective):
 
 # ----------------------------------------------------------------------------- randomness, options
 def test_generator_reproducibility():
-    k = GaussianKernel(sampling="ddpm")
+    k, ddpm = GaussianKernel(), DDPM()
     x0 = binary_x0(0, (2, 1, 16, 16))
 
     def sample(seed: int):
@@ -556,7 +574,7 @@ def test_generator_reproducibility():
         xt = k.q_sample(x0, ts, generator=g)
         x = k.sample_prior(x0.shape, "cpu", generator=g)
         for t, tp in ((999, 500), (500, 10), (10, -1)):
-            x, _ = k.step(torch.randn(x.shape, generator=g), t, tp, x, generator=g)
+            x, _ = ddpm.step(k, torch.randn(x.shape, generator=g), t, tp, x, generator=g)
         return ts, xt, x
 
     a, b, c = sample(0), sample(0), sample(1)
@@ -568,18 +586,20 @@ def test_generator_reproducibility():
 
 
 @pytest.mark.parametrize(
-    "kwargs,valid",
+    "build,valid",
     [
-        ({"schedule": "quadratic"}, "'cosine'"),
-        ({"objective": "v"}, "'x0'"),
-        ({"sampling": "euler"}, "'ddpm'"),
-        ({"eta": -1.0}, ">= 0"),
-        ({"num_train_timesteps": 0}, "positive"),
+        (lambda: GaussianKernel(schedule="quadratic"), "'cosine'"),
+        (lambda: GaussianKernel(objective="v"), "'x0'"),
+        # an old config's unknown reverse update (the option moved to the solvers)
+        (lambda: split_moved_settings({"_target_": "GaussianKernel", "sampling": "euler"}), "'ddpm'"),
+        (lambda: DDIM(eta=-1.0), ">= 0"),
+        (lambda: GaussianKernel(num_train_timesteps=0), "positive"),
     ],
+    ids=["schedule", "objective", "sampling", "eta", "T"],
 )
-def test_bad_options(kwargs, valid):
+def test_bad_options(build, valid):
     with pytest.raises(ValueError, match=valid):
-        GaussianKernel(**kwargs)
+        build()
 
 
 def test_bad_schedule_name():
@@ -627,7 +647,7 @@ def test_dpmpp_2m_matches_the_update_rule_by_hand():
 
     Two samples on different grids in one batch (per-sample timesteps and lambdas).
     """
-    k = GaussianKernel(objective="x0", sampling="dpmpp_2m", clip_x0=False)
+    k, solver = GaussianKernel(objective="x0"), DPMSolverPP2M(clip_x0=False)
     grids = [k.inference_timesteps(5).tolist(), k.inference_timesteps(20).tolist()[:4] + [37]]
     x0_preds = [[0.3, -0.7, 0.9, 0.1, -0.2], [-0.5, 0.8, 0.25, -0.9, 0.6]]
     x_T = [1.3, -0.4]
@@ -640,7 +660,7 @@ def test_dpmpp_2m_matches_the_update_rule_by_hand():
         t = torch.tensor([g[i] for g in grids])
         tp = torch.tensor([g[i + 1] if i + 1 < 5 else -1 for g in grids])
         out = torch.tensor([p[i] for p in x0_preds]).view(2, 1, 1, 1)
-        x, x0_pred = k.step(out, t, tp, x, history=history)
+        x, x0_pred = solver.step(k, out, t, tp, x, state=history)
         assert torch.equal(x0_pred, out)
         torch.testing.assert_close(
             x.double().flatten(),
@@ -653,14 +673,14 @@ def test_dpmpp_2m_matches_the_update_rule_by_hand():
 
 def test_dpmpp_2m_second_order_term_is_used():
     """With history the second step differs from a first-order step; without history it is first order."""
-    k = GaussianKernel(objective="x0", sampling="dpmpp_2m", clip_x0=False)
+    k, solver = GaussianKernel(objective="x0"), DPMSolverPP2M(clip_x0=False)
     x = torch.full((1, 1, 1, 1), 0.7)
     t0, t1, t2 = 999, 499, 199
     history: dict[str, torch.Tensor] = {}
-    x1, _ = k.step(torch.full_like(x, 0.4), t0, t1, x, history=history)
+    x1, _ = solver.step(k, torch.full_like(x, 0.4), t0, t1, x, state=history)
     assert set(history) == {"x0_pred", "lambda"}
-    second, _ = k.step(torch.full_like(x, -0.6), t1, t2, x1, history=history)
-    first, _ = k.step(torch.full_like(x, -0.6), t1, t2, x1)
+    second, _ = solver.step(k, torch.full_like(x, -0.6), t1, t2, x1, state=history)
+    first, _ = solver.step(k, torch.full_like(x, -0.6), t1, t2, x1)
     assert not torch.allclose(second, first)
 
 
@@ -670,8 +690,9 @@ def test_dpmpp_2m_first_order_step_equals_ddim_eta0(objective):
     t, t_prev = random_pairs(8, 11)
     x_t = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(12))
     out = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(13))
-    dpm = GaussianKernel(objective=objective, sampling="dpmpp_2m").step(out, t, t_prev, x_t)
-    ddim = GaussianKernel(objective=objective, sampling="ddim", eta=0.0).step(out, t, t_prev, x_t)
+    k = GaussianKernel(objective=objective)
+    dpm = DPMSolverPP2M().step(k, out, t, t_prev, x_t)
+    ddim = DDIM(eta=0.0).step(k, out, t, t_prev, x_t)
     torch.testing.assert_close(dpm[1], ddim[1])
     torch.testing.assert_close(dpm[0], ddim[0], rtol=1e-4, atol=1e-5)
 
@@ -684,7 +705,7 @@ def test_dpmpp_2m_oracle_stays_on_the_ode_trajectory(objective, learn_variance):
     eps is fixed by the prior: x_T = alpha_{T-1} x0 + sigma_{T-1} eps. The data-prediction ODE keeps an
     oracle chain on this deterministic trajectory, at every step count.
     """
-    k = GaussianKernel(objective=objective, learn_variance=learn_variance, sampling="dpmpp_2m")
+    k, solver = GaussianKernel(objective=objective, learn_variance=learn_variance), DPMSolverPP2M()
     x0 = binary_x0(14)
     abar = k.alphas_cumprod.double()
     for num_steps in (1000, 50, 10, 5):
@@ -695,8 +716,8 @@ def test_dpmpp_2m_oracle_stays_on_the_ode_trajectory(objective, learn_variance):
         for i, t in enumerate(ts):
             t_prev = ts[i + 1] if i + 1 < len(ts) else -1
             tb = torch.full((x0.shape[0],), t, dtype=torch.long)
-            x, x0_pred = k.step(
-                oracle_output(k, x, x0, tb), tb, torch.full_like(tb, t_prev), x, history=history
+            x, x0_pred = solver.step(
+                k, oracle_output(k, x, x0, tb), tb, torch.full_like(tb, t_prev), x, state=history
             )
             if t_prev >= 0:
                 on_path = abar[t_prev].sqrt() * x0 + (1 - abar[t_prev]).sqrt() * eps
@@ -714,12 +735,12 @@ def test_dpmpp_2m_does_not_sync_host(monkeypatch):
         raise AssertionError("host synchronisation inside the kernel")
 
     x = binary_x0(0, (2, 1, 8, 8))
-    k = GaussianKernel(sampling="dpmpp_2m")
+    k, solver = GaussianKernel(), DPMSolverPP2M()
     out = torch.zeros(2, 1, 8, 8)
     for name in ("item", "__bool__", "__int__", "__float__", "tolist"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
     history: dict[str, torch.Tensor] = {}
-    x, _ = k.step(out, torch.tensor([999, 20]), torch.tensor([500, 10]), x, history=history)
-    x, _ = k.step(out, torch.tensor([500, 10]), torch.tensor([100, -1]), x, history=history)
+    x, _ = solver.step(k, out, torch.tensor([999, 20]), torch.tensor([500, 10]), x, state=history)
+    x, _ = solver.step(k, out, torch.tensor([500, 10]), torch.tensor([100, -1]), x, state=history)
     monkeypatch.undo()
     assert torch.isfinite(x).all()

@@ -1,6 +1,6 @@
-"""The Gaussian kernel's strided DDPM step lands on the marginal q(x_{t_prev} | x_0) (shared/DESIGN.md).
+"""The DDPM solver's strided step on the Gaussian kernel lands on the marginal q(x_{t_prev} | x_0).
 
-That is why the kernel does not lean on MONAI's schedulers for strided sampling: MONAI 1.6's
+That is why the solvers do not lean on MONAI's schedulers for strided sampling: MONAI 1.6's
 ``DDPMScheduler.step`` uses the one-step posterior even on a strided grid. These tests assert our own
 behaviour only; MONAI is used where it is right (its schedule, and its step on the full 1000-step grid),
 so they do not depend on whether MONAI's strided step is ever fixed.
@@ -12,13 +12,17 @@ import pytest
 import torch
 from monai.networks.schedulers import DDPMScheduler
 
-from diffseg_lightning.diffusion import GaussianKernel
+from diffseg_lightning.diffusion import DDPM, GaussianKernel
 
 T = 1000
 
 
 def kernel() -> GaussianKernel:
-    return GaussianKernel(num_train_timesteps=T, objective="x0", sampling="ddpm", clip_x0=False)
+    return GaussianKernel(num_train_timesteps=T, objective="x0")
+
+
+#: ancestral DDPM on the respaced chain, no clipping (the x_0 oracle is exact)
+SOLVER = DDPM(clip_x0=False)
 
 
 def noisy(abar_t: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +55,7 @@ def test_a_strided_ddpm_step_lands_on_the_marginal(t, t_prev):
     abar = ours.alphas_cumprod
     gen = torch.Generator().manual_seed(t)
     x0, x_t = noisy(abar[t], gen)
-    x_prev, _ = ours.step(x0, torch.full((8,), t), torch.full((8,), t_prev), x_t, generator=gen)
+    x_prev, _ = SOLVER.step(ours, x0, torch.full((8,), t), torch.full((8,), t_prev), x_t, generator=gen)
     assert_on_the_marginal(x_prev, x0, abar[t_prev])
 
 
@@ -68,6 +72,6 @@ def test_one_step_agrees_with_monai_on_the_full_grid():
     gen = torch.Generator().manual_seed(1)
     x0, x_t = noisy(abar[t], gen)
     theirs, _ = monai.step(x0, t, x_t, generator=gen)
-    mine, _ = ours.step(x0, torch.full((8,), t), torch.full((8,), t - 1), x_t, generator=gen)
+    mine, _ = SOLVER.step(ours, x0, torch.full((8,), t), torch.full((8,), t - 1), x_t, generator=gen)
     assert_on_the_marginal(theirs, x0, abar[t - 1])
     assert_on_the_marginal(mine, x0, abar[t - 1])

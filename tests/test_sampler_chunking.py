@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffseg_lightning.diffusion import BernoulliKernel, GaussianKernel
+from diffseg_lightning.diffusion import DDIM, DDPM, BernoulliKernel, GaussianKernel
 from diffseg_lightning.inference import DiffusionSampler, repeat_condition, slice_condition
 
 
@@ -63,16 +63,19 @@ class DictDenoiser(nn.Module):
         )
 
 
+#: name -> (kernel, solver; None: the kernel's default)
 KERNELS = {
-    "ddim_eta0": lambda: GaussianKernel(num_train_timesteps=50, objective="x0"),
-    "ddpm": lambda: GaussianKernel(num_train_timesteps=50, objective="x0", sampling="ddpm"),
-    "ddim_eta1": lambda: GaussianKernel(num_train_timesteps=50, objective="epsilon", eta=1.0),
-    "bernoulli": lambda: BernoulliKernel(num_train_timesteps=50),
+    "ddim_eta0": lambda: (GaussianKernel(num_train_timesteps=50, objective="x0"), None),
+    "ddpm": lambda: (GaussianKernel(num_train_timesteps=50, objective="x0"), DDPM()),
+    "ddim_eta1": lambda: (GaussianKernel(num_train_timesteps=50, objective="epsilon"), DDIM(eta=1.0)),
+    "bernoulli": lambda: (BernoulliKernel(num_train_timesteps=50), None),
 }
 
 
-def sample(max_batch, kernel, net, images, **kwargs):
-    sampler = DiffusionSampler(num_steps=5, num_samples=3, seed=3, max_batch=max_batch, **kwargs)
+def sample(max_batch, kernel, net, images, solver=None, **kwargs):
+    sampler = DiffusionSampler(
+        num_steps=5, num_samples=3, seed=3, max_batch=max_batch, solver=solver, **kwargs
+    )
     return sampler.sample(net, kernel, images, 1, case_ids=torch.arange(images.shape[0]))
 
 
@@ -80,12 +83,12 @@ def sample(max_batch, kernel, net, images, **kwargs):
 @pytest.mark.parametrize("max_batch", [1, 4, 5, 11, 12, 100])
 def test_chunked_sampling_equals_one_pass(name, max_batch):
     torch.manual_seed(0)
-    kernel, net = KERNELS[name](), TinyDenoiser()
+    (kernel, solver), net = KERNELS[name](), TinyDenoiser()
     images = torch.randn(4, 1, 8, 8)
-    whole = sample(None, kernel, net, images)
+    whole = sample(None, kernel, net, images, solver)
     assert net.rows == [12] * 5
     net.rows.clear()
-    chunked = sample(max_batch, kernel, net, images)
+    chunked = sample(max_batch, kernel, net, images, solver)
     assert max(net.rows) <= max_batch and sum(net.rows) == 12 * 5
     assert len(net.rows) == 5 * -(-12 // max_batch)
     for key in ("samples", "probability", "mask", "std", "entropy"):
@@ -94,7 +97,7 @@ def test_chunked_sampling_equals_one_pass(name, max_batch):
 
 def test_stochastic_sampler_still_differs_across_seeds():
     torch.manual_seed(0)
-    kernel, net = KERNELS["bernoulli"](), TinyDenoiser()
+    (kernel, _), net = KERNELS["bernoulli"](), TinyDenoiser()
     images = torch.randn(2, 1, 8, 8)
     a = sample(2, kernel, net, images)
     b = DiffusionSampler(num_steps=5, num_samples=3, seed=4, max_batch=2).sample(net, kernel, images, 1)
@@ -103,11 +106,11 @@ def test_stochastic_sampler_still_differs_across_seeds():
 
 def test_dict_condition_is_chunked_row_for_row():
     torch.manual_seed(0)
-    kernel, net = KERNELS["ddpm"](), DictDenoiser()
+    (kernel, solver), net = KERNELS["ddpm"](), DictDenoiser()
     images = torch.randn(3, 1, 8, 8)
-    whole = sample(None, kernel, net, images)
+    whole = sample(None, kernel, net, images, solver)
     net.rows.clear()
-    chunked = sample(4, kernel, net, images)
+    chunked = sample(4, kernel, net, images, solver)
     assert net.rows == [4, 4, 1] * 5
     torch.testing.assert_close(chunked["samples"], whole["samples"], rtol=0, atol=0)
 

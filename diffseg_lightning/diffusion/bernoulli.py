@@ -1,4 +1,5 @@
-"""Bernoulli noise kernel for binary mask diffusion (BerDiff): forward process, losses and strided sampler.
+"""Bernoulli noise kernel for binary mask diffusion (BerDiff): forward process, losses and the strided
+posterior (its reverse update is the solver ``diffusion/solvers/bernoulli.py``).
 
 Reference:
     Chen, Wang & Shan (2023), "BerDiff: Conditional Bernoulli Diffusion Model for Medical Image
@@ -138,16 +139,13 @@ class BernoulliKernel(NoiseKernel):
     """Bernoulli diffusion over binary masks (BerDiff, Chen, Wang & Shan, MICCAI 2023).
 
     Forward: ``q(y_t | y_0) = B(abar_t y_0 + (1 - abar_t) / 2)``, drawn as ``y_t = y_0 XOR eps``,
-    ``eps ~ B((1 - abar_t) / 2)``. Reverse: ``p(y_s | y_t) = B(theta_post(y_t, x0_hat))`` where the
-    network output is a logit: of the Bernoulli noise ``eps_hat`` (``x0_hat = |y_t - eps_hat|``, the
-    paper's calibration ``F_C``) or, with ``objective="x0"``, of ``y_0`` itself. Strided steps
-    ``t -> s`` use ``alpha_{t|s} = abar_t / abar_s`` and ``abar_s``, so a sample moves from the
-    noise level of ``t`` to that of ``s`` (the noise-kernel contract of ``DESIGN.md``). Sampling
-    starts from ``y_T ~ B(1/2)``.
-
-    Output of sampling: the final step returns the predicted foreground probability ``x0_pred``
-    as ``x_prev`` (``decode_mask`` gives it unchanged and the sampler's fusion thresholds it);
-    ``binarize_final=True`` returns a Bernoulli sample of it instead.
+    ``eps ~ B((1 - abar_t) / 2)``. Reverse (the solver :class:`~diffseg_lightning.diffusion.solvers.BernoulliPosterior`):
+    ``p(y_s | y_t) = B(theta_post(y_t, x0_hat))`` where the network output is a logit: of the Bernoulli
+    noise ``eps_hat`` (``x0_hat = |y_t - eps_hat|``, the paper's calibration ``F_C``) or, with
+    ``objective="x0"``, of ``y_0`` itself. Strided steps ``t -> s`` use ``alpha_{t|s} = abar_t / abar_s``
+    and ``abar_s`` (``strided``), so a sample moves from the noise level of ``t`` to that of ``s``.
+    Sampling starts from ``y_T ~ B(1/2)``; the final step returns the predicted foreground probability
+    (``decode_mask`` gives it unchanged and the sampler's fusion thresholds it).
 
     Defaults (see the module docstring for sources): ``T = 1000``, linear schedule
     ``beta = 1e-4 .. 0.02`` (Ho et al. 2020), ``objective="eps"``, ``lambda_bce = 1``.
@@ -162,8 +160,6 @@ class BernoulliKernel(NoiseKernel):
         beta_end: last beta of the linear schedule at T = 1000.
         objective: one of ``BERNOULLI_OBJECTIVES`` (``"eps"``, ``"eps_kl"``, ``"eps_bce"``, ``"x0"``).
         lambda_bce: weight of ``L_BCE`` in ``L_KL + lambda_bce L_BCE`` (objectives ``eps`` and ``x0``).
-        binarize_final: the final step returns a Bernoulli sample of ``x0_pred`` instead of the
-            probability itself.
 
     Raises:
         ValueError: an unknown string option (the message lists the valid values) or an
@@ -187,7 +183,6 @@ class BernoulliKernel(NoiseKernel):
         beta_end: float = 0.02,
         objective: str = "eps",
         lambda_bce: float = 1.0,
-        binarize_final: bool = False,
     ) -> None:
         super().__init__(num_train_timesteps, schedule)
         if objective not in BERNOULLI_OBJECTIVES:
@@ -198,7 +193,6 @@ class BernoulliKernel(NoiseKernel):
             raise ConfigError(f"lambda_bce must be a number >= 0, got {lambda_bce!r}")
         self.objective: str = objective
         self.lambda_bce: float = float(lambda_bce)
-        self.binarize_final: bool = bool(binarize_final)
 
         betas = make_beta_schedule(schedule, num_train_timesteps, beta_start, beta_end)  # float64 (T,)
         alphas = 1.0 - betas
@@ -221,12 +215,12 @@ class BernoulliKernel(NoiseKernel):
         """The solver ``sampler=default`` uses: :class:`~diffseg_lightning.diffusion.solvers.BernoulliPosterior`."""
         from diffseg_lightning.diffusion.solvers import BernoulliPosterior  # the solvers import this module
 
-        return BernoulliPosterior(binarize_final=self.binarize_final)
+        return BernoulliPosterior(binarize_final=False)
 
     def extra_repr(self) -> str:
         return (
             f"T={self.num_train_timesteps}, schedule={self.schedule!r}, objective={self.objective!r}, "
-            f"lambda_bce={self.lambda_bce}, binarize_final={self.binarize_final}"
+            f"lambda_bce={self.lambda_bce}"
         )
 
     # ------------------------------------------------------------------ helpers
@@ -436,18 +430,3 @@ class BernoulliKernel(NoiseKernel):
         else:
             terms["loss"] = terms["kl"] + self.lambda_bce * terms["bce"]
         return terms
-
-    # ------------------------------------------------------------------ sampling (deprecated)
-    def step(
-        self,
-        model_output: Tensor,
-        t: Tensor | int,
-        t_prev: Tensor | int,
-        x_t: Tensor,
-        generator: torch.Generator | None = None,
-        history: dict[str, Tensor] | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Deprecated: ``self.default_solver().step(self, ...)`` (the solvers in ``diffusion/solvers`` walk chains)."""
-        return self.default_solver().step(
-            self, model_output, t, t_prev, x_t, generator=generator, state=history
-        )

@@ -1,13 +1,10 @@
-"""Gaussian noise kernel for mask diffusion: forward process, training losses and strided samplers.
+"""Gaussian noise kernel for mask diffusion: forward process, training losses and the respaced chain's
+coefficients (the reverse updates are the solvers of ``diffusion/solvers``: DDIM, DDPM, DPM-Solver++(2M)).
 
 References:
     Ho, Jain & Abbeel (2020), "Denoising Diffusion Probabilistic Models" (DDPM): forward
     process ``q(x_t | x_0)``, posterior ``q(x_{t-1} | x_t, x_0)``, the simple epsilon loss.
-    Song, Meng & Ermon (2021), "Denoising Diffusion Implicit Models" (DDIM): the
-    non-Markovian update with stochasticity ``eta`` (Eq. 12 and 16).
-    Lu, Zhou, Bao, Chen, Li & Zhu (2022), "DPM-Solver++: Fast Solver for Guided Sampling of
-    Diffusion Probabilistic Models": the multistep second-order data-prediction solver
-    DPM-Solver++(2M) (Alg. 2), ``sampling="dpmpp_2m"``.
+    Lu, Zhou, Bao, Chen, Li & Zhu (2022), "DPM-Solver++": the half log-SNR ``lambda_t`` (``log_snr``).
     Nichol & Dhariwal (2021), "Improved Denoising Diffusion Probabilistic Models": cosine
     schedule, learned variance ``log Sigma = v log beta + (1 - v) log beta_tilde`` (Eq. 15),
     the hybrid loss ``L_simple + lambda L_vlb`` with a stop-gradient on the mean for
@@ -20,7 +17,8 @@ openai/guided-diffusion) as a source of facts and wrote our own code:
       equals the paper's ``lambda = 0.001`` at ``T = 1000``;
     * the lower log-variance bound at ``t = 0`` is ``log beta_tilde_1`` ("clipped");
     * no clipping of ``x0`` inside the training loss; clipping (and re-deriving ``eps`` from
-      the clipped ``x0``) at sampling time, as guided-diffusion does for DDIM;
+      the clipped ``x0``) at sampling time, as guided-diffusion does for DDIM (``predict_x0_eps(clip=True)``,
+      the solvers' ``clip_x0``);
     * the decoder uses bins of width ``2 / 255`` on ``[-1, 1]``; we evaluate the exact normal
       CDF (``log_ndtr``) instead of the released ``tanh`` approximation.
 
@@ -44,7 +42,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "OBJECTIVES",
-    "SAMPLERS",
     "GaussianKernel",
     "Respaced",
     "discretized_gaussian_log_likelihood",
@@ -53,8 +50,6 @@ __all__ = [
 
 #: Valid values of the ``objective`` option: what the network predicts.
 OBJECTIVES: tuple[str, ...] = ("epsilon", "x0")
-#: Valid values of the ``sampling`` option: the update used by ``GaussianKernel.step``.
-SAMPLERS: tuple[str, ...] = ("ddim", "ddpm", "dpmpp_2m")
 
 _LOG2 = math.log(2.0)
 
@@ -123,10 +118,12 @@ def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Te
 class GaussianKernel(NoiseKernel):
     """Gaussian diffusion over masks: ``q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)``.
 
-    Implements the noise-kernel contract of ``DESIGN.md``: forward noising (Ho et al. 2020),
-    the simple loss with an epsilon or x_0 target, optionally the hybrid loss with learned
-    variance (Nichol & Dhariwal 2021), and strided DDPM / DDIM steps (Song et al. 2021) that
-    move a sample from the noise level of ``t`` to that of ``t_prev``.
+    Implements the noise-kernel contract (:class:`~diffseg_lightning.diffusion.base.NoiseKernel`): forward
+    noising (Ho et al. 2020), the simple loss with an epsilon or x_0 target, optionally the hybrid loss with
+    learned variance (Nichol & Dhariwal 2021), the prediction of ``x0`` and ``eps``, and the posterior and
+    coefficients of the respaced chain between any two kept steps (``respaced``, ``log_snr``), which the
+    solvers (DDIM, DDPM, DPM-Solver++(2M)) use to move a sample from the noise level of ``t`` to that of
+    ``t_prev``.
 
     The module has no parameters; it is an ``nn.Module`` only so that its (non-persistent)
     float32 buffers follow ``.to(device)``. All schedule quantities are computed in float64
@@ -142,10 +139,6 @@ class GaussianKernel(NoiseKernel):
             ``[-1, 1]`` interpolating the log-variance between ``beta_tilde`` and ``beta``; the
             loss becomes ``mse + vlb_weight * vlb`` (Nichol & Dhariwal 2021).
         vlb_weight: weight of the vlb term (1.0 = the paper's ``lambda = 0.001`` at T = 1000).
-        sampling: the update that ``step`` uses, ``"ddim"``, ``"ddpm"`` or ``"dpmpp_2m"``
-            (DPM-Solver++(2M), Lu et al. 2022; multistep, see ``step``'s ``history``).
-        eta: DDIM stochasticity (0 = deterministic DDIM, 1 = the DDPM posterior variance).
-        clip_x0: clamp the predicted ``x0`` to ``[-1, 1]`` when sampling.
 
     Raises:
         ValueError: an unknown string option (the message lists the valid values) or an
@@ -173,25 +166,15 @@ class GaussianKernel(NoiseKernel):
         objective: str = "epsilon",
         learn_variance: bool = False,
         vlb_weight: float = 1.0,
-        sampling: str = "ddim",
-        eta: float = 0.0,
-        clip_x0: bool = True,
     ) -> None:
         super().__init__(num_train_timesteps, schedule)
         if objective not in OBJECTIVES:
             raise ConfigError(f"unknown objective {objective!r}; valid values are {list(OBJECTIVES)}")
-        if sampling not in SAMPLERS:
-            raise ConfigError(f"unknown sampling {sampling!r}; valid values are {list(SAMPLERS)}")
-        if not (isinstance(eta, (int, float)) and eta >= 0.0):
-            raise ConfigError(f"eta must be a number >= 0, got {eta!r}")
         if not (isinstance(vlb_weight, (int, float)) and vlb_weight >= 0.0):
             raise ConfigError(f"vlb_weight must be a number >= 0, got {vlb_weight!r}")
         self.objective: str = objective
         self.learn_variance: bool = bool(learn_variance)
         self.vlb_weight: float = float(vlb_weight)
-        self.sampling: str = sampling
-        self.eta: float = float(eta)
-        self.clip_x0: bool = bool(clip_x0)
 
         betas = make_beta_schedule(schedule, num_train_timesteps, beta_start, beta_end)  # float64 (T,)
         alphas = 1.0 - betas
@@ -222,28 +205,15 @@ class GaussianKernel(NoiseKernel):
         for name, value in tables.items():
             self.register_buffer(name, value.to(torch.float32), persistent=False)
 
-    @property
-    def update_rule(self) -> str:
-        """Deprecated: the name of :meth:`default_solver` (``"ddim"``, ``"ddpm"`` or ``"dpmpp_2m"``)."""
-        return self.sampling
-
     #: ``sampler=ddim``: DDIM with eta = 0 and clipping, the default solver.
     default_solver_group = "ddim"
 
     def default_solver(self) -> Solver:
         """The solver ``sampler=default`` uses: :class:`~diffseg_lightning.diffusion.solvers.DDIM` with
         ``eta = 0`` and ``clip_x0`` (the deterministic DDIM of Song et al. 2021)."""
-        from diffseg_lightning.diffusion.solvers import (
-            DDIM,
-            DDPM,
-            DPMSolverPP2M,
-        )  # the solvers import this module
+        from diffseg_lightning.diffusion.solvers.ddim import DDIM  # the solvers import this module
 
-        if self.sampling == "ddpm":
-            return DDPM(clip_x0=self.clip_x0)
-        if self.sampling == "dpmpp_2m":
-            return DPMSolverPP2M(clip_x0=self.clip_x0)
-        return DDIM(eta=self.eta, clip_x0=self.clip_x0)
+        return DDIM(eta=0.0, clip_x0=True)
 
     def predict_x0(self, model_output: Tensor, x_t: Tensor, t: Tensor | int) -> Tensor:
         """The ``x0`` the network output implies at ``(x_t, t)`` (not clipped), ``(B, C, H, W)``: the first
@@ -253,7 +223,7 @@ class GaussianKernel(NoiseKernel):
     def extra_repr(self) -> str:
         return (
             f"T={self.num_train_timesteps}, schedule={self.schedule!r}, objective={self.objective!r}, "
-            f"learn_variance={self.learn_variance}, sampling={self.sampling!r}, eta={self.eta}, clip_x0={self.clip_x0}"
+            f"learn_variance={self.learn_variance}, vlb_weight={self.vlb_weight}"
         )
 
     # ------------------------------------------------------------------ helpers
@@ -302,7 +272,7 @@ class GaussianKernel(NoiseKernel):
         return model_output, None
 
     def predict_x0_eps(
-        self, model_output: Tensor, x_t: Tensor, t: Tensor | int, clip: bool | None = None
+        self, model_output: Tensor, x_t: Tensor, t: Tensor | int, clip: bool = False
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Derive ``(x0, eps, v)`` from the network output according to ``objective``.
 
@@ -314,7 +284,7 @@ class GaussianKernel(NoiseKernel):
             model_output: ``(B, C, H, W)`` or ``(B, 2C, H, W)`` with learned variance.
             x_t: ``(B, C, H, W)``.
             t: LongTensor ``(B,)``, 0-dim or int.
-            clip: clamp ``x0``; ``None`` uses ``self.clip_x0``.
+            clip: clamp ``x0`` to ``[-1, 1]`` and re-derive ``eps`` (a solver's ``clip_x0``).
 
         Returns:
             ``x0_pred`` and ``eps_pred``, each ``(B, C, H, W)``, and ``v`` (or ``None``).
@@ -323,7 +293,7 @@ class GaussianKernel(NoiseKernel):
         t = self.batch_timesteps(t, x_t.shape[0])
         sa = self._gather(self.sqrt_alphas_cumprod, t, x_t.ndim)
         s1 = self._gather(self.sqrt_one_minus_alphas_cumprod, t, x_t.ndim)
-        x0, eps = self._x0_eps(out, x_t, sa, s1, self.clip_x0 if clip is None else clip)
+        x0, eps = self._x0_eps(out, x_t, sa, s1, clip)
         return x0, eps, v
 
     def _x0_eps(self, out: Tensor, x_t: Tensor, sa: Tensor, s1: Tensor, clip: bool) -> tuple[Tensor, Tensor]:
@@ -525,17 +495,3 @@ class GaussianKernel(NoiseKernel):
         (Lu et al. 2022, Sec. 2), for timesteps ``t`` (LongTensor ``(B,)``): float32 ``(B,)``, ``+inf`` at ``t = -1``."""
         la = self.log_alphas_cumprod_at(t)
         return 0.5 * (la - torch.log(-torch.expm1(la)))
-
-    def step(
-        self,
-        model_output: Tensor,
-        t: Tensor | int,
-        t_prev: Tensor | int,
-        x_t: Tensor,
-        generator: torch.Generator | None = None,
-        history: dict[str, Tensor] | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Deprecated: ``self.default_solver().step(self, ...)`` (the solvers in ``diffusion/solvers`` walk chains)."""
-        return self.default_solver().step(
-            self, model_output, t, t_prev, x_t, generator=generator, state=history
-        )

@@ -78,7 +78,8 @@ def split_moved_settings(noise: Mapping[str, Any]) -> MovedSettings:
         group = str(moved.get("sampling", "ddim"))
         if group not in ("ddim", "ddpm", "dpmpp_2m"):
             raise ConfigError(
-                f"noise.sampling={group}: not a reverse update of the Gaussian kernel (ddim, ddpm, dpmpp_2m)"
+                f"noise.sampling={group}: not a reverse update of the Gaussian kernel; valid values are "
+                "['ddim', 'ddpm', 'dpmpp_2m']"
             )
         given = {"clip_x0": bool(moved.get("clip_x0", True))}
         if group == "ddim":

@@ -18,13 +18,15 @@ from diffseg_lightning.exceptions import ConfigError
 class Solver(ABC):
     """A reverse update for one kind of noise kernel.
 
-    Subclasses set ``name`` (what ``summary.json`` reports as ``sampler.update``) and ``kernel_type`` (the
-    kernel class they fit), and implement :attr:`is_deterministic` and :meth:`step`. A solver keeps no state
+    Subclasses set ``name`` (what ``summary.json`` reports as ``sampler.update``), ``config_group`` (the
+    ``sampler=`` that selects them) and ``kernel_type`` (the kernel class they fit), and implement :attr:`is_deterministic` and :meth:`step`. A solver keeps no state
     between calls: a multistep update keeps its memory in the per-chain ``state`` dict that
     :func:`~diffseg_lightning.diffusion.reverse.reverse` creates empty for each chain and passes to every step.
     """
 
     name: ClassVar[str]
+    #: the ``sampler=<group>`` config (``conf/sampler/<group>.yaml``) that selects this solver
+    config_group: ClassVar[str]
     kernel_type: ClassVar[type[NoiseKernel]]
 
     @property
@@ -33,12 +35,13 @@ class Solver(ABC):
         """True when :meth:`step` draws no random numbers (the chain is a function of its prior draw)."""
 
     def check_kernel(self, kernel: NoiseKernel) -> None:
-        """Raise a :class:`ConfigError` naming both when this solver cannot sample ``kernel``'s chain."""
+        """Raise a one-line :class:`ConfigError` naming both and the fix when this solver cannot sample ``kernel``'s
+        chain (e.g. ``noise=bernoulli sampler=ddim``)."""
         if not isinstance(kernel, self.kernel_type):
             raise ConfigError(
-                f"solver {self.name!r} ({type(self).__name__}) samples a {self.kernel_type.__name__}, but the "
-                f"noise kernel is a {type(kernel).__name__}; choose a solver for it with "
-                f"sampler={kernel.default_solver_group} (or sampler=default, the kernel's default solver)"
+                f"sampler={self.config_group} (the {type(self).__name__} solver) samples a "
+                f"{self.kernel_type.__name__}, but the noise kernel is a {type(kernel).__name__}; choose a solver "
+                f"of it, e.g. sampler={kernel.default_solver_group}, or sampler=default (the kernel's default solver)"
             )
 
     def options(self) -> dict[str, Any]:

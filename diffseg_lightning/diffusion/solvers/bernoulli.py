@@ -35,6 +35,7 @@ class BernoulliPosterior(Solver):
     """
 
     name = "posterior"
+    config_group = "bernoulli"
     kernel_type = BernoulliKernel
 
     def __init__(self, binarize_final: bool = False) -> None:

@@ -37,6 +37,7 @@ class DDIM(Solver):
     """
 
     name = "ddim"
+    config_group = "ddim"
     kernel_type = GaussianKernel
 
     def __init__(self, eta: float = 0.0, clip_x0: bool = True) -> None:

@@ -39,6 +39,7 @@ class DDPM(Solver):
     """
 
     name = "ddpm"
+    config_group = "ddpm"
     kernel_type = GaussianKernel
 
     def __init__(self, clip_x0: bool = True) -> None:

@@ -43,6 +43,7 @@ class DPMSolverPP2M(Solver):
     """
 
     name = "dpmpp_2m"
+    config_group = "dpmpp_2m"
     kernel_type = GaussianKernel
 
     def __init__(self, clip_x0: bool = True) -> None:
