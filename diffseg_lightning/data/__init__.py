@@ -10,7 +10,6 @@ from diffseg_lightning.data.drive import DRIVE
 from diffseg_lightning.data.folder import ImageFolder, PairedFolder
 from diffseg_lightning.data.glas import GlaS
 from diffseg_lightning.data.groups import GroupsFromCSV
-from diffseg_lightning.data.hover import hover_maps, instances_from_structure, structure_from_instances
 from diffseg_lightning.data.isic import ISIC
 from diffseg_lightning.data.kvasir import KvasirSEG
 from diffseg_lightning.data.label_fraction import LabelFraction
@@ -66,11 +65,8 @@ __all__ = [
     "XCAD",
     "check_dataset",
     "check_split",
-    "hover_maps",
-    "instances_from_structure",
     "kmeans_subset",
     "split_by_fractions",
-    "structure_from_instances",
     "vessel_tree",
     "zscore_per_channel",
 ]
