@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from enum import Enum
-from typing import Any
 
 import torch
 
+from diffseg_lightning.diffusion.base import NoiseKernel
+from diffseg_lightning.diffusion.gaussian import GaussianKernel
 from diffseg_lightning.exceptions import ConfigError, DiffSegError
 
 
@@ -253,24 +254,26 @@ def staple(
     return w.reshape(b, c, *spatial).to(out_dtype)
 
 
-def check_learned_variance(kernel: object) -> None:
+def check_learned_variance(kernel: NoiseKernel) -> None:
     """Refuse a kernel without a learned variance for the evolution fusion, with the fix in the message.
 
     Raises:
-        ValueError: ``kernel.learn_variance`` is missing or false (e.g. the Bernoulli kernel, or the Gaussian
-            kernel without ``learn_variance=True``).
+        ConfigError: ``kernel`` is not a :class:`~diffseg_lightning.diffusion.GaussianKernel` with
+            ``learn_variance=True`` (e.g. the Bernoulli kernel, which has no variance to learn).
     """
-    if not getattr(kernel, "learn_variance", False):
+    if not (isinstance(kernel, GaussianKernel) and kernel.learn_variance):
+        setting = (
+            f"learn_variance={kernel.learn_variance}" if isinstance(kernel, GaussianKernel) else "no variance"
+        )
         raise ConfigError(
             f"fusion 'evolution' (MB-Diff's evolution-uncertainty fusion) needs a kernel with a learned variance, "
-            f"but {type(kernel).__name__} has none (learn_variance="
-            f"{getattr(kernel, 'learn_variance', 'absent')}); train and sample with "
+            f"but {type(kernel).__name__} has none ({setting}); train and sample with "
             f"noise=gaussian noise.learn_variance=true, or choose another fusion (sampler.fusion=mean|vote|staple)"
         )
 
 
 def final_step_log_variance(
-    kernel: Any, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    kernel: GaussianKernel, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
 ) -> torch.Tensor:
     """The learned log-variance ``Sigma`` of the reverse step at ``t``, from the network output already computed.
 
@@ -284,8 +287,8 @@ def final_step_log_variance(
     last step has posterior variance 0, so its "clipped" bounds are not defined there).
 
     Args:
-        kernel: a kernel with ``learn_variance`` true, ``split_output``, and the ``log_betas`` and
-            ``posterior_log_variance_clipped`` tables (the Gaussian kernel).
+        kernel: the Gaussian kernel with ``learn_variance`` true (its ``split_output`` and its ``log_betas`` and
+            ``posterior_log_variance_clipped`` tables).
         model_output: (B, 2C, H, W) network output at ``t``.
         x_t: (B, C, H, W) the sample it was computed on.
         t: (B,) timesteps.
