@@ -19,9 +19,14 @@ class Solver(ABC):
     """A reverse update for one kind of noise kernel.
 
     Subclasses set ``name`` (what ``summary.json`` reports as ``sampler.update``), ``config_group`` (the
-    ``sampler=`` that selects them) and ``kernel_type`` (the kernel class they fit), and implement :attr:`is_deterministic` and :meth:`step`. A solver keeps no state
-    between calls: a multistep update keeps its memory in the per-chain ``state`` dict that
+    ``sampler=`` that selects them) and ``kernel_type`` (the kernel class they fit), implement
+    :attr:`is_deterministic` and :meth:`step`, and report their constructor's arguments in :meth:`options`. A
+    solver keeps no state between calls: a multistep update keeps its memory in the per-chain ``state`` dict that
     :func:`~diffseg_lightning.diffusion.reverse.reverse` creates empty for each chain and passes to every step.
+
+    Adding a solver: a file in ``diffusion/solvers/`` with the class (the paper's update, with its equation
+    numbers), an export in ``diffusion/solvers/__init__.py`` (and ``SOLVERS``), and ``conf/sampler/<group>.yaml``
+    (``defaults: [default]`` and ``solver: {_target_: ..., options}``).
     """
 
     name: ClassVar[str]
@@ -60,8 +65,8 @@ class Solver(ABC):
         self,
         kernel: NoiseKernel,
         model_output: Tensor,
-        t: Tensor,
-        t_prev: Tensor,
+        t: Tensor | int,
+        t_prev: Tensor | int,
         x_t: Tensor,
         generator: torch.Generator | None = None,
         state: dict[str, Tensor] | None = None,
@@ -71,8 +76,9 @@ class Solver(ABC):
         Args:
             kernel: the noise process (an instance of ``kernel_type``).
             model_output: the denoiser's output for ``(x_t, t)``, float32, ``(B, C_out, ...)``.
-            t: LongTensor ``(B,)``, the current timesteps.
-            t_prev: LongTensor ``(B,)``, ``-1 <= t_prev < t``; ``-1`` is the final step (the clean mask).
+            t: LongTensor ``(B,)``, the current timesteps (an int or a 0-dim tensor is broadcast:
+                :meth:`~diffseg_lightning.diffusion.base.NoiseKernel.batch_timesteps`).
+            t_prev: likewise, ``-1 <= t_prev < t``; ``-1`` is the final step (the clean mask).
             x_t: the current sample ``(B, C, ...)``, float32.
             generator: random generator for the step's draws (on ``x_t``'s device).
             state: the chain's memory for multistep solvers, updated in place; ``None``: first-order steps.
