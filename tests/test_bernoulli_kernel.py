@@ -1,4 +1,4 @@
-"""Oracle, closed-form and contract tests of the Bernoulli noise kernel (BerDiff; ``DESIGN.md``, noise-kernel contract).
+"""Oracle, closed-form and contract tests of the Bernoulli noise kernel (BerDiff) and its posterior-step solver.
 
 Statistical tolerances: a frequency ``p_hat`` of ``n`` i.i.d. Bernoulli(p) draws has standard
 deviation ``sqrt(p (1 - p) / n)``; every statistical check allows ``Z = 5`` such standard
@@ -409,7 +409,7 @@ def test_loss_oracle_is_near_zero_and_detects_errors():
 
 
 def test_step_and_loss_do_not_sync_host(monkeypatch):
-    """No .item(), bool(tensor), int(tensor) or tolist() inside step or loss (DESIGN.md, sampling cost)."""
+    """No .item(), bool(tensor), int(tensor) or tolist() inside a solver step or the loss (no host sync per step)."""
 
     def forbidden(*args, **kwargs):
         raise AssertionError("host synchronisation inside the kernel")

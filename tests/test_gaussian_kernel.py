@@ -1,4 +1,4 @@
-"""Oracle, closed-form and contract tests of the Gaussian noise kernel (``DESIGN.md``, noise-kernel contract).
+"""Oracle, closed-form and contract tests of the Gaussian noise kernel and its solvers (DDIM, DDPM, DPM-Solver++(2M)).
 
 Statistical tolerances: for ``n`` i.i.d. draws of ``N(mu, s2)`` the sample mean has standard
 deviation ``sqrt(s2 / n)`` and the sample variance ``s2 * sqrt(2 / (n - 1))``; every
@@ -404,7 +404,7 @@ def test_step_accepts_int_and_0dim_t_and_per_sample_t():
 
 
 def test_step_and_loss_do_not_sync_host(monkeypatch):
-    """No .item(), bool(tensor), int(tensor) or tolist() inside step or loss (DESIGN.md, sampling cost)."""
+    """No .item(), bool(tensor), int(tensor) or tolist() inside a solver step or the loss (no host sync per step)."""
 
     def forbidden(*args, **kwargs):
         raise AssertionError("host synchronisation inside the kernel")
