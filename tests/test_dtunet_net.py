@@ -20,8 +20,8 @@ from diffseg_lightning.nets.dtunet import (
     WindowTransformerBlock,
     effective_window,
     shifted_window_mask,
+    window_merge,
     window_partition,
-    window_reverse,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -62,9 +62,9 @@ def test_window_partition_and_reverse_are_exact_inverses(h, w, window):
     windows = window_partition(x, window)
     nw = (h // window[0]) * (w // window[1])
     assert windows.shape == (2, nw, window[0] * window[1], 3)
-    assert torch.equal(window_reverse(windows, window, h, w), x)
+    assert torch.equal(window_merge(windows, window, h, w), x)
     y = torch.randn(2, nw, window[0] * window[1], 3)
-    assert torch.equal(window_partition(window_reverse(y, window, h, w), window), y)
+    assert torch.equal(window_partition(window_merge(y, window, h, w), window), y)
     # Raster order: window n holds the block (n // (W/ww), n % (W/ww)), its tokens in raster order.
     n_cols = w // window[1]
     for n in range(nw):

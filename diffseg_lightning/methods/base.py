@@ -20,6 +20,7 @@ from torch import nn
 
 from diffseg_lightning.inference.fusion import check_finite_fusion
 from diffseg_lightning.inference.sampler import DiffusionSampler
+from diffseg_lightning.methods.build import module_from_checkpoint
 from diffseg_lightning.metrics.report import case_metrics, summarize
 from diffseg_lightning.utils.checkpoints import load_checkpoint
 from diffseg_lightning.utils.errors import DiffSegError, NonFiniteLossError
@@ -319,7 +320,7 @@ class SegmentationMethod(L.LightningModule):
         from objects (a denoiser, a noise kernel, a sampler, partial optimisers) that are not
         hyperparameters, so none are saved; instead every checkpoint stores the run's resolved Hydra config
         (``checkpoint["diffseg_config"]``, see :meth:`on_save_checkpoint`). The module is rebuilt from it by
-        :func:`diffseg_lightning.entry.module_from_checkpoint` (the stored ``model`` config and kernel, the
+        :func:`diffseg_lightning.methods.build.module_from_checkpoint` (the stored ``model`` config and kernel, the
         weights checked, then loaded) and holds the checkpoint's ``state_dict``: the EMA weights when the
         run used the EMA callback, exactly the weights evaluation uses. The result works with Lightning's
         own loops (``Trainer.test(model=module, datamodule=...)``).
@@ -338,8 +339,6 @@ class SegmentationMethod(L.LightningModule):
             DiffSegError: the file is missing, unreadable or not ours (one line), or its method is not
                 ``cls`` or a subclass of it.
         """
-        from diffseg_lightning.entry import module_from_checkpoint  # the entry layer builds runs from configs
-
         checkpoint = load_checkpoint(checkpoint_path)
         config = checkpoint["diffseg_config"]
         target = str((config.get("model") or {}).get("_target_", ""))

@@ -4,7 +4,7 @@ Chowdary and Yin, "Diffusion Transformer U-Net for Medical Image Segmentation", 
 
 Contents:
 
-- :func:`window_partition` / :func:`window_reverse`: exact inverse pair (reshape / permute by
+- :func:`window_partition` / :func:`window_merge`: exact inverse pair (reshape / permute by
   ``einops``, no loops over windows) between a (B, H, W, C) map and its (B, nW, wh*ww, C) windows.
 - :func:`shifted_window_mask`: the Swin attention mask of the cyclically shifted windows.
 - :class:`WindowAttention`, :class:`WindowTransformerBlock`: (shifted) window multi-head self-attention
@@ -49,7 +49,7 @@ __all__ = [
     "shifted_window_mask",
     "sincos_position_embedding",
     "window_partition",
-    "window_reverse",
+    "window_merge",
 ]
 
 
@@ -108,7 +108,7 @@ def window_partition(x: Tensor, window: tuple[int, int]) -> Tensor:
     return rearrange(x, "b (nh wh) (nw ww) c -> b (nh nw) (wh ww) c", wh=wh, ww=ww)
 
 
-def window_reverse(windows: Tensor, window: tuple[int, int], height: int, width: int) -> Tensor:
+def window_merge(windows: Tensor, window: tuple[int, int], height: int, width: int) -> Tensor:
     """Inverse of :func:`window_partition`.
 
     Args:
@@ -221,7 +221,7 @@ class WindowAttention(nn.Module):
     multi-sized window transformer of Chowdary and Yin, "Diffusion Transformer U-Net for Medical Image
     Segmentation", MICCAI 2023. The map is rolled by ``-shift``, cut into windows
     (:func:`window_partition`), attended with ``scaled_dot_product_attention`` under the relative position
-    bias plus, for a shift, the mask of :func:`shifted_window_mask`, put back (:func:`window_reverse`) and
+    bias plus, for a shift, the mask of :func:`shifted_window_mask`, put back (:func:`window_merge`) and
     rolled by ``+shift``. The bias table is sized for ``window_size``; a window clamped to a smaller map
     reads the central part of it.
 
@@ -281,7 +281,7 @@ class WindowAttention(nn.Module):
             )
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=bias)
         out = self.proj(rearrange(out, "(b n) h l d -> b n l (h d)", b=batch))
-        out = window_reverse(out, window, height, width)
+        out = window_merge(out, window, height, width)
         if shift != (0, 0):
             out = torch.roll(out, shifts=shift, dims=(1, 2))
         return out
