@@ -40,7 +40,9 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from diffseg_lightning.diffusion.base import NoiseKernel
 from diffseg_lightning.exceptions import ConfigError, DiffSegError
+from diffseg_lightning.inference.sampler import DiffusionSampler
 from diffseg_lightning.utils.moved_settings import MOVED_KEYS, moved_setting_message, with_stored_solver
 
 __all__ = ["check_inference", "check_writable", "data_keys", "validate_config"]
@@ -418,24 +420,22 @@ def check_sampling(noise: DictConfig, sampler: DictConfig, whose: str | None = N
     from diffseg_lightning.inference.fusion import Fusion, check_learned_variance
 
     kernel, recipe = _build(noise), _build(sampler)
-    resolve = getattr(recipe, "resolve_solver", None)
-    if resolve is not None:
-        resolve(kernel)  # a solver of another kernel: ConfigError naming both and the sampler= to use
-    steps, T = getattr(recipe, "num_steps", None), getattr(kernel, "num_train_timesteps", None)
-    if steps is None or T is None:
-        return
+    if not isinstance(kernel, NoiseKernel) or not isinstance(recipe, DiffusionSampler):
+        return  # a user's own kernel or recipe class: its constructor has checked what it can
+    recipe.resolve_solver(
+        kernel
+    )  # a solver of another kernel: ConfigError naming both and the sampler= to use
+    steps, T = recipe.num_steps, kernel.num_train_timesteps
     if isinstance(steps, int) and steps > T:
         raise ConfigError(
             f"sampler.num_steps={steps} is more than T={T}, the diffusion steps the model is trained with "
             f"({f'{whose} ' if whose else ''}noise.num_train_timesteps): set sampler.num_steps to at most {T}"
         )
-    if hasattr(kernel, "inference_timesteps"):
-        try:
-            kernel.inference_timesteps(steps)
-        except ConfigError as err:
-            raise ConfigError(f"sampler.num_steps: {err}") from None
-    fusion = getattr(recipe, "fusion", None)
-    if fusion is not None and Fusion.parse(fusion) is Fusion.EVOLUTION:
+    try:
+        kernel.inference_timesteps(steps)
+    except ConfigError as err:
+        raise ConfigError(f"sampler.num_steps: {err}") from None
+    if Fusion.parse(recipe.fusion) is Fusion.EVOLUTION:
         check_learned_variance(kernel)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from diffseg_lightning.diffusion import GaussianKernel
+from diffseg_lightning.diffusion.solvers import DDIM, DDPM
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,8 +39,8 @@ FORWARD_PER_ROW, ENCODE, KERNEL_STEP = 1.0, 0.5, 0.25
 
 def test_measure_attributes_time_to_the_network_and_extrapolates_the_reference(monkeypatch):
     """With a clock that moves only inside the network (per row of a forward pass, per image encoded) and the
-    kernel step, every figure of the bench follows from the protocol: ours runs k batched passes of S rows,
-    one encode and k kernel steps; the reference runs one row, one encode and one kernel step per step."""
+    solver step, every figure of the bench follows from the protocol: ours runs k batched passes of S rows,
+    one encode and k solver steps; the reference runs one row, one encode and one solver step per step."""
     clock = ScriptedClock()
     monkeypatch.setattr(bench, "time", clock)
     monkeypatch.setattr(bench, "matmul_peak", lambda device, n: 1e9)
@@ -61,14 +61,16 @@ def test_measure_attributes_time_to_the_network_and_extrapolates_the_reference(m
         denoiser.register_forward_hook(forward_cost)
         return module
 
-    step = GaussianKernel.step
+    def costly(step):
+        def costly_step(self, *args, **kwargs):
+            clock.now += KERNEL_STEP
+            return step(self, *args, **kwargs)
 
-    def costly_step(self, *args, **kwargs):
-        clock.now += KERNEL_STEP
-        return step(self, *args, **kwargs)
+        return costly_step
 
     monkeypatch.setattr(bench, "build_module", build_with_costs)
-    monkeypatch.setattr(GaussianKernel, "step", costly_step)
+    for solver in (DDIM, DDPM):  # ours samples with DDIM, the released protocol with ancestral DDPM
+        monkeypatch.setattr(solver, "step", costly(solver.step))
     cfg = bench.compose_bench("medsegdiff", "gaussian", 16, TINY_NET)
     result = bench.measure(cfg, samples=[1, 3], steps=[2, 4], ref_steps=3, matmul_n=256)
 

@@ -475,7 +475,7 @@ class ODISENet(nn.Module):
         backbone: ODISEBackbone,
         blocks: Sequence[str] = ("up_blocks.0.resnets.1", "up_blocks.1.attentions.1"),
         timesteps: Sequence[int] = (0,),
-        kernel: Any = None,
+        kernel: Any = None,  # a GaussianKernel: nets/ does not import diffusion/; the extractor checks it
         noise_seed: int = 0,
         implicit_captioner: bool = True,
         prompt: str = "a photo of a {}.",
