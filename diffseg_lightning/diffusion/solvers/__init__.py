@@ -7,7 +7,7 @@ process. ``sampler=ddim|ddpm|dpmpp_2m|bernoulli`` (``conf/sampler``) chooses one
 
 from __future__ import annotations
 
-from diffseg_lightning.diffusion.solvers.base import Solver
+from diffseg_lightning.diffusion.solvers.base import GaussianSolver, Solver
 from diffseg_lightning.diffusion.solvers.bernoulli import BernoulliPosterior
 from diffseg_lightning.diffusion.solvers.ddim import DDIM
 from diffseg_lightning.diffusion.solvers.ddpm import DDPM
@@ -16,4 +16,4 @@ from diffseg_lightning.diffusion.solvers.dpmpp_2m import DPMSolverPP2M
 #: The solvers by their ``name`` (``summary.json``'s ``sampler.update``).
 SOLVERS: dict[str, type[Solver]] = {s.name: s for s in (DDIM, DDPM, DPMSolverPP2M, BernoulliPosterior)}
 
-__all__ = ["DDIM", "DDPM", "SOLVERS", "BernoulliPosterior", "DPMSolverPP2M", "Solver"]
+__all__ = ["DDIM", "DDPM", "SOLVERS", "BernoulliPosterior", "DPMSolverPP2M", "GaussianSolver", "Solver"]

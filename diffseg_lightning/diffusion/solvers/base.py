@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from diffseg_lightning.diffusion.base import NoiseKernel
+from diffseg_lightning.diffusion.gaussian import GaussianKernel
 from diffseg_lightning.exceptions import ConfigError
 
 
@@ -86,3 +87,20 @@ class Solver(ABC):
         Returns:
             ``(x_prev, x0_pred)``, each of the shape of ``x_t``.
         """
+
+
+class GaussianSolver(Solver):
+    """A solver of the :class:`~diffseg_lightning.diffusion.gaussian.GaussianKernel`, with the option every
+    Gaussian update shares.
+
+    Args:
+        clip_x0: clamp the predicted ``x0`` to ``[-1, 1]`` (and re-derive ``eps`` from it).
+    """
+
+    kernel_type = GaussianKernel
+
+    def __init__(self, clip_x0: bool = True) -> None:
+        self.clip_x0: bool = bool(clip_x0)
+
+    def options(self) -> dict[str, Any]:
+        return {"clip_x0": self.clip_x0}

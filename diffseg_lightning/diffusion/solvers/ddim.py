@@ -21,11 +21,11 @@ import torch
 from torch import Tensor
 
 from diffseg_lightning.diffusion.gaussian import GaussianKernel
-from diffseg_lightning.diffusion.solvers.base import Solver
+from diffseg_lightning.diffusion.solvers.base import GaussianSolver
 from diffseg_lightning.exceptions import ConfigError
 
 
-class DDIM(Solver):
+class DDIM(GaussianSolver):
     """DDIM with stochasticity ``eta`` (Song et al. 2021, Eq. 12 and 16) for the :class:`GaussianKernel`.
 
     Args:
@@ -38,13 +38,12 @@ class DDIM(Solver):
 
     name = "ddim"
     config_group = "ddim"
-    kernel_type = GaussianKernel
 
     def __init__(self, eta: float = 0.0, clip_x0: bool = True) -> None:
         if isinstance(eta, bool) or not isinstance(eta, int | float) or not eta >= 0.0:
             raise ConfigError(f"sampler.solver.eta (DDIM) must be a number >= 0, got {eta!r}")
+        super().__init__(clip_x0)
         self.eta: float = float(eta)
-        self.clip_x0: bool = bool(clip_x0)
 
     @property
     def is_deterministic(self) -> bool:
@@ -52,7 +51,7 @@ class DDIM(Solver):
         return self.eta == 0.0
 
     def options(self) -> dict[str, Any]:
-        return {"eta": self.eta, "clip_x0": self.clip_x0}
+        return {"eta": self.eta, **super().options()}
 
     def step(
         self,

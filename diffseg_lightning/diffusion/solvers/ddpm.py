@@ -19,19 +19,17 @@ respaced ``beta`` and ``var``. With ``clip_x0`` the prediction is clamped to ``[
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from diffseg_lightning.diffusion.gaussian import GaussianKernel
-from diffseg_lightning.diffusion.solvers.base import Solver
+from diffseg_lightning.diffusion.solvers.base import GaussianSolver
 
 #: Floor of a log-variance whose variance is exactly 0 (the final step, ``t_prev = -1``).
 TINY_VARIANCE = 1e-20
 
 
-class DDPM(Solver):
+class DDPM(GaussianSolver):
     """Ancestral sampling of the respaced posterior (Ho et al. 2020; Nichol & Dhariwal 2021, Eq. 15, Sec. 4).
 
     Args:
@@ -40,18 +38,11 @@ class DDPM(Solver):
 
     name = "ddpm"
     config_group = "ddpm"
-    kernel_type = GaussianKernel
-
-    def __init__(self, clip_x0: bool = True) -> None:
-        self.clip_x0: bool = bool(clip_x0)
 
     @property
     def is_deterministic(self) -> bool:
         """False: every step but the last draws ``z``."""
         return False
-
-    def options(self) -> dict[str, Any]:
-        return {"clip_x0": self.clip_x0}
 
     def step(
         self,

@@ -17,13 +17,11 @@ a first-order step equals DDIM with ``eta = 0``. ``t_prev = -1`` (``lambda_prev 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from diffseg_lightning.diffusion.gaussian import GaussianKernel
-from diffseg_lightning.diffusion.solvers.base import Solver
+from diffseg_lightning.diffusion.solvers.base import GaussianSolver
 
 
 def _per_sample(values: Tensor, ndim: int) -> Tensor:
@@ -31,7 +29,7 @@ def _per_sample(values: Tensor, ndim: int) -> Tensor:
     return values.reshape(values.shape[0], *([1] * (ndim - 1)))
 
 
-class DPMSolverPP2M(Solver):
+class DPMSolverPP2M(GaussianSolver):
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) for the :class:`GaussianKernel`.
 
     The memory of the multistep update lives in the per-chain ``state`` (keys ``"x0_pred"`` and ``"lambda"``)
@@ -44,18 +42,11 @@ class DPMSolverPP2M(Solver):
 
     name = "dpmpp_2m"
     config_group = "dpmpp_2m"
-    kernel_type = GaussianKernel
-
-    def __init__(self, clip_x0: bool = True) -> None:
-        self.clip_x0: bool = bool(clip_x0)
 
     @property
     def is_deterministic(self) -> bool:
         """True: the update draws nothing."""
         return True
-
-    def options(self) -> dict[str, Any]:
-        return {"clip_x0": self.clip_x0}
 
     def step(
         self,
