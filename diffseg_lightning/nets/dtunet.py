@@ -12,8 +12,9 @@ Contents:
 - :class:`MultiSizedWindowBlock`: the paper's block: K parallel window-attention paths of different
   window sizes, summed, then a shifted-window block.
 - :class:`CrossAttentionFusion`: the paper's cross-attention module between the noisy-mask embedding
-  f_M (queries) and the image embedding f_I (keys, values).
-- :class:`DiffusionTransformerUNet`: the denoiser.
+  f_M (queries) and the image embedding f_I (keys, values), positions after the projections.
+- :class:`DiffusionTransformerUNet`: the denoiser; by default f_I also reaches the U-Net input through an
+  aligned path (f_I's token (i, j) added at (i, j)).
 """
 
 from __future__ import annotations
@@ -441,31 +442,113 @@ class CrossAttentionFusion(nn.Module):
     Segmentation", MICCAI 2023 (Sec. 2, Fig. 2).
 
     Queries come from the noisy-mask embedding f_M, keys and values from the image embedding f_I; the
-    result is reshaped to f_M's shape: ``z = f_M + MHA(Q = LN(f_M) + P, K = LN(f_I) + P, V = LN(f_I))``
-    over all h*w tokens, with ``torch.nn.MultiheadAttention`` (fused ``scaled_dot_product_attention``
-    since no weights are returned). Our choices where the paper is silent: the residual ``f_M + ...``
-    (attention output alone is a convex combination of image values, in which x_t would only survive
-    through the attention weights); pre-LayerNorms; a fixed 2-D sine-cosine position embedding P added to
-    queries and keys (DETR style), so that a mask token can find the image tokens at its own place.
+    result is reshaped to f_M's shape: ``z = f_M + MHA(Q = LN(f_M), K = LN(f_I), V = LN(f_I))`` over all h*w
+    tokens. Our choices where the paper is silent: the residual ``f_M + ...`` (attention output alone is a
+    convex combination of image values, in which x_t would only survive through the attention weights);
+    pre-LayerNorms; and where a fixed 2-D sine-cosine position embedding P enters (``positions``):
+
+    - ``"projected"`` (default): after the projections, as a relative term of every head's logits,
+      ``q_h . k_h / sqrt(d) + s_h * P_i . P_j / (d_P / 2)`` (``P_i . P_j / (d_P / 2)`` is 1 at the same place
+      and a sum of cosines of the offset elsewhere, so it depends on the offset only; ``s_h`` a learned
+      scale per head, initialised to ``position_scale``). It is computed by concatenating ``s_h P`` to the
+      queries and ``P`` to the keys, so q.P cross terms do not arise and the fused
+      ``scaled_dot_product_attention`` still runs.
+    - ``"input"``: added to the LayerNormed queries and keys before the projections (DETR style, this
+      module's first reading). A review measured that the random projections scramble it (attention
+      entropy 0.98 x log N, weight on the same place 0.96 x uniform, at initialisation).
 
     Args:
         mask_dim: channels c2 of f_M (the output channels).
         cond_dim: channels c1 of f_I.
         num_heads: attention heads (``mask_dim`` divisible by it).
-        position_embedding: add P to queries and keys.
+        position_embedding: use P at all (False: the image tokens are an unordered set).
+        positions: ``"projected"`` or ``"input"`` (see above).
+        position_scale: initial ``s_h`` of ``"projected"``.
+
+    Raises:
+        ValueError: on a bad ``num_heads`` or ``positions``.
     """
 
-    def __init__(self, mask_dim: int, cond_dim: int, num_heads: int, position_embedding: bool = True) -> None:
+    def __init__(
+        self,
+        mask_dim: int,
+        cond_dim: int,
+        num_heads: int,
+        position_embedding: bool = True,
+        positions: str = "projected",
+        position_scale: float = 16.0,
+    ) -> None:
         super().__init__()
         if num_heads < 1 or mask_dim % num_heads:
             raise ConfigError(
                 f"cross-attention needs mask_dim divisible by num_heads, got {mask_dim} and {num_heads}"
             )
-        self.mask_dim, self.cond_dim = int(mask_dim), int(cond_dim)
-        self.position_embedding = bool(position_embedding)
+        if positions not in ("projected", "input"):
+            raise ConfigError(f"positions must be 'projected' or 'input', got {positions!r}")
+        self.mask_dim, self.cond_dim, self.num_heads = int(mask_dim), int(cond_dim), int(num_heads)
+        self.head_dim = self.mask_dim // self.num_heads
+        self.position_embedding, self.positions = bool(position_embedding), positions
         self.norm_mask = nn.LayerNorm(mask_dim)
         self.norm_cond = nn.LayerNorm(cond_dim)
         self.attn = nn.MultiheadAttention(mask_dim, num_heads, kdim=cond_dim, vdim=cond_dim, batch_first=True)
+        # d_P: at least 4 (one frequency per axis and sin / cos); the head width where that is larger.
+        self.position_dim = max(4, 4 * (self.head_dim // 4))
+        if positions == "projected":
+            self.position_scale = nn.Parameter(torch.full((self.num_heads,), float(position_scale)))
+
+    def _project(
+        self, query: Tensor, key: Tensor, value: Tensor, size_q: tuple[int, int], size_k: tuple[int, int]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-head queries, keys (with the position channels) and values, (B, heads, N, .)."""
+        attn, heads, d = self.attn, self.num_heads, self.head_dim
+        if attn.in_proj_weight is not None:  # c1 == c2: MultiheadAttention packs the three projections
+            w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+        else:
+            w_q, w_k, w_v = attn.q_proj_weight, attn.k_proj_weight, attn.v_proj_weight
+        b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
+        split = "b n (h d) -> b h n d"
+        q = rearrange(F.linear(query, w_q, b_q), split, h=heads)
+        k = rearrange(F.linear(key, w_k, b_k), split, h=heads)
+        v = rearrange(F.linear(value, w_v, b_v), split, h=heads)
+        if self.position_embedding:
+            dev, dtype, dp = query.device, query.dtype, self.position_dim
+            # score term s_h * P_i . P_j / (dp / 2), and SDPA multiplies by 1 / sqrt(d): undo that.
+            p_q = sincos_position_embedding(*size_q, dp, dev).to(dtype) * (d**0.5 / (dp / 2))
+            p_k = sincos_position_embedding(*size_k, dp, dev).to(dtype)
+            scale = self.position_scale.to(dtype)[None, :, None, None]
+            q = torch.cat([q, (scale * p_q).expand(q.shape[0], heads, -1, -1)], dim=-1)
+            k = torch.cat([k, p_k.expand(k.shape[0], heads, -1, -1)], dim=-1)
+        return q, k, v
+
+    def _projected_attention(
+        self, query: Tensor, key: Tensor, value: Tensor, size_q: tuple[int, int], size_k: tuple[int, int]
+    ) -> Tensor:
+        """Multi-head attention with the position term after the projections; (B, Nq, c2)."""
+        q, k, v = self._project(query, key, value, size_q, size_k)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
+        return self.attn.out_proj(rearrange(out, "b h n d -> b n (h d)"))
+
+    @torch.no_grad()
+    def attention_weights(self, f_mask: Tensor, f_image: Tensor) -> Tensor:
+        """The attention probabilities of :meth:`forward` (for inspection), (B, heads, h*w, h'*w').
+
+        Args:
+            f_mask: (B, c2, h, w).
+            f_image: (B, c1, h', w').
+
+        Returns:
+            Row-stochastic weights, queries and keys in raster order.
+        """
+        (_, _, h, w), size_k = f_mask.shape, tuple(f_image.shape[-2:])
+        tokens = rearrange(f_mask, "b c h w -> b (h w) c")
+        query, key = self.norm_mask(tokens), self.norm_cond(rearrange(f_image, "b c h w -> b (h w) c"))
+        if self.positions == "input":
+            if self.position_embedding:
+                query = query + sincos_position_embedding(h, w, self.mask_dim, query.device)
+                key = key + sincos_position_embedding(*size_k, self.cond_dim, query.device)
+            return self.attn(query, key, key, need_weights=True, average_attn_weights=False)[1]
+        q, k, _ = self._project(query, key, key, (h, w), size_k)
+        return (q @ k.transpose(-1, -2) * self.head_dim**-0.5).softmax(-1)
 
     def forward(self, f_mask: Tensor, f_image: Tensor) -> Tensor:
         """Fuse the image embedding into the mask embedding.
@@ -481,11 +564,14 @@ class CrossAttentionFusion(nn.Module):
         tokens = rearrange(f_mask, "b c h w -> b (h w) c")
         value = self.norm_cond(rearrange(f_image, "b c h w -> b (h w) c"))
         query, key = self.norm_mask(tokens), value
-        if self.position_embedding:
-            dev, dtype = tokens.device, tokens.dtype
-            query = query + sincos_position_embedding(h, w, self.mask_dim, dev).to(dtype)
-            key = key + sincos_position_embedding(*f_image.shape[-2:], self.cond_dim, dev).to(dtype)
-        out = tokens + self.attn(query, key, value, need_weights=False)[0]
+        if self.positions == "projected":
+            out = tokens + self._projected_attention(query, key, value, (h, w), tuple(f_image.shape[-2:]))
+        else:
+            if self.position_embedding:
+                dev, dtype = tokens.device, tokens.dtype
+                query = query + sincos_position_embedding(h, w, self.mask_dim, dev).to(dtype)
+                key = key + sincos_position_embedding(*f_image.shape[-2:], self.cond_dim, dev).to(dtype)
+            out = tokens + self.attn(query, key, value, need_weights=False)[0]
         return rearrange(out, "b (h w) c -> b c h w", h=h, w=w)
 
 
@@ -523,8 +609,10 @@ class DiffusionTransformerUNet(nn.Module):
     1. Image encoder (in :meth:`encode_condition`, once per image): ``f_I = E_I(I)``, (B, c1, h, w) with
        ``(h, w) = (H, W) / patch_size``.
     2. Noisy-mask encoder: ``f_M = E_M(x_t)``, (B, c2, h, w), c2 = ``embed_dim``.
-    3. Cross-attention (:class:`CrossAttentionFusion`): queries from f_M, keys / values from f_I, output
-       reshaped to f_M's shape.
+    3. Fusion, the U-Net input (:meth:`fuse`): the cross-attention (:class:`CrossAttentionFusion`, queries
+       from f_M, keys / values from f_I, output reshaped to f_M's shape), plus, with ``fusion="aligned"``
+       (the default), the aligned image path ``W f_I``: f_I's token (i, j), projected by a learned 1x1
+       map, added to the U-Net input token (i, j).
     4. A U-Net of multi-sized window transformer blocks (:class:`MultiSizedWindowBlock`: K parallel
        window-attention paths of sizes ``window_sizes``, summed, then a shifted-window block), Swin-UNet
        layout: encoder stages at levels 0..L-2 each followed by patch merging (half size, channels
@@ -544,8 +632,23 @@ class DiffusionTransformerUNet(nn.Module):
       ``image_encoder_depth`` (image) / ``mask_encoder_depth`` (mask) pre-activation residual blocks
       (:class:`~diffseg_lightning.nets.blocks.ResBlock`) without timestep; f_M and f_I at the same (h, w).
       The mask encoder takes no timestep (the paper feeds t to the U-Net).
-    - Cross-attention: residual to f_M, pre-LayerNorms, fixed 2-D sine-cosine position embedding on queries
-      and keys (see :class:`CrossAttentionFusion`), ``embed_dim / head_channels`` heads.
+    - Cross-attention: residual to f_M, pre-LayerNorms, ``embed_dim / head_channels`` heads, and a fixed
+      2-D sine-cosine position term after the projections (``positions="projected"``, see
+      :class:`CrossAttentionFusion`).
+    - How f_I reaches the U-Net. The paper (abstract): "the semantic features required for the conditioning
+      of the diffusion process are not well aligned with the noise embedding ... we present a
+      cross-attention module to enhance the conditioning from source images"; its model section (as the
+      survey gives it): f_I (h x w x c1) and f_M (h x w x c2) "are fused by Cross Attention into one
+      embedding, which, with the timestep t, is the U-Net's input", "reshaped to the shape of f_M". The
+      paper's literal reading is the cross-attention as the only path (``fusion="cross_attention"``). It
+      does not say whether a residual, an aligned term or positions are part of the module, and a review
+      measured that this literal reading does not localise at a short budget: with the positions added
+      before the random projections the attention is near uniform (entropy 0.98 x log N, weight on the
+      same place 0.96 x uniform) and the synthetic 64 px Dice was 0.000 after 200 steps, 0.733 with an
+      aligned image path added. Our default therefore adds the aligned path ``W f_I`` (f_I and f_M share
+      the grid (h, w), so the token at (i, j) of both describes the same pixels), and puts the positions
+      after the projections (at initialisation on 16x16 maps: weight on the same place ~20 x uniform,
+      entropy 0.78 x log N). ``fusion="cross_attention", positions="input"`` is the previous network.
     - Window sizes (4, 8) (K = 2); the shifted block uses the largest window size, shifted by half of it.
       The K paths are summed as residual updates (see :class:`MultiSizedWindowBlock`).
     - Windows must tile the maps: a window larger than a map side is clamped to it (one window along that
@@ -581,6 +684,11 @@ class DiffusionTransformerUNet(nn.Module):
         mlp_ratio: transformer MLP width / channels.
         dropout: MLP and residual-block dropout.
         position_embedding: sine-cosine position embedding in the cross-attention.
+        fusion: ``"aligned"`` (cross-attention + the aligned image path) or ``"cross_attention"`` (the
+            paper's literal reading: the cross-attention alone).
+        positions: where the cross-attention's positions enter, ``"projected"`` or ``"input"`` (see
+            :class:`CrossAttentionFusion`).
+        position_scale: initial per-head weight of the ``"projected"`` position term.
 
     Attributes:
         downsample_factor: ``patch_size * 2 ** (L - 1)``; H and W must be divisible by it.
@@ -609,8 +717,13 @@ class DiffusionTransformerUNet(nn.Module):
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
         position_embedding: bool = True,
+        fusion: str = "aligned",
+        positions: str = "projected",
+        position_scale: float = 16.0,
     ) -> None:
         super().__init__()
+        if fusion not in ("aligned", "cross_attention"):
+            raise ConfigError(f"fusion must be 'aligned' or 'cross_attention', got {fusion!r}")
         # Hydra may pass ListConfig / list for the sequences.
         mults = tuple(int(m) for m in channel_mults)
         depth_list = tuple(int(d) for d in depths)
@@ -676,8 +789,16 @@ class DiffusionTransformerUNet(nn.Module):
             self.mask_channels, self.embed_dim, self.patch_size, int(mask_encoder_depth), drop
         )
         self.cross_attention = CrossAttentionFusion(
-            self.embed_dim, self.cond_dim, self.embed_dim // hc, bool(position_embedding)
+            self.embed_dim,
+            self.cond_dim,
+            self.embed_dim // hc,
+            bool(position_embedding),
+            str(positions),
+            float(position_scale),
         )
+        self.fusion = str(fusion)
+        # The aligned image path: f_I token (i, j) -> the U-Net input token (i, j) (a 1x1 projection).
+        self.image_proj = nn.Linear(self.cond_dim, self.embed_dim) if self.fusion == "aligned" else None
 
         def stage(k: int) -> _Stage:
             return _Stage(
@@ -767,8 +888,16 @@ class DiffusionTransformerUNet(nn.Module):
         return self.image_encoder(image)
 
     def fuse(self, x_t: Tensor, cond: Tensor) -> Tensor:
-        """Mask encoder and cross-attention: the U-Net input, (B, embed_dim, h, w), f_M's shape."""
-        return self.cross_attention(self.mask_encoder(x_t), cond)
+        """Mask encoder, cross-attention and (``fusion="aligned"``) the aligned image path.
+
+        Returns:
+            The U-Net input, (B, embed_dim, h, w), f_M's shape: ``CA(f_M, f_I)``, plus ``W f_I`` (a 1x1
+            projection of f_I at the same place) with the aligned path.
+        """
+        z = self.cross_attention(self.mask_encoder(x_t), cond)
+        if self.image_proj is not None:
+            z = z + rearrange(self.image_proj(rearrange(cond, "b c h w -> b h w c")), "b h w c -> b c h w")
+        return z
 
     def forward(self, x_t: Tensor, t: Tensor | int | float, cond: Tensor) -> Tensor:
         """Predict from the noisy mask, the timestep and the cached image embedding.
