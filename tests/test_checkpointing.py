@@ -233,7 +233,7 @@ def test_resuming_with_another_method_names_the_method(straight, tmp_path):
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("noise.objective=x0", "noise.objective=epsilon in the checkpoint, x0 now"),
+        ("noise.objective=epsilon", "noise.objective=x0 in the checkpoint, epsilon now"),
         ("noise.num_train_timesteps=500", "noise.num_train_timesteps=1000 in the checkpoint, 500 now"),
         ("noise.schedule=cosine", "noise.schedule=linear in the checkpoint, cosine now"),
     ],

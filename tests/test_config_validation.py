@@ -122,7 +122,7 @@ def test_inference_steps_are_checked_against_the_checkpoints_kernel(tmp_path):
             check_inference(cfg, trained)
         check_inference(compose_config(name, ["sampler.num_steps=50"], tmp_path), trained)
     with pytest.raises(DiffSegError, match="noise.objective cannot change at inference"):
-        check_inference(compose_config("eval", ["+noise.objective=x0"], tmp_path), trained)
+        check_inference(compose_config("eval", ["+noise.objective=epsilon"], tmp_path), trained)
 
 
 @pytest.mark.parametrize("debug", [[], ["debug=fast_dev_run"]])

@@ -228,4 +228,4 @@ def test_the_image_ddpm_builds_without_its_sampler_group(tmp_path):
 
     cfg = compose_config("train", ["model=image_ddpm", "data=synthetic_groups"], tmp_path)
     module = build_module(cfg.model, cfg.noise, OmegaConf.create({"_target_": "no_such_package.Sampler"}))
-    assert not hasattr(module, "sampler") and module.inference_settings()["objective"] == "epsilon"
+    assert not hasattr(module, "sampler") and module.inference_settings()["objective"] == "x0"  # the default
