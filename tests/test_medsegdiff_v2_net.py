@@ -432,22 +432,34 @@ def test_refuge_experiment_composes_and_runs_on_a_replica(tmp_path: Path) -> Non
     assert json.loads((tmp_path / "summary.json").read_text())["num_cases"] >= 1
 
 
-def test_anchor_loss_is_dice_plus_beta_bce_on_every_alpha_th_step():
+def test_anchor_loss_is_the_aux_seg_loss_on_the_anchor_logits():
+    """The paper's anchor loss is model.aux_seg (Dice + BCE, every alpha-th step): see tests/test_aux_seg.py."""
     from monai.losses import DiceLoss
+
+    from diffseg_lightning.methods.mask_diffusion import aux_seg_loss
 
     torch.manual_seed(0)
     net = MedSegDiffV2UNet(
         base_channels=8, channel_mults=(1, 2), attention_levels=(False, True), num_heads=2, ssformer_blocks=1,
-        ssformer_heads=2, nbp_hidden=8, anchor_loss_every=3, anchor_bce_weight=2.0,
+        ssformer_heads=2, nbp_hidden=8,
     )  # fmt: skip
     cond = net.encode_condition(torch.randn(2, 1, 16, 16))
     target = (torch.rand(2, 1, 16, 16) > 0.5).float()
-    assert net.auxiliary_loss(cond, target, step=4) == {}
-    loss = net.auxiliary_loss(cond, target, step=6)
-    logits = cond["anchor_logits"]
-    expected_bce = 2.0 * torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
-    assert torch.allclose(loss["anchor_dice"], DiceLoss(sigmoid=True)(logits, target))
-    assert torch.allclose(loss["anchor_bce"], expected_bce)
-    sum(loss.values()).backward()  # the condition model is supervised directly
+    logits = net.aux_logits(cond, (16, 16))
+    assert logits is cond["anchor_logits"]
+    loss = aux_seg_loss(logits, target, "dice_bce")
+    expected = DiceLoss(sigmoid=True)(logits, target) + torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, target
+    )
+    assert torch.allclose(loss, expected)
+    loss.backward()  # the condition model is supervised directly
     stem = [p.grad for p in net.cond_stem.parameters()]
     assert all(g is not None for g in stem) and sum(g.abs().sum() for g in stem) > 0
+
+
+def test_the_old_anchor_options_are_accepted_and_ignored():
+    with pytest.warns(DeprecationWarning, match="model.aux_seg"):
+        MedSegDiffV2UNet(
+            base_channels=8, channel_mults=(1, 2), attention_levels=(False, True), num_heads=2,
+            ssformer_blocks=1, ssformer_heads=2, nbp_hidden=8, anchor_loss_every=3, anchor_bce_weight=2.0,
+        )  # fmt: skip

@@ -17,6 +17,7 @@ from monai.networks.blocks import Convolution
 from torch import Tensor, nn
 
 from diffseg_lightning.exceptions import ConfigError
+from diffseg_lightning.nets.aux_seg import MultiScaleSegHead
 from diffseg_lightning.nets.blocks import (
     AttentionBlock,
     Downsample,
@@ -280,6 +281,20 @@ class MBDiffUNet(nn.Module):
             ValueError: wrong shape or channel count, or a size not divisible by :attr:`downsample_factor`.
         """
         return self.guidance(self._check_input(image, self.image_channels, "image"))
+
+    def enable_aux_head(self) -> None:
+        """Build the auxiliary segmentation head (``model.aux_seg``) on the guidance pyramid. Idempotent.
+
+        MB-Diff's paper has no such head (off by default); the head
+        (:class:`~diffseg_lightning.nets.aux_seg.MultiScaleSegHead`, ``aux_head``) reads the guidance
+        features ``g^k``, the image branch.
+        """
+        if not hasattr(self, "aux_head"):
+            self.aux_head = MultiScaleSegHead(self.level_channels, self.mask_channels)
+
+    def aux_logits(self, cond: Sequence[Tensor], size: Sequence[int]) -> Tensor:
+        """The head's logits from ``cond = encode_condition(image)``: (B, mask_channels, H, W)."""
+        return self.aux_head(tuple(cond), size)
 
     def _run(self, x_t: Tensor, t: Tensor, guidance: Sequence[Tensor]) -> Tensor:
         emb = self.time_embed(t)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from diffseg_lightning.exceptions import ConfigError
+from diffseg_lightning.nets.aux_seg import MultiScaleSegHead
 from diffseg_lightning.nets.blocks import (
     AttentionBlock,
     Downsample,
@@ -270,6 +271,42 @@ class MedSegDiffUNet(nn.Module):
             h = self._cond_stage(k, h)
             feats.append(h)
         return tuple(feats)
+
+    # ------------------------------------------------------------------ auxiliary segmentation head
+    def enable_aux_head(self) -> None:
+        """Build the auxiliary segmentation head (``model.aux_seg``); without it the network is unchanged.
+
+        The head (:class:`~diffseg_lightning.nets.aux_seg.MultiScaleSegHead`, ``aux_head``) reads the
+        condition encoder E^I, the image branch that MedSegDiff's release supervises directly (its
+        ``loss_cal``). Idempotent.
+        """
+        if not hasattr(self, "aux_head"):
+            self.aux_head = MultiScaleSegHead(self.level_channels, self.mask_channels)
+
+    def aux_logits(self, cond: Tensor | Sequence[Tensor], size: Sequence[int]) -> Tensor:
+        """The head's segmentation logits from the image branch alone (no x_t), for the aux loss and blend.
+
+        The head reads the condition features ``m_I^k`` of the static chain, ``m_I^k = E^I_k(m_I^{k-1})``
+        from the stem: with ``dynamic_encoding=False`` they are ``cond`` itself; with ``True`` (the paper)
+        they are computed here with the same stage weights, where the denoiser's own chain reads the
+        fused ``e_I^{k-1}`` instead (the release's head, a separate U-Net, also sees mask features; ours
+        stays independent of x_t, so it runs once per image). The loss on it trains the shared stages.
+
+        Args:
+            cond: ``encode_condition(image)``.
+            size: (H, W) of the image.
+
+        Returns:
+            (B, mask_channels, H, W) logits.
+        """
+        feats = (cond,) if isinstance(cond, Tensor) else tuple(cond)
+        if self.dynamic_encoding:
+            h, chain = feats[0], []
+            for k in range(self.num_levels):
+                h = self._cond_stage(k, h)
+                chain.append(h)
+            feats = tuple(chain)
+        return self.aux_head(feats, size)
 
     # ------------------------------------------------------------------ network
     def _encode(

@@ -23,11 +23,11 @@ equations, and every choice the paper leaves open is listed in :class:`MedSegDif
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss
 from torch import Tensor, nn
 
 from diffseg_lightning.exceptions import ConfigError
@@ -601,11 +601,12 @@ class MedSegDiffV2UNet(nn.Module):
 
     Training: the paper supervises the condition model directly with an anchor loss beside the
     diffusion loss, ``L_total^t = L_noise^t + [t = 0 (mod alpha)] (L_dice + beta L_ce)`` on the
-    anchor segmentation: :meth:`auxiliary_loss` (which
-    :class:`~diffseg_lightning.methods.MaskDiffusionModule` adds to the kernel's loss for any denoiser that
-    defines it) is MONAI's sigmoid Dice plus ``anchor_bce_weight`` (beta) times binary cross-entropy on
-    ``cond["anchor_logits"]``, on every ``anchor_loss_every``-th (alpha) training step, t being the
-    optimiser step. alpha and beta are not given in the text we could read: 1 and 1 are our defaults.
+    anchor segmentation. That is the auxiliary segmentation head every mask-diffusion denoiser has
+    (``model.aux_seg``, :class:`~diffseg_lightning.methods.mask_diffusion.AuxSeg`): the anchor head is
+    the head (:meth:`aux_logits` returns ``cond["anchor_logits"]``), and ``conf/model/medsegdiff_v2.yaml``
+    sets ``aux_seg: {weight: 1, loss: dice_bce, every: 1}``, i.e. MONAI's sigmoid Dice plus binary
+    cross-entropy (beta = 1) on every step (alpha = 1; alpha and beta are not given in the text we could
+    read). The anchor head exists with the switch off too, since it feeds the U-SA gate.
 
     Choices the paper leaves open (ours):
 
@@ -643,8 +644,9 @@ class MedSegDiffV2UNet(nn.Module):
         nbp_blocks: NBP-Filter FiLM blocks.
         anchor_kernel_size: taps (odd) per axis of the U-SA Gaussian kernel.
         anchor_sigma: initial U-SA Gaussian standard deviation (pixels).
-        anchor_loss_every: alpha, the anchor loss applies on every alpha-th training step (0 disables it).
-        anchor_bce_weight: beta, the weight of the anchor's cross-entropy beside its Dice loss.
+        anchor_loss_every: deprecated and ignored (checkpoints written before ``model.aux_seg`` store it):
+            the anchor loss is ``model.aux_seg`` now (``aux_seg.every`` is alpha).
+        anchor_bce_weight: deprecated and ignored, as ``anchor_loss_every`` (the ``dice_bce`` loss has beta 1).
 
     Attributes:
         downsample_factor: ``2 ** (len(channel_mults) - 1)``; H and W must be divisible by it.
@@ -672,8 +674,8 @@ class MedSegDiffV2UNet(nn.Module):
         nbp_blocks: int = 2,
         anchor_kernel_size: int = 7,
         anchor_sigma: float = 1.0,
-        anchor_loss_every: int = 1,
-        anchor_bce_weight: float = 1.0,
+        anchor_loss_every: int | None = None,
+        anchor_bce_weight: float | None = None,
     ) -> None:
         super().__init__()
         mults = tuple(int(m) for m in channel_mults)  # Hydra passes ListConfig
@@ -750,11 +752,13 @@ class MedSegDiffV2UNet(nn.Module):
             nn.Conv2d(cchans[-1], c_low, kernel_size=1) if cchans[-1] != c_low else nn.Identity()
         )
         self.usa = UncertainSpatialAttention(self.mask_channels, anchor_kernel_size, anchor_sigma)
-        if anchor_loss_every < 0 or anchor_bce_weight < 0:
-            raise ConfigError("anchor_loss_every and anchor_bce_weight must be non-negative")
-        self.anchor_loss_every = int(anchor_loss_every)
-        self.anchor_bce_weight = float(anchor_bce_weight)
-        self.anchor_dice = DiceLoss(sigmoid=True)
+        if anchor_loss_every is not None or anchor_bce_weight is not None:
+            warnings.warn(
+                "MedSegDiffV2UNet: anchor_loss_every / anchor_bce_weight are ignored; the anchor loss is "
+                "model.aux_seg now (weight, loss=dice_bce, every)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
 
         # ---- diffusion model: timestep-conditioned U-Net on x_t
         self.mask_stem = conv3x3(self.mask_channels, chans[0])
@@ -819,24 +823,17 @@ class MedSegDiffV2UNet(nn.Module):
             )
 
     # ------------------------------------------------------------------ condition model
-    def auxiliary_loss(self, cond: dict[str, Tensor], target: Tensor, step: int) -> dict[str, Tensor]:
-        """The anchor loss ``[step = 0 (mod alpha)] (L_dice + beta L_ce)`` on the condition model's logits.
+    def aux_logits(self, cond: Mapping[str, Tensor], size: Sequence[int]) -> Tensor:
+        """The auxiliary segmentation head's logits (``model.aux_seg``): the anchor head's, ``cond["anchor_logits"]``.
 
         Args:
             cond: :meth:`encode_condition`'s output for the batch.
-            target: (B, mask_channels, H, W) the reference mask in {0, 1}.
-            step: the optimiser step.
+            size: (H, W) of the image (the anchor logits already have it).
 
         Returns:
-            ``{"anchor_dice", "anchor_bce"}`` (weighted as they enter the total), or ``{}`` on other steps.
+            (B, mask_channels, H, W) logits.
         """
-        if self.anchor_loss_every == 0 or step % self.anchor_loss_every:
-            return {}
-        logits = cond["anchor_logits"].float()
-        return {
-            "anchor_dice": self.anchor_dice(logits, target),
-            "anchor_bce": self.anchor_bce_weight * F.binary_cross_entropy_with_logits(logits, target),
-        }
+        return cond["anchor_logits"]
 
     def encode_condition(self, image: Tensor) -> dict[str, Tensor]:
         """Run the condition model and the U-SA gate: everything that depends only on the image.
