@@ -130,3 +130,68 @@ def test_zoo_aux_head_on_beats_off(zoo_seed, tmp_path):
     dice_off = kernel_gate_dice(TINY_MEDSEGDIFF, zoo_seed, tmp_path / "off")
     print(f"aux head gate, seed {zoo_seed}: val Dice on {dice_on:.3f}, off {dice_off:.3f}")
     assert dice_on > dice_off + AUX_MARGIN, (dice_on, dice_off)
+
+
+# ------------------------------------------------------------------ DTUNet localises (item 3)
+# DTUNet (tiny widths: embed 16, two levels, patch 4, windows 4 and 8, the default two image-encoder blocks) on
+# the synthetic data at 64 px: batch 8, 600 AdamW steps at 2e-3 with 20 warm-up steps and cosine decay, EMA; one
+# validation at the end on 16 cases, S = 5 fused by the mean, 10 DDIM steps (x0 objective).
+DTUNET_GATE = [
+    "model=dtunet",
+    "data=synthetic",
+    "noise=gaussian",
+    "noise.objective=x0",
+    "data.size=64",
+    "data.batch_size=8",
+    "data.eval_batch_size=16",
+    "data.num_train=4800",  # 600 steps of batch 8, one epoch, one validation
+    "data.num_val=16",
+    "data.num_test=8",
+    "trainer.max_epochs=1",
+    "trainer.accelerator=cpu",
+    "trainer.enable_model_summary=false",
+    "logger=none",
+    "~callbacks.lr_monitor",
+    "~callbacks.progress_bar",
+    "~callbacks.panels",
+    "test=false",
+    "sampler.num_steps=10",
+    "model.denoiser.embed_dim=16",
+    "model.denoiser.channel_mults=[1,2]",
+    "model.denoiser.depths=[1,1]",
+    "model.denoiser.head_channels=8",
+    "model.optimizer.lr=2e-3",
+    "model.scheduler={_target_: diffseg_lightning.methods.warmup_cosine, _partial_: true, warmup_steps: 20}",
+]
+DTUNET_DICE = 0.6  # the issue's bar; the default measured 0.686-0.723 (seeds 0-2), the smallest margin 0.086
+# Default - previous network (cross-attention alone, positions before the projections): measured >= 0.68; the
+# previous network predicts (near) empty masks at this budget (0.009; 0.000 and 0.005 at 400 / 150 steps).
+DTUNET_MARGIN = 0.2
+
+
+def test_zoo_dtunet_localises(zoo_seed, tmp_path):
+    """DTUNet with its default fusion (the aligned image path, positions after the projections) reaches
+    validation Dice > 0.6 at 64 px in 150 steps, and the previous network (``fusion=cross_attention``,
+    ``positions=input``: the cross-attention as the only path, the paper's literal reading) stays well below
+    at the same budget and seed.
+
+    Measured (val Dice, default / previous): seed 0 0.690 / -, seed 1 0.723 / 0.009, seed 2 0.686 / -
+    (previous, seed 0: 0.000 at 400 steps with one image-encoder block, 0.005 at 150). One arm is about 70 CPU
+    seconds on one thread (2026-12-08, the 2-core machine shared with other runs).
+    """
+    from diffseg_lightning.train import train
+
+    default = compose_config("train", DTUNET_GATE, tmp_path / "c").model.denoiser
+    assert (default.fusion, default.positions) == ("aligned", "projected")
+    dice = {}
+    for arm, extra in {
+        "default": [],
+        "previous": ["model.denoiser.fusion=cross_attention", "model.denoiser.positions=input"],
+    }.items():
+        cfg = compose_config("train", [*DTUNET_GATE, *extra, f"seed={zoo_seed}"], tmp_path / arm)
+        dice[arm] = train(cfg)["val/dice"]
+    print(
+        f"dtunet gate, seed {zoo_seed}: val Dice default {dice['default']:.3f}, previous {dice['previous']:.3f}"
+    )
+    assert dice["default"] > DTUNET_DICE, dice
+    assert dice["default"] > dice["previous"] + DTUNET_MARGIN, dice
