@@ -180,6 +180,7 @@ def main() -> None:
         ["model=fedd"],
         [
             "model=image_ddpm",
+            "noise=gaussian_epsilon",  # the table's pretraining (epsilon; the default is x0 since issue 20)
             *net,
             "model.optimizer.lr=1e-3",
             f"trainer.max_epochs={b['pretrain_epochs']}",
@@ -201,6 +202,7 @@ def main() -> None:
             ["model=fedd", "model.classify=false", "model.group_key=null"],
             [
                 "model=image_ddpm",
+                "noise=gaussian_epsilon",
                 *net,
                 "model.optimizer.lr=1e-3",
                 f"trainer.max_epochs={b['kvasir_pretrain_epochs']}",

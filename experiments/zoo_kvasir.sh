@@ -18,8 +18,11 @@ COMMON=(data=kvasir data.root="$ROOT" data.size=128 data.batch_size=8 data.eval_
 run() { local name=$1; shift; .venv/bin/diffseg-train "${COMMON[@]}" "$@" hydra.run.dir="$OUT/$name"; }
 run unet model=unet 'model.net.channels=[16,32,64,128,256]' model.optimizer.lr=1e-3
 run medsegdiff model=medsegdiff noise.objective=x0 model.denoiser.base_channels=16 'model.denoiser.attention_levels=[false,false,false]'
-run berdiff model=berdiff noise=bernoulli 'model.denoiser.channels=[16,32,64]'
+# berdiff and dtunet: the settings the README table was measured with, before issue 20 changed their defaults
+# (Bernoulli objective x0; DTUNet's aligned image path); re-measured with the new defaults under issue 20
+run berdiff model=berdiff noise=bernoulli_eps 'model.denoiser.channels=[16,32,64]'
 run medsegdiff_v2 model=medsegdiff_v2 noise.objective=x0 model.denoiser.base_channels=16 model.denoiser.ssformer_blocks=1
 run mbdiff model=mbdiff noise.objective=x0 noise.learn_variance=true sampler.fusion=evolution model.denoiser.base_channels=16
-run dtunet model=dtunet noise.objective=x0 model.denoiser.embed_dim=32
+run dtunet model=dtunet noise.objective=x0 model.denoiser.embed_dim=32 model.denoiser.fusion=cross_attention \
+    model.denoiser.positions=input
 .venv/bin/python experiments/compare.py "$OUT" --out experiments/results/zoo_kvasir
