@@ -169,7 +169,9 @@ def test_the_configs_carry_each_release_setting(tmp_path):
     # off until the README's MedSegDiff tables are re-measured with it; its measured setting is one override away
     assert AuxSeg.parse(cfg.model.aux_seg) == AuxSeg(weight=0.0, blend=0.0, loss="dice_bce", every=1)
     on = ["model=medsegdiff", "model.aux_seg.weight=1", "model.aux_seg.blend=0.8"]
-    assert AuxSeg.parse(compose_config("train", on, tmp_path).model.aux_seg) == AuxSeg(1.0, 0.8, "dice_bce", 1)
+    assert AuxSeg.parse(compose_config("train", on, tmp_path).model.aux_seg) == AuxSeg(
+        1.0, 0.8, "dice_bce", 1
+    )
     cfg = compose_config("train", ["model=medsegdiff_v2"], tmp_path)
     assert AuxSeg.parse(cfg.model.aux_seg) == AuxSeg(weight=1.0, blend=0.0, loss="dice_bce", every=1)
     for model in ("berdiff", "mbdiff"):

@@ -124,7 +124,11 @@ def test_zoo_aux_head_on_beats_off(zoo_seed, tmp_path):
     +0.213, +0.045, +0.132). ``AUX_MARGIN`` is a third of the smallest margin: the validation Dice of 32 cases
     moves by a few hundredths between seeds of one arm.
     """
-    on = [*TINY_MEDSEGDIFF[:-2], "model.aux_seg.weight=1", "model.aux_seg.blend=0.8"]  # loss: dice_bce (config)
+    on = [
+        *TINY_MEDSEGDIFF[:-2],
+        "model.aux_seg.weight=1",
+        "model.aux_seg.blend=0.8",
+    ]  # loss: dice_bce (config)
     assert compose_config("train", [*KERNEL_GATE, *on], tmp_path / "c").model.aux_seg.weight > 0
     dice_on = kernel_gate_dice(on, zoo_seed, tmp_path / "on")
     dice_off = kernel_gate_dice(TINY_MEDSEGDIFF, zoo_seed, tmp_path / "off")
