@@ -27,14 +27,8 @@ def zoo_seed() -> int:
 # cosine decay (pinned here, so the gates do not move with the models' optimiser defaults), EMA; one
 # validation at the end on the 32 validation cases with the default sampler (S = 5 fused by the mean,
 # 25 steps). The two arms of a gate differ only in the kernel option under test.
-KERNEL_GATE = [
-    "data=synthetic",
-    "data.size=32",
-    "data.batch_size=8",
-    "data.eval_batch_size=16",
-    "data.num_train=1600",  # 200 steps of batch 8, one epoch, one validation
-    "data.num_val=32",
-    "data.num_test=8",
+#: One epoch on the CPU, one validation at its end, no test, no logger or panels: what every gate's run shares.
+ONE_EPOCH_NO_TEST = [
     "trainer.max_epochs=1",
     "trainer.accelerator=cpu",
     "trainer.enable_model_summary=false",
@@ -43,6 +37,17 @@ KERNEL_GATE = [
     "~callbacks.progress_bar",
     "~callbacks.panels",
     "test=false",
+]
+
+KERNEL_GATE = [
+    "data=synthetic",
+    "data.size=32",
+    "data.batch_size=8",
+    "data.eval_batch_size=16",
+    "data.num_train=1600",  # 200 steps of batch 8, one epoch, one validation
+    "data.num_val=32",
+    "data.num_test=8",
+    *ONE_EPOCH_NO_TEST,
     "model.optimizer.lr=2e-3",
     "+model.scheduler._target_=diffseg_lightning.methods.warmup_cosine",
     "+model.scheduler._partial_=true",
@@ -151,14 +156,7 @@ DTUNET_GATE = [
     "data.num_train=4800",  # 600 steps of batch 8, one epoch, one validation
     "data.num_val=16",
     "data.num_test=8",
-    "trainer.max_epochs=1",
-    "trainer.accelerator=cpu",
-    "trainer.enable_model_summary=false",
-    "logger=none",
-    "~callbacks.lr_monitor",
-    "~callbacks.progress_bar",
-    "~callbacks.panels",
-    "test=false",
+    *ONE_EPOCH_NO_TEST,
     "sampler.num_steps=10",
     "model.denoiser.embed_dim=16",
     "model.denoiser.channel_mults=[1,2]",
