@@ -354,7 +354,7 @@ def test_fast_dev_run_brats_replica_then_predict(tmp_path):
 def test_fast_dev_run_brats_replica_ddp_cpu(tmp_path):
     from diffseg_lightning.train import train
 
-    write_brats(tmp_path / "brats", cases=3)
+    write_brats(tmp_path / "brats", cases=6)  # 2 training cases: one batch on each of the 2 ranks
     run = tmp_path / "run"
     train(
         compose_config(
