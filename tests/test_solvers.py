@@ -313,3 +313,20 @@ def test_an_old_solver_key_on_the_command_line_says_where_it_went(name, main, cl
         with pytest.raises(ConfigError) as err:
             validate_config(compose_config("train", [f"+{override}"], tmp_path))
         assert str(err.value) == message
+
+
+def test_a_solver_walks_the_kernels_strided_steps():
+    """``solver.timesteps(kernel, N)`` (the design's contract) is the kernel's trailing grid, starting at T - 1."""
+    from diffseg_lightning.diffusion import BernoulliKernel, GaussianKernel
+    from diffseg_lightning.diffusion.solvers import DDIM, BernoulliPosterior
+    from diffseg_lightning.exceptions import ConfigError
+
+    kernel = GaussianKernel(num_train_timesteps=1000)
+    for n in (1, 10, 1000):
+        steps = DDIM().timesteps(kernel, n)
+        assert torch.equal(steps, kernel.inference_timesteps(n)) and int(steps[0]) == 999
+    assert torch.equal(
+        BernoulliPosterior().timesteps(BernoulliKernel(num_train_timesteps=10), 10), torch.arange(9, -1, -1)
+    )
+    with pytest.raises(ConfigError, match="BernoulliKernel"):
+        DDIM().timesteps(BernoulliKernel(), 10)

@@ -50,6 +50,12 @@ class Solver(ABC):
                 f"of it, e.g. sampler={kernel.default_solver_group}, or sampler=default (the kernel's default solver)"
             )
 
+    def timesteps(self, kernel: NoiseKernel, num_steps: int) -> Tensor:
+        """The strided steps this solver walks ``kernel``'s chain on: ``kernel.inference_timesteps(num_steps)``
+        (``t_K = T - 1 > ... > t_1``, LongTensor ``(num_steps,)``), after :meth:`check_kernel`."""
+        self.check_kernel(kernel)
+        return kernel.inference_timesteps(num_steps)
+
     def options(self) -> dict[str, Any]:
         """The solver's own options (its constructor's arguments, e.g. ``eta`` and ``clip_x0``); ``{}`` by default."""
         return {}
